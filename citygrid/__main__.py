@@ -1,0 +1,5 @@
+import sys
+
+from citygrid.cli import main
+
+sys.exit(main())

@@ -1,0 +1,183 @@
+"""The ``citygrid`` command: one entry point, a subcommand per service or tool."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from citygrid.settings import Settings, SettingsError
+
+
+def _settings_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("settings (flags win over CITYGRID_* environment variables)")
+    g.add_argument("--mqtt-url", help="CITYGRID_MQTT_URL, mqtt://[user:pass@]host:port")
+    g.add_argument("--influx-url", help="CITYGRID_INFLUX_URL; empty = embedded SQLite store")
+    g.add_argument("--influx-db", help="CITYGRID_INFLUX_DB (default citygrid)")
+    g.add_argument("--data-dir", help="CITYGRID_DATA_DIR (default ./.citygrid)")
+    g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(mqtt_url=args.mqtt_url, influx_url=args.influx_url,
+                             influx_db=args.influx_db, data_dir=args.data_dir)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from citygrid.store import open_store
+    from ingest.service import IngestConfig, IngestService
+
+    settings = _settings(args)
+    config = IngestConfig(
+        client_id=args.client_id, group=args.group, batch_size=args.batch_size,
+        flush_interval_s=args.flush_interval, receive_maximum=args.receive_maximum,
+        report_interval_s=args.report_interval, metrics_port=args.metrics_port,
+        **({"topic": args.topic} if args.topic else {}),
+    )
+    service = IngestService(settings, open_store(settings), config)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    service.start()
+    logging.getLogger("citygrid.ingest").info(
+        "ingest running: %s → %s (batch %d, flush %.2fs, receive maximum %d)",
+        settings.mqtt, service.store, config.batch_size, config.flush_interval_s,
+        config.receive_maximum)
+    try:
+        stop.wait()
+    finally:
+        service.stop()
+    return 0
+
+
+def cmd_ingest_dlq(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ingest.deadletter import DeadLetterStore
+
+    settings = _settings(args)
+    path = Path(settings.data_dir) / "ingest.sqlite"
+    if not path.exists():
+        print(f"no dead letters: {path} does not exist yet")
+        return 0
+    store = DeadLetterStore(path)
+    counts = store.counts()
+    print("dead letters by reason (all time): " +
+          (", ".join(f"{r}={n}" for r, n in sorted(counts.items())) or "none"))
+    for d in store.latest(args.limit, args.reason):
+        when = datetime.fromtimestamp(d.at_ms / 1000, UTC).isoformat(timespec="seconds")
+        payload = d.payload[:120].decode("utf-8", "replace")
+        print(f"{when}  {d.reason:<15} {d.topic}\n    {d.detail}\n    payload: {payload}")
+    return 0
+
+
+# --------------------------------------------------------------------------- contract
+
+
+def cmd_contract_asyncapi(args: argparse.Namespace) -> int:
+    from citygrid import asyncapi
+
+    sys.stdout.write(asyncapi.render())
+    return 0
+
+
+# --------------------------------------------------------------------------- simulate
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulators import basic
+
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    devices = basic.make_fleet(args.streetlights, args.meters, args.seed)
+    basic.run(_settings(args), devices, interval_s=args.interval, duration_s=args.duration,
+              stop=stop)
+    return 0
+
+
+# --------------------------------------------------------------------------- up
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from citygrid.up import run_up
+
+    return run_up(_settings(args), args)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _settings_flags()
+    parser = argparse.ArgumentParser(prog="citygrid", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", parents=[common], help="MQTT → store pipeline")
+    p.add_argument("--group", help="shared-subscription group: workers in one group split load")
+    p.add_argument("--client-id", default="citygrid-ingest",
+                   help="MQTT client id; the persistent session is keyed by it")
+    p.add_argument("--topic", help="topic filter (default city/v1/+/+/+/telemetry)")
+    p.add_argument("--batch-size", type=int, default=5000, help="lines per write (5000)")
+    p.add_argument("--flush-interval", type=float, default=0.2,
+                   help="seconds a partial batch may wait (0.2)")
+    p.add_argument("--receive-maximum", type=int, default=10_000,
+                   help="unacknowledged messages the broker may send us (10000, max 65535)")
+    p.add_argument("--report-interval", type=float, default=10.0,
+                   help="seconds between self-reports into citygrid_ingest (10)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.set_defaults(func=cmd_ingest)
+    ingest_sub = p.add_subparsers(dest="ingest_command", metavar="SUBCOMMAND")
+    d = ingest_sub.add_parser("dlq", parents=[common], help="show the latest dead letters")
+    d.add_argument("--limit", type=int, default=20)
+    d.add_argument("--reason", help="only this reason, e.g. out_of_range")
+    d.set_defaults(func=cmd_ingest_dlq)
+
+    p = sub.add_parser("contract", help="the device contract")
+    csub = p.add_subparsers(dest="contract_command", required=True, metavar="SUBCOMMAND")
+    a = csub.add_parser("asyncapi", help="print the AsyncAPI 3 document of MQTT contract v1")
+    a.set_defaults(func=cmd_contract_asyncapi)
+
+    p = sub.add_parser("simulate", parents=[common], help="a small fleet publishing readings")
+    p.add_argument("--streetlights", type=int, default=20)
+    p.add_argument("--meters", type=int, default=10)
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between readings")
+    p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("up", parents=[common], help="broker + ingest + simulator on this machine")
+    p.add_argument("--streetlights", type=int, default=60)
+    p.add_argument("--meters", type=int, default=20)
+    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    p.add_argument("--no-simulator", action="store_true", help="the platform alone")
+    p.set_defaults(func=cmd_up)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except SettingsError as e:
+        print(f"citygrid: bad setting {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

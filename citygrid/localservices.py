@@ -1,0 +1,161 @@
+"""Private Mosquitto and InfluxDB instances on free ports (tests, demo, benchmarks).
+
+Debian's ``mosquitto`` and ``influxdb`` packages provide the binaries.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+PACKAGES = {"mosquitto": "mosquitto", "influxd": "influxdb", "mosquitto_pub": "mosquitto-clients"}
+
+
+class MissingBinary(RuntimeError):
+    def __init__(self, binary: str):
+        package = PACKAGES.get(binary, binary)
+        super().__init__(f"{binary} not found: install Debian's {package} package "
+                         f"(apt-get install -y {package})")
+        self.binary = binary
+        self.package = package
+
+
+def find_binary(name: str) -> str:
+    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise MissingBinary(name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
+
+
+class _Service:
+    name = "service"
+    process: subprocess.Popen | None = None
+
+    def __init__(self, directory: Path, port: int | None = None):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.log_path = self.dir / f"{self.name}.log"
+
+    def _spawn(self, argv: list[str]) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
+        if not self.running():
+            return
+        assert self.process is not None
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+
+class Mosquitto(_Service):
+    """``mosquitto -c FILE`` with anonymous access on 127.0.0.1 (tests and demo only)."""
+
+    name = "mosquitto"
+
+    def __init__(self, directory: Path, port: int | None = None, extra_conf: str = ""):
+        super().__init__(directory, port)
+        self.extra_conf = extra_conf
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = find_binary("mosquitto")
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.dir}/\n"
+            # Persistent sessions must hold a whole backlog (FIELD-NOTES: default 1000).
+            "max_queued_messages 0\n"
+            "max_inflight_messages 0\n"
+            f"{self.extra_conf}\n"
+        )
+        self._spawn([binary, "-c", str(conf)])
+        wait_for_port(self.port)
+
+
+class Influxd(_Service):
+    """A private ``influxd`` 1.x with its own directories and ports."""
+
+    name = "influxd"
+
+    def __init__(self, directory: Path, port: int | None = None):
+        super().__init__(directory, port)
+        self.rpc_port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = find_binary("influxd")
+        conf = self.dir / "influxdb.conf"
+        conf.write_text(
+            "reporting-disabled = true\n"
+            f'bind-address = "127.0.0.1:{self.rpc_port}"\n'
+            f'[meta]\n  dir = "{self.dir}/meta"\n'
+            f'[data]\n  dir = "{self.dir}/data"\n  wal-dir = "{self.dir}/wal"\n'
+            '  query-log-enabled = false\n'
+            f'[http]\n  bind-address = "127.0.0.1:{self.port}"\n  log-enabled = false\n'
+            "[monitor]\n  store-enabled = false\n"
+        )
+        self._spawn([binary, "-config", str(conf)])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise RuntimeError(f"influxd exited; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/ping", timeout=1).status_code == 204:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"influxd not ready on {self.url} after 30 s; see {self.log_path}")

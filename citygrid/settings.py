@@ -1,0 +1,97 @@
+"""Settings (DESIGN.md §4): environment variables, read once at start-up, checked there.
+
+Every command also takes them as flags; a flag wins over the environment.
+An error names the variable and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from urllib.parse import unquote, urlsplit
+
+
+class SettingsError(ValueError):
+    def __init__(self, variable: str, message: str):
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class MqttUrl:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str, variable: str = "CITYGRID_MQTT_URL") -> MqttUrl:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise SettingsError(variable, f"{url!r} must start with mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise SettingsError(variable, f"{url!r} has no host")
+        try:
+            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        except ValueError:
+            raise SettingsError(variable, f"{url!r} has an invalid port") from None
+        return cls(parts.hostname, port, parts.scheme == "mqtts",
+                   unquote(parts.username) if parts.username else None,
+                   unquote(parts.password) if parts.password else None)
+
+    def __str__(self) -> str:
+        auth = f"{self.username}:***@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}"
+
+
+def _env(name: str) -> str:
+    return "CITYGRID_" + name.upper()
+
+
+@dataclass(frozen=True)
+class Settings:
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    influx_url: str = ""
+    influx_db: str = "citygrid"
+    influx_token: str | None = None
+    influx_user: str | None = None
+    influx_password: str | None = None
+    data_dir: str = "./.citygrid"
+    rules: str | None = None
+    fleet: str | None = None
+    city: str = "copenhagen"
+    mqtt: MqttUrl = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mqtt", MqttUrl.parse(self.mqtt_url))
+        if self.influx_url:
+            parts = urlsplit(self.influx_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise SettingsError("CITYGRID_INFLUX_URL",
+                                    f"{self.influx_url!r} must be http(s)://host:port")
+        if not self.influx_db:
+            raise SettingsError("CITYGRID_INFLUX_DB", "must not be empty")
+        if bool(self.influx_user) != bool(self.influx_password):
+            raise SettingsError("CITYGRID_INFLUX_PASSWORD",
+                                "CITYGRID_INFLUX_USER and _PASSWORD go together")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Environment first, then ``overrides`` (flags) where they are not None."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            if f.init and _env(f.name) in environ:
+                values[f.name] = environ[_env(f.name)]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)
+
+    def as_env(self) -> dict[str, str]:
+        """The environment that gives a child process these settings."""
+        return {_env(f.name): str(getattr(self, f.name)) for f in fields(self)
+                if f.init and getattr(self, f.name) is not None}

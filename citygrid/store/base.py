@@ -1,0 +1,66 @@
+"""The telemetry store interface every backend implements (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+AGGREGATES = ("mean", "min", "max", "sum", "count", "last")
+
+
+class Point(NamedTuple):
+    """A point's identity is measurement + tags + ts_ms; rewriting it overwrites."""
+
+    measurement: str
+    tags: dict[str, str]
+    fields: dict[str, Any]
+    ts_ms: int
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class StoreUnavailable(StoreError):
+    """The store could not take the write now (down, timeout, 5xx): retry later."""
+
+
+class StoreRejected(StoreError):
+    """The store refused the data itself (HTTP 400): retrying cannot help."""
+
+    def __init__(self, message: str, points: Sequence[Point] = ()):
+        super().__init__(message)
+        self.message = message
+        self.points = list(points)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    start_ms: int
+    value: float | None
+
+
+class TelemetryStore(Protocol):
+    """Write points, ask the few questions the services need."""
+
+    def ensure_ready(self) -> None:
+        """Create what the store needs (database, tables); idempotent."""
+
+    def write(self, points: Sequence[Point]) -> None:
+        """Durably write all points or raise StoreUnavailable / StoreRejected."""
+
+    def latest(self, measurement: str, *, district: str | None = None,
+               device_id: str | None = None) -> dict[str, Point]:
+        """The newest point of each device (by ``device_id`` tag)."""
+
+    def aggregate(self, measurement: str, field: str, fn: str, *, start_ms: int, end_ms: int,
+                  every_ms: int, district: str | None = None,
+                  device_id: str | None = None) -> list[Bucket]:
+        """``fn`` of ``field`` per time bucket in [start, end); empty buckets left out."""
+
+    def count(self, measurement: str, *, start_ms: int | None = None, end_ms: int | None = None,
+              district: str | None = None, device_id: str | None = None) -> int:
+        """How many points (distinct timestamps per series) are stored."""
+
+    def close(self) -> None: ...

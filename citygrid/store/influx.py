@@ -1,0 +1,162 @@
+"""InfluxDB through its v1 HTTP API: ``POST /write`` with line protocol, ``/query`` with InfluxQL.
+
+1.x serves it natively; 2.x and 3.x through their v1-compatibility endpoints
+(a token goes in the ``Authorization: Token`` header).
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from citygrid.store import lineproto
+from citygrid.store.base import AGGREGATES, Bucket, Point, StoreRejected, StoreUnavailable
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class InfluxStore:
+    def __init__(self, url: str, database: str = "citygrid", *, token: str | None = None,
+                 username: str | None = None, password: str | None = None,
+                 timeout_s: float = 10.0, gzip_level: int = 1):
+        self.url = url.rstrip("/")
+        self.database = database
+        headers = {"Authorization": f"Token {token}"} if token else {}
+        self._auth = {"u": username, "p": password} if username else {}
+        self._gzip_level = gzip_level
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    def __repr__(self) -> str:
+        return f"InfluxStore({self.url!r}, {self.database!r})"
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kw)
+        except httpx.HTTPError as e:  # connect refused, timeout, reset
+            raise StoreUnavailable(f"InfluxDB at {self.url} unreachable: {e!r}") from e
+        if response.status_code >= 500 or response.status_code in (401, 403, 404, 429):
+            # 404 here is "database not found" (dropped under us): not the points' fault.
+            raise StoreUnavailable(
+                f"InfluxDB answered {response.status_code}: {_error_text(response)}"
+            )
+        return response
+
+    def query(self, q: str) -> list[dict[str, Any]]:
+        """Run InfluxQL; return the series of the first statement (``[]`` if none)."""
+        response = self._request("POST", "/query", data={"q": q, "db": self.database,
+                                                         "epoch": "ms", **self._auth})
+        body = response.json()
+        if response.status_code >= 400 or "error" in body:
+            raise StoreRejected(f"InfluxQL {q!r}: {body.get('error', response.text)}")
+        result = body.get("results", [{}])[0]
+        if "error" in result:
+            raise StoreRejected(f"InfluxQL {q!r}: {result['error']}")
+        return result.get("series", [])
+
+    def ensure_ready(self) -> None:
+        self.query(f"CREATE DATABASE {quote_ident(self.database)}")
+
+    def drop(self) -> None:
+        self.query(f"DROP DATABASE {quote_ident(self.database)}")
+
+    def ping(self) -> bool:
+        try:
+            return self._http.get("/ping").status_code == 204
+        except httpx.HTTPError:
+            return False
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, points: Sequence[Point]) -> None:
+        if not points:
+            return
+        rejected: list[tuple[str, list[Point]]] = []
+        self._write(list(points), rejected)
+        if rejected:
+            message = rejected[0][0]
+            raise StoreRejected(message, [p for _, ps in rejected for p in ps])
+
+    def _write(self, points: list[Point], rejected: list[tuple[str, list[Point]]]) -> None:
+        body = gzip.compress(lineproto.encode_batch(points), self._gzip_level)
+        response = self._request(
+            "POST", "/write",
+            params={"db": self.database, "precision": "ms", **self._auth},
+            content=body,
+            headers={"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"},
+        )
+        if response.status_code == 204:
+            return
+        message = _error_text(response)
+        if len(points) == 1:
+            rejected.append((message, points))
+            return
+        # A 400 names no line reliably and 1.x keeps the good ones of a partial write;
+        # halving finds the bad points, and rewriting good ones is harmless (same identity).
+        half = len(points) // 2
+        self._write(points[:half], rejected)
+        self._write(points[half:], rejected)
+
+    # ------------------------------------------------------------------ reading
+
+    def _where(self, start_ms: int | None = None, end_ms: int | None = None,
+               **tags: str | None) -> str:
+        parts = [f"{quote_ident(k)} = {quote_literal(v)}" for k, v in tags.items() if v]
+        if start_ms is not None:
+            parts.append(f"time >= {int(start_ms)}ms")
+        if end_ms is not None:
+            parts.append(f"time < {int(end_ms)}ms")
+        return (" WHERE " + " AND ".join(parts)) if parts else ""
+
+    def latest(self, measurement: str, *, district: str | None = None,
+               device_id: str | None = None) -> dict[str, Point]:
+        where = self._where(district=district, device_id=device_id)
+        series = self.query(f"SELECT * FROM {quote_ident(measurement)}{where} "
+                            "GROUP BY * ORDER BY time DESC LIMIT 1")
+        out: dict[str, Point] = {}
+        for s in series:
+            tags = {k: v for k, v in s.get("tags", {}).items() if v != ""}
+            row = dict(zip(s["columns"], s["values"][0], strict=True))
+            ts = row.pop("time")
+            fields = {k: v for k, v in row.items() if v is not None and k not in tags}
+            key = tags.get("device_id") or ",".join(f"{k}={v}" for k, v in sorted(tags.items()))
+            out[key] = Point(measurement, tags, fields, ts)
+        return out
+
+    def aggregate(self, measurement: str, field: str, fn: str, *, start_ms: int, end_ms: int,
+                  every_ms: int, district: str | None = None,
+                  device_id: str | None = None) -> list[Bucket]:
+        if fn not in AGGREGATES:
+            raise ValueError(f"aggregate {fn!r} is not one of {AGGREGATES}")
+        where = self._where(start_ms, end_ms, district=district, device_id=device_id)
+        series = self.query(f"SELECT {fn}({quote_ident(field)}) FROM {quote_ident(measurement)}"
+                            f"{where} GROUP BY time({int(every_ms)}ms) fill(none)")
+        return [Bucket(t, v) for s in series for t, v in s["values"]]
+
+    def count(self, measurement: str, *, start_ms: int | None = None, end_ms: int | None = None,
+              district: str | None = None, device_id: str | None = None) -> int:
+        where = self._where(start_ms, end_ms, district=district, device_id=device_id)
+        series = self.query(f"SELECT count(*) FROM {quote_ident(measurement)}{where}")
+        if not series:
+            return 0
+        return max(v for v in series[0]["values"][0][1:] if v is not None)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text)).strip()
+    except ValueError:
+        return response.text.strip()[:500]

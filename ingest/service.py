@@ -1,0 +1,327 @@
+"""MQTT → store: validate, batch, write, then acknowledge; spool or dead-letter what cannot go.
+
+Threads:
+- paho's network loop decodes each message and appends it to the open batch;
+- the writer takes a batch when it is full or old enough, writes it (store, else
+  spool), dead-letters what is invalid, and only then acknowledges its messages;
+- the drainer moves spooled batches into the store once it answers again.
+
+Memory is bounded by the MQTT 5 Receive Maximum: the broker sends no more than
+that many messages before we acknowledge one, so a slow store slows the broker
+down instead of growing our heap.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+
+from citygrid import mqtt
+from citygrid.contract import (
+    BAD_TOPIC,
+    STORE_REJECTED,
+    ContractError,
+    Topic,
+    decode_readings,
+    topic_filter,
+)
+from citygrid.settings import Settings
+from citygrid.store import Point, StoreRejected, StoreUnavailable, TelemetryStore
+from citygrid.store.lineproto import encode
+from ingest.deadletter import DeadLetter, DeadLetterStore
+from ingest.metrics import IngestMetrics
+from ingest.spool import Spool
+
+log = logging.getLogger("citygrid.ingest")
+SELF_MEASUREMENT = "citygrid_ingest"
+
+
+@dataclass
+class IngestConfig:
+    client_id: str = "citygrid-ingest"
+    group: str | None = None
+    topic: str = field(default_factory=topic_filter)
+    batch_size: int = 5000
+    flush_interval_s: float = 0.2
+    receive_maximum: int = 10_000
+    retry_window_s: float = 3.0
+    report_interval_s: float = 10.0
+    spool_max_points: int = 5_000_000
+    dead_letter_max: int = 10_000
+    metrics_port: int | None = None
+
+    @property
+    def subscription(self) -> str:
+        return f"$share/{self.group}/{self.topic}" if self.group else self.topic
+
+
+@dataclass
+class _Batch:
+    points: list[Point] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    acks: list[tuple[int, int, int]] = field(default_factory=list)  # (epoch, mid, qos)
+    messages: int = 0
+    opened: float = field(default_factory=time.monotonic)
+
+
+class IngestService:
+    def __init__(self, settings: Settings, store: TelemetryStore,
+                 config: IngestConfig | None = None, *, data_dir: str | Path | None = None):
+        self.settings = settings
+        self.store = store
+        self.config = config or IngestConfig()
+        state = Path(data_dir or settings.data_dir) / "ingest.sqlite"
+        self.dead_letters = DeadLetterStore(state, self.config.dead_letter_max)
+        self.spool = Spool(state)
+        self.metrics = IngestMetrics(self.config.client_id)
+        self._cond = threading.Condition()
+        self._batch = _Batch()
+        self._epoch = 0  # bumps on every disconnect: older message ids mean nothing any more
+        self._stopping = threading.Event()
+        self._store_down = threading.Event()
+        self._connected = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._client = mqtt.make_client(settings.mqtt, self.config.client_id, manual_ack=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(0.1, 5)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self._ensure_store()
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port)
+        self.metrics.spool_depth = self.spool.depth()
+        for target, name in ((self._writer, "ingest-writer"), (self._drainer, "ingest-drainer"),
+                             (self._reporter, "ingest-reporter")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        mqtt.connect(self._client, self.settings.mqtt, clean_start=False,
+                     session_expiry_s=mqtt.DEFAULT_SESSION_EXPIRY_S,
+                     receive_maximum=self.config.receive_maximum)
+        self._client.loop_start()
+        if not self._connected.wait(timeout_s):
+            raise TimeoutError(f"no CONNACK from {self.settings.mqtt} within {timeout_s}s")
+
+    def _ensure_store(self) -> None:
+        try:
+            self.store.ensure_ready()
+        except StoreUnavailable as e:
+            # Start anyway: batches go to the spool until the store comes up.
+            log.warning("store not ready, spooling until it is: %s", e)
+            self._store_down.set()
+
+    def stop(self) -> None:
+        """Stop taking messages, write and acknowledge what we hold, disconnect."""
+        if self._stopping.is_set():
+            return
+        self._client.unsubscribe(self.config.subscription)
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        time.sleep(0.1)  # let the loop send the last PUBACKs
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.dead_letters.close()
+        self.spool.close()
+        self.metrics.close()
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stopping.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # ------------------------------------------------------------------ MQTT callbacks
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        if not self._stopping.is_set():
+            client.subscribe(self.config.subscription, qos=1)
+        log.info("connected to %s as %s, subscribed to %s (session present: %s)",
+                 self.settings.mqtt, self.config.client_id, self.config.subscription,
+                 flags.session_present)
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._cond:
+            self._epoch += 1
+        self._connected.clear()
+        if not self._stopping.is_set():
+            log.warning("disconnected from broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        topic = message.topic
+        points: list[Point] = []
+        dead = None
+        try:
+            t = Topic.parse(topic)
+            if t.channel != "telemetry":
+                raise ContractError(BAD_TOPIC, f"ingest takes telemetry, not {t.channel}", topic)
+            tags = {"device_id": t.device_id, "district": t.district}
+            points = [Point(t.kind, tags, r.fields(), r.ts) for r in
+                      decode_readings(t.kind, message.payload, topic)]
+        except ContractError as e:
+            dead = DeadLetter(int(time.time() * 1000), topic, e.reason, e.detail,
+                              message.payload)
+        with self._cond:
+            batch = self._batch
+            batch.messages += 1
+            batch.acks.append((self._epoch, message.mid, message.qos))
+            if dead is None:
+                batch.points.extend(points)
+            else:
+                batch.dead.append(dead)
+            if len(batch.points) >= self.config.batch_size:
+                self._cond.notify()
+
+    # ------------------------------------------------------------------ writer
+
+    def _take_batch(self) -> _Batch | None:
+        with self._cond:
+            while True:
+                batch = self._batch
+                full = len(batch.points) >= self.config.batch_size
+                due = batch.opened + self.config.flush_interval_s
+                if (batch.messages or batch.points) and (full or time.monotonic() >= due or
+                                       self._stopping.is_set()):
+                    self._batch = _Batch()
+                    return batch
+                if self._stopping.is_set():
+                    return None
+                if not (batch.messages or batch.points):
+                    batch.opened = time.monotonic()  # the clock starts with the first message
+                    self._cond.wait(self.config.flush_interval_s)
+                else:
+                    self._cond.wait(max(0.0, due - time.monotonic()))
+
+    def _writer(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            try:
+                self._write_batch(batch)
+            except Exception:  # never lose the thread; the messages stay unacked → redelivered
+                log.exception("batch of %d messages failed; leaving it unacknowledged",
+                              batch.messages)
+                continue
+            self._acknowledge(batch)
+
+    def _write_batch(self, batch: _Batch) -> None:
+        started = time.monotonic()
+        dead = list(batch.dead)
+        if batch.points:
+            try:
+                self._store_or_spool(batch.points)
+            except StoreRejected as e:
+                log.warning("store rejected %d points: %s", len(e.points), e.message)
+                now = int(time.time() * 1000)
+                dead.extend(DeadLetter(now, f"{p.measurement}/{p.tags.get('device_id', '')}",
+                                       STORE_REJECTED, e.message, encode(p).encode())
+                            for p in e.points)
+        self.dead_letters.add(dead)
+        self.metrics.batch_written(batch.points, dead, batch.messages,
+                                   time.monotonic() - started, stored=not self._store_down.is_set())
+
+    def _store_or_spool(self, points: list[Point]) -> None:
+        if not self._store_down.is_set():
+            deadline = time.monotonic() + self.config.retry_window_s
+            delay = 0.05
+            while True:
+                try:
+                    self.store.write(points)
+                    return
+                except StoreUnavailable as e:
+                    if time.monotonic() + delay > deadline or self._stopping.is_set():
+                        log.warning("store unavailable, spooling from now on: %s", e)
+                        self._store_down.set()
+                        break
+                    time.sleep(delay * random.uniform(0.5, 1.5))
+                    delay = min(delay * 2, 1.0)
+        # Back-pressure: a full spool holds the acks, so the broker holds the messages.
+        while self.metrics.spool_depth >= self.config.spool_max_points:
+            if self._stopping.wait(0.5):
+                raise RuntimeError("stopping with a full spool; messages stay with the broker")
+        self.spool.append(points)
+        self.metrics.spool_depth += len(points)
+
+    def _acknowledge(self, batch: _Batch) -> None:
+        with self._cond:
+            epoch = self._epoch
+        for message_epoch, mid, qos in batch.acks:
+            # After a reconnect the broker redelivers these under new ids; the points
+            # are already stored, and storing them again overwrites them.
+            if qos and message_epoch == epoch:
+                self._client.ack(mid, qos)
+
+    # ------------------------------------------------------------------ spool drain
+
+    def _drainer(self) -> None:
+        delay = 0.2
+        while not self._stopping.is_set():
+            entry = self.spool.oldest()
+            if entry is None:
+                self.metrics.spool_depth = 0
+                if self._store_down.is_set() and self._store_answers():
+                    self._store_down.clear()
+                self._stopping.wait(0.2)
+                continue
+            batch_id, points = entry
+            try:
+                self.store.write(points)
+            except StoreUnavailable:
+                self._stopping.wait(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 5.0)
+                continue
+            except StoreRejected as e:
+                now = int(time.time() * 1000)
+                self.dead_letters.add(
+                    DeadLetter(now, f"{p.measurement}/{p.tags.get('device_id', '')}",
+                               STORE_REJECTED, e.message, encode(p).encode()) for p in e.points)
+            self.spool.remove(batch_id)
+            self.metrics.spool_depth = max(0, self.metrics.spool_depth - len(points))
+            self.metrics.spool_drained += len(points)
+            self._store_down.clear()
+            delay = 0.2
+            log.info("drained %d spooled points into the store", len(points))
+
+    def _store_answers(self) -> bool:
+        try:
+            self.store.ensure_ready()
+            return True
+        except StoreUnavailable:
+            return False
+
+    # ------------------------------------------------------------------ self-report
+
+    def _reporter(self) -> None:
+        while not self._stopping.wait(self.config.report_interval_s):
+            self.report()
+
+    def report(self) -> None:
+        """Put this worker's figures into the open batch, measurement ``citygrid_ingest``."""
+        with self._cond:
+            pending = self._batch.messages
+        points = self.metrics.snapshot_points(SELF_MEASUREMENT, buffered=pending)
+        with self._cond:
+            self._batch.points.extend(points)
+
+    def dead_letter_counts(self) -> Counter:
+        return Counter(self.dead_letters.counts())

@@ -1,0 +1,1 @@
+"""Device simulators: fleets that publish over the v1 MQTT contract like real devices."""
