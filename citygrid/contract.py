@@ -241,10 +241,12 @@ def _error_from(e: ValidationError, topic: str | None, prefix: str = "") -> Cont
         reason = OUT_OF_RANGE
     else:
         reason = WRONG_TYPE
-    where = ".".join(str(p) for p in first["loc"]) or "payload"
-    msg = first["msg"].removeprefix("Value error, ")
-    more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return ContractError(reason, f"{prefix}{where}: {msg}{more}", topic)
+    parts = []
+    for err in e.errors(include_url=False)[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    more = f" (+{e.error_count() - 5} more)" if e.error_count() > 5 else ""
+    return ContractError(reason, prefix + "; ".join(parts) + more, topic)
 
 
 def decode_readings(kind: str, payload: bytes, topic: str | None = None) -> list[Reading]:
@@ -283,15 +285,15 @@ def _decode_senml(model: type[Reading], payload: bytes, topic: str | None) -> li
             base_time, bool
         ):
             raise ContractError(BAD_SENML, f"record {i}: bn must be a string, bt a number", topic)
+        values = [record[k] for k in ("v", "vb", "vs") if k in record]
+        if not values and "n" not in record and ("bn" in record or "bt" in record):
+            continue  # a base-only record
         name = base_name + record.get("n", "")
         # Names like "urn:dev:mac:0024befffe804ff1:power_w": the field is the last part.
         field = re.split(r"[:/;]", name)[-1]
         if not field:
             raise ContractError(BAD_SENML, f"record {i} has no name", topic)
-        values = [record[k] for k in ("v", "vb", "vs") if k in record]
         if len(values) != 1:
-            if "bn" in record or "bt" in record:
-                continue  # a base-only record
             raise ContractError(BAD_SENML, f"record {i} ({field}) needs exactly one of v, vb, vs",
                                 topic)
         t = record.get("t", 0)

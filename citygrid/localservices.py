@@ -115,7 +115,6 @@ class Mosquitto(_Service):
             f"persistence_location {self.dir}/\n"
             # Persistent sessions must hold a whole backlog (FIELD-NOTES: default 1000).
             "max_queued_messages 0\n"
-            "max_inflight_messages 0\n"
             f"{self.extra_conf}\n"
         )
         self._spawn([binary, "-c", str(conf)])

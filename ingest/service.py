@@ -84,14 +84,16 @@ class IngestService:
         self._cond = threading.Condition()
         self._batch = _Batch()
         self._epoch = 0  # bumps on every disconnect: older message ids mean nothing any more
+        self._unacked = 0  # messages taken from the broker and not yet acknowledged
         self._stopping = threading.Event()
         self._store_down = threading.Event()
-        self._connected = threading.Event()
+        self._subscribed = threading.Event()
         self._threads: list[threading.Thread] = []
         self._client = mqtt.make_client(settings.mqtt, self.config.client_id, manual_ack=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._client.reconnect_delay_set(0.1, 5)
 
     # ------------------------------------------------------------------ lifecycle
@@ -110,8 +112,8 @@ class IngestService:
                      session_expiry_s=mqtt.DEFAULT_SESSION_EXPIRY_S,
                      receive_maximum=self.config.receive_maximum)
         self._client.loop_start()
-        if not self._connected.wait(timeout_s):
-            raise TimeoutError(f"no CONNACK from {self.settings.mqtt} within {timeout_s}s")
+        if not self._subscribed.wait(timeout_s):
+            raise TimeoutError(f"not subscribed at {self.settings.mqtt} within {timeout_s}s")
 
     def _ensure_store(self) -> None:
         try:
@@ -154,15 +156,20 @@ class IngestService:
             return
         if not self._stopping.is_set():
             client.subscribe(self.config.subscription, qos=1)
-        log.info("connected to %s as %s, subscribed to %s (session present: %s)",
-                 self.settings.mqtt, self.config.client_id, self.config.subscription,
-                 flags.session_present)
-        self._connected.set()
+        log.info("connected to %s as %s (session present: %s)", self.settings.mqtt,
+                 self.config.client_id, flags.session_present)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("broker refused subscription %s: %s", self.config.subscription,
+                      reason_codes)
+            return
+        log.info("subscribed to %s", self.config.subscription)
+        self._subscribed.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._cond:
             self._epoch += 1
-        self._connected.clear()
         if not self._stopping.is_set():
             log.warning("disconnected from broker (%s); reconnecting", reason_code)
 
@@ -181,6 +188,7 @@ class IngestService:
             dead = DeadLetter(int(time.time() * 1000), topic, e.reason, e.detail,
                               message.payload)
         with self._cond:
+            self._unacked += 1
             batch = self._batch
             batch.messages += 1
             batch.acks.append((self._epoch, message.mid, message.qos))
@@ -189,7 +197,12 @@ class IngestService:
             else:
                 batch.dead.append(dead)
             if len(batch.points) >= self.config.batch_size:
-                self._cond.notify()
+                self._cond.notify_all()
+            # Mosquitto 2.0.11 overshoots the Receive Maximum once acks flow (docs/ingest.md):
+            # hold the network thread, so TCP pushes back and the broker queues the rest.
+            while self._unacked >= self.config.receive_maximum and not self._stopping.is_set():
+                self._cond.notify_all()
+                self._cond.wait(0.5)
 
     # ------------------------------------------------------------------ writer
 
@@ -217,19 +230,26 @@ class IngestService:
             if batch is None:
                 return
             try:
-                self._write_batch(batch)
+                written = self._write_batch(batch)
             except Exception:  # never lose the thread; the messages stay unacked → redelivered
                 log.exception("batch of %d messages failed; leaving it unacknowledged",
                               batch.messages)
-                continue
-            self._acknowledge(batch)
+                written = False
+            # Count them out before the acks go: the broker refills the window at once.
+            with self._cond:
+                self._unacked -= batch.messages
+                self._cond.notify_all()
+            if written:
+                self._acknowledge(batch)
 
-    def _write_batch(self, batch: _Batch) -> None:
+    def _write_batch(self, batch: _Batch) -> bool:
+        """Write points and dead letters durably; False if the batch could not be taken."""
         started = time.monotonic()
         dead = list(batch.dead)
         if batch.points:
             try:
-                self._store_or_spool(batch.points)
+                if not self._store_or_spool(batch.points):
+                    return False
             except StoreRejected as e:
                 log.warning("store rejected %d points: %s", len(e.points), e.message)
                 now = int(time.time() * 1000)
@@ -239,15 +259,16 @@ class IngestService:
         self.dead_letters.add(dead)
         self.metrics.batch_written(batch.points, dead, batch.messages,
                                    time.monotonic() - started, stored=not self._store_down.is_set())
+        return True
 
-    def _store_or_spool(self, points: list[Point]) -> None:
+    def _store_or_spool(self, points: list[Point]) -> bool:
         if not self._store_down.is_set():
             deadline = time.monotonic() + self.config.retry_window_s
             delay = 0.05
             while True:
                 try:
                     self.store.write(points)
-                    return
+                    return True
                 except StoreUnavailable as e:
                     if time.monotonic() + delay > deadline or self._stopping.is_set():
                         log.warning("store unavailable, spooling from now on: %s", e)
@@ -258,9 +279,12 @@ class IngestService:
         # Back-pressure: a full spool holds the acks, so the broker holds the messages.
         while self.metrics.spool_depth >= self.config.spool_max_points:
             if self._stopping.wait(0.5):
-                raise RuntimeError("stopping with a full spool; messages stay with the broker")
+                log.warning("stopping with a full spool: %d points stay with the broker",
+                            len(points))
+                return False
         self.spool.append(points)
         self.metrics.spool_depth += len(points)
+        return True
 
     def _acknowledge(self, batch: _Batch) -> None:
         with self._cond:
@@ -317,11 +341,14 @@ class IngestService:
 
     def report(self) -> None:
         """Put this worker's figures into the open batch, measurement ``citygrid_ingest``."""
-        with self._cond:
-            pending = self._batch.messages
-        points = self.metrics.snapshot_points(SELF_MEASUREMENT, buffered=pending)
+        points = self.metrics.snapshot_points(SELF_MEASUREMENT, buffered=self.unacked())
         with self._cond:
             self._batch.points.extend(points)
+
+    def unacked(self) -> int:
+        """Messages held in memory: never more than the Receive Maximum."""
+        with self._cond:
+            return self._unacked
 
     def dead_letter_counts(self) -> Counter:
         return Counter(self.dead_letters.counts())

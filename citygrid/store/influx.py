@@ -60,6 +60,8 @@ class InfluxStore:
         if response.status_code >= 400 or "error" in body:
             raise StoreRejected(f"InfluxQL {q!r}: {body.get('error', response.text)}")
         result = body.get("results", [{}])[0]
+        if result.get("error", "").startswith("database not found") and q.startswith("SELECT"):
+            return []  # nothing written yet: the first write creates it
         if "error" in result:
             raise StoreRejected(f"InfluxQL {q!r}: {result['error']}")
         return result.get("series", [])
@@ -87,14 +89,24 @@ class InfluxStore:
             message = rejected[0][0]
             raise StoreRejected(message, [p for _, ps in rejected for p in ps])
 
-    def _write(self, points: list[Point], rejected: list[tuple[str, list[Point]]]) -> None:
-        body = gzip.compress(lineproto.encode_batch(points), self._gzip_level)
-        response = self._request(
+    def _post_write(self, body: bytes) -> httpx.Response:
+        return self._request(
             "POST", "/write",
             params={"db": self.database, "precision": "ms", **self._auth},
             content=body,
             headers={"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"},
         )
+
+    def _write(self, points: list[Point], rejected: list[tuple[str, list[Point]]]) -> None:
+        body = gzip.compress(lineproto.encode_batch(points), self._gzip_level)
+        try:
+            response = self._post_write(body)
+        except StoreUnavailable as e:
+            if "database not found" not in str(e):
+                raise
+            # A fresh server (or a dropped database): create it, then write.
+            self.ensure_ready()
+            response = self._post_write(body)
         if response.status_code == 204:
             return
         message = _error_text(response)

@@ -1,0 +1,46 @@
+# Sourced by scripts/demo and scripts/test: everything CityGrid needs on a fresh Debian machine.
+# Installs Debian packages with apt-get when run as root; otherwise says exactly what to install.
+
+citygrid_apt_install() {
+  # $@: Debian packages that are missing
+  [ $# -eq 0 ] && return 0
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "==> installing Debian packages: $*"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 || {
+      apt-get update -q >/dev/null
+      apt-get install -y -q --no-install-recommends "$@" >/dev/null
+    }
+  else
+    echo "!!! missing: $*  — install them with: sudo apt-get install -y $*" >&2
+    return 1
+  fi
+}
+
+citygrid_has() {
+  command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]
+}
+
+citygrid_setup() {
+  # $1: "services" to also install Mosquitto and InfluxDB
+  local missing=()
+  if ! python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+    echo "!!! CityGrid needs Python 3.11 or newer as python3" >&2
+    return 1
+  fi
+  if [ ! -x .venv/bin/python ]; then
+    if ! python3 -m venv .venv >/dev/null 2>&1; then
+      rm -rf .venv
+      citygrid_apt_install python3-venv
+      python3 -m venv .venv
+    fi
+  fi
+  if [ "${1:-}" = services ]; then
+    citygrid_has mosquitto || missing+=(mosquitto)
+    citygrid_has mosquitto_pub || missing+=(mosquitto-clients)
+    citygrid_has influxd || missing+=(influxdb)
+    citygrid_apt_install "${missing[@]}" || [ "${CI:-}" != true ] || return 1
+  fi
+  echo "==> installing CityGrid and its Python dependencies into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+}

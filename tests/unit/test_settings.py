@@ -1,0 +1,37 @@
+import pytest
+
+from citygrid.settings import Settings, SettingsError
+
+
+def test_defaults():
+    s = Settings.from_env({})
+    assert (s.mqtt.host, s.mqtt.port, s.influx_url, s.influx_db) == (
+        "127.0.0.1", 1883, "", "citygrid")
+
+
+def test_environment_and_flags():
+    s = Settings.from_env({"CITYGRID_MQTT_URL": "mqtts://ingest:s%40cret@broker:8884",
+                           "CITYGRID_INFLUX_DB": "city"}, influx_db=None, data_dir="/tmp/x")
+    assert (s.mqtt.host, s.mqtt.port, s.mqtt.tls) == ("broker", 8884, True)
+    assert (s.mqtt.username, s.mqtt.password) == ("ingest", "s@cret")
+    assert "s@cret" not in str(s.mqtt)
+    assert s.influx_db == "city" and s.data_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"CITYGRID_MQTT_URL": "http://broker"}, "CITYGRID_MQTT_URL"),
+    ({"CITYGRID_MQTT_URL": "mqtt://:1883"}, "CITYGRID_MQTT_URL"),
+    ({"CITYGRID_MQTT_URL": "mqtt://h:99999"}, "CITYGRID_MQTT_URL"),
+    ({"CITYGRID_INFLUX_URL": "influx:8086"}, "CITYGRID_INFLUX_URL"),
+    ({"CITYGRID_INFLUX_USER": "admin"}, "CITYGRID_INFLUX_PASSWORD"),
+])
+def test_errors_name_the_variable(env, variable):
+    with pytest.raises(SettingsError) as e:
+        Settings.from_env(env)
+    assert e.value.variable == variable
+    assert str(e.value).startswith(variable)
+
+
+def test_as_env_round_trips():
+    s = Settings(influx_url="http://127.0.0.1:8086", data_dir="/d")
+    assert Settings.from_env(s.as_env()) == s
