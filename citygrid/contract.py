@@ -135,6 +135,7 @@ class Reading(BaseModel):
 
     model_config = _STRICT
     kind: ClassVar[str]
+    _optional: ClassVar[tuple[str, ...]] = ()
 
     ts: Timestamp
     seq: Annotated[int, Field(ge=0, description="Increases by one per message per device.")]
@@ -149,8 +150,13 @@ class Reading(BaseModel):
         return self.ts  # type: ignore[return-value]  # normalised by the validator
 
     def fields(self) -> dict[str, Any]:
-        """The values to store: everything but ``ts``, ``None`` left out."""
-        return {k: v for k, v in self.__dict__.items() if v is not None and k != "ts"}
+        """The values to store: everything but ``ts``, absent optional fields left out."""
+        values = self.__dict__.copy()  # on the ingest hot path: cheaper than a comprehension
+        del values["ts"]
+        for name in self._optional:
+            if values[name] is None:
+                del values[name]
+        return values
 
 
 KINDS: dict[str, type[Reading]] = {}
@@ -161,6 +167,7 @@ def register_kind(name: str):
 
     def wrap(model: type[Reading]) -> type[Reading]:
         model.kind = name
+        model._optional = tuple(k for k, f in model.model_fields.items() if not f.is_required())
         KINDS[name] = model
         return model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import struct
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
@@ -26,8 +27,12 @@ def make_client(url: MqttUrl, client_id: str = "", *, manual_ack: bool = False) 
 
 def connect(client: paho.Client, url: MqttUrl, *, clean_start: bool = True,
             session_expiry_s: int = 0, receive_maximum: int | None = None,
-            keepalive: int = 30) -> None:
-    """Connect (blocking until the TCP connection is up; CONNACK comes via the loop)."""
+            keepalive: int = 30, wait: bool = True) -> None:
+    """Connect; CONNACK comes via the loop.
+
+    ``wait=False`` returns at once and lets paho's loop keep trying (a service that
+    starts before its broker); ``wait=True`` raises if the broker is not there.
+    """
     props = Properties(PacketTypes.CONNECT)
     if session_expiry_s:
         props.SessionExpiryInterval = session_expiry_s
@@ -35,11 +40,31 @@ def connect(client: paho.Client, url: MqttUrl, *, clean_start: bool = True,
         # The broker sends at most this many QoS 1 messages before we acknowledge one:
         # with acks held until the write, this is the in-flight window (FIELD-NOTES).
         props.ReceiveMaximum = receive_maximum
-    client.connect(url.host, url.port, keepalive=keepalive, clean_start=clean_start,
-                   properties=props)
+    (client.connect if wait else client.connect_async)(
+        url.host, url.port, keepalive=keepalive, clean_start=clean_start, properties=props)
 
 
 def message_expiry(seconds: int) -> Properties:
     props = Properties(PacketTypes.PUBLISH)
     props.MessageExpiryInterval = seconds
     return props
+
+
+_PUBACK = struct.Struct("!BBH")  # fixed header 0x40, remaining length 2, packet id
+
+
+def ack_many(client: paho.Client, mids: list[int]) -> None:
+    """Acknowledge many QoS 1 messages in one write.
+
+    paho's ``ack()`` queues one packet and wakes its loop once per message, which
+    costs ingest more than the rest of its per-message work; MQTT is a byte
+    stream, so the PUBACKs can go out back to back as one buffer.
+    """
+    if not mids:
+        return
+    queue = getattr(client, "_packet_queue", None)
+    if queue is None:  # a paho without the internal we lean on: the slow, public way
+        for mid in mids:
+            client.ack(mid, 1)
+        return
+    queue(0x40, b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids]), 0, 0)

@@ -34,13 +34,14 @@ from citygrid.contract import (
 )
 from citygrid.settings import Settings
 from citygrid.store import Point, StoreRejected, StoreUnavailable, TelemetryStore
-from citygrid.store.lineproto import encode
+from citygrid.store.lineproto import encode, series_key
 from ingest.deadletter import DeadLetter, DeadLetterStore
 from ingest.metrics import IngestMetrics
 from ingest.spool import Spool
 
 log = logging.getLogger("citygrid.ingest")
 SELF_MEASUREMENT = "citygrid_ingest"
+ROUTE_CACHE_MAX = 200_000  # topics (devices) remembered; a city of 100,000 devices fits
 
 
 @dataclass
@@ -81,10 +82,14 @@ class IngestService:
         self.dead_letters = DeadLetterStore(state, self.config.dead_letter_max)
         self.spool = Spool(state)
         self.metrics = IngestMetrics(self.config.client_id)
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # guards the open batch and the counters below
+        self._cond = threading.Condition(self._lock)
         self._batch = _Batch()
         self._epoch = 0  # bumps on every disconnect: older message ids mean nothing any more
         self._unacked = 0  # messages taken from the broker and not yet acknowledged
+        self._routes: dict[str, tuple[str, dict[str, str], str]] = {}
+        self._batch_size = self.config.batch_size
+        self._window = self.config.receive_maximum
         self._stopping = threading.Event()
         self._store_down = threading.Event()
         self._subscribed = threading.Event()
@@ -98,7 +103,8 @@ class IngestService:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout_s: float = 10.0) -> None:
+    def start(self, timeout_s: float | None = 10.0) -> None:
+        """Start, and return once subscribed; ``timeout_s=None`` waits for the broker forever."""
         self._ensure_store()
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_port)
@@ -110,10 +116,15 @@ class IngestService:
             self._threads.append(thread)
         mqtt.connect(self._client, self.settings.mqtt, clean_start=False,
                      session_expiry_s=mqtt.DEFAULT_SESSION_EXPIRY_S,
-                     receive_maximum=self.config.receive_maximum)
+                     receive_maximum=self.config.receive_maximum, wait=False)
         self._client.loop_start()
-        if not self._subscribed.wait(timeout_s):
-            raise TimeoutError(f"not subscribed at {self.settings.mqtt} within {timeout_s}s")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._subscribed.wait(5.0 if deadline is None else
+                                        max(0.0, min(5.0, deadline - time.monotonic()))):
+            if deadline is not None and time.monotonic() >= deadline:
+                self.stop()
+                raise TimeoutError(f"not subscribed at {self.settings.mqtt} within {timeout_s}s")
+            log.warning("waiting for the broker at %s", self.settings.mqtt)
 
     def _ensure_store(self) -> None:
         try:
@@ -124,10 +135,13 @@ class IngestService:
             self._store_down.set()
 
     def stop(self) -> None:
-        """Stop taking messages, write and acknowledge what we hold, disconnect."""
+        """Write and acknowledge what we hold, then disconnect.
+
+        The subscription stays in the persistent session: what arrives from now on
+        waits at the broker for the next start.
+        """
         if self._stopping.is_set():
             return
-        self._client.unsubscribe(self.config.subscription)
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
@@ -139,14 +153,6 @@ class IngestService:
         self.dead_letters.close()
         self.spool.close()
         self.metrics.close()
-
-    def run_forever(self) -> None:
-        self.start()
-        try:
-            while not self._stopping.wait(1.0):
-                pass
-        finally:
-            self.stop()
 
     # ------------------------------------------------------------------ MQTT callbacks
 
@@ -178,31 +184,39 @@ class IngestService:
         points: list[Point] = []
         dead = None
         try:
-            t = Topic.parse(topic)
-            if t.channel != "telemetry":
-                raise ContractError(BAD_TOPIC, f"ingest takes telemetry, not {t.channel}", topic)
-            tags = {"device_id": t.device_id, "district": t.district}
-            points = [Point(t.kind, tags, r.fields(), r.ts) for r in
-                      decode_readings(t.kind, message.payload, topic)]
+            kind, tags, key = self._routes.get(topic) or self._route(topic)
+            points = [Point(kind, tags, r.fields(), r.ts, key) for r in
+                      decode_readings(kind, message.payload, topic)]
         except ContractError as e:
             dead = DeadLetter(int(time.time() * 1000), topic, e.reason, e.detail,
                               message.payload)
-        with self._cond:
+        with self._lock:
             self._unacked += 1
             batch = self._batch
             batch.messages += 1
             batch.acks.append((self._epoch, message.mid, message.qos))
             if dead is None:
-                batch.points.extend(points)
+                batch.points += points
+                if len(batch.points) >= self._batch_size:
+                    self._cond.notify_all()
             else:
                 batch.dead.append(dead)
-            if len(batch.points) >= self.config.batch_size:
-                self._cond.notify_all()
-            # Mosquitto 2.0.11 overshoots the Receive Maximum once acks flow (docs/ingest.md):
+            # Mosquitto 2.0.11 overshoots the Receive Maximum once acks flow (README, Ingest):
             # hold the network thread, so TCP pushes back and the broker queues the rest.
-            while self._unacked >= self.config.receive_maximum and not self._stopping.is_set():
+            while self._unacked >= self._window and not self._stopping.is_set():
                 self._cond.notify_all()
                 self._cond.wait(0.5)
+
+    def _route(self, topic: str) -> tuple[str, dict[str, str], str]:
+        """Parse a topic once: kind, tags and the encoded series key, remembered per topic."""
+        t = Topic.parse(topic)
+        if t.channel != "telemetry":
+            raise ContractError(BAD_TOPIC, f"ingest takes telemetry, not {t.channel}", topic)
+        tags = {"device_id": t.device_id, "district": t.district}
+        if len(self._routes) >= ROUTE_CACHE_MAX:
+            self._routes.clear()
+        route = self._routes[topic] = (t.kind, tags, series_key(t.kind, tags))
+        return route
 
     # ------------------------------------------------------------------ writer
 
@@ -229,12 +243,20 @@ class IngestService:
             batch = self._take_batch()
             if batch is None:
                 return
-            try:
-                written = self._write_batch(batch)
-            except Exception:  # never lose the thread; the messages stay unacked → redelivered
-                log.exception("batch of %d messages failed; leaving it unacknowledged",
-                              batch.messages)
-                written = False
+            delay = 0.5
+            while True:
+                try:
+                    written = self._write_batch(batch)
+                    break
+                except Exception:
+                    # A connected session gets no redelivery: dropping the batch would strand
+                    # its messages unacknowledged. Keep it and try again (disk full, a bug…).
+                    log.exception("batch of %d messages failed; retrying in %.1fs",
+                                  batch.messages, delay)
+                    if self._stopping.wait(delay):
+                        written = False  # unacknowledged: redelivered to the next session
+                        break
+                    delay = min(delay * 2, 30.0)
             # Count them out before the acks go: the broker refills the window at once.
             with self._cond:
                 self._unacked -= batch.messages
@@ -252,10 +274,7 @@ class IngestService:
                     return False
             except StoreRejected as e:
                 log.warning("store rejected %d points: %s", len(e.points), e.message)
-                now = int(time.time() * 1000)
-                dead.extend(DeadLetter(now, f"{p.measurement}/{p.tags.get('device_id', '')}",
-                                       STORE_REJECTED, e.message, encode(p).encode())
-                            for p in e.points)
+                dead += _rejected_letters(e)
         self.dead_letters.add(dead)
         self.metrics.batch_written(batch.points, dead, batch.messages,
                                    time.monotonic() - started, stored=not self._store_down.is_set())
@@ -289,11 +308,10 @@ class IngestService:
     def _acknowledge(self, batch: _Batch) -> None:
         with self._cond:
             epoch = self._epoch
-        for message_epoch, mid, qos in batch.acks:
-            # After a reconnect the broker redelivers these under new ids; the points
-            # are already stored, and storing them again overwrites them.
-            if qos and message_epoch == epoch:
-                self._client.ack(mid, qos)
+        # After a reconnect the broker redelivers older messages under new ids; their
+        # points are already stored, and storing them again overwrites them.
+        mqtt.ack_many(self._client, [mid for message_epoch, mid, qos in batch.acks
+                                     if qos == 1 and message_epoch == epoch])
 
     # ------------------------------------------------------------------ spool drain
 
@@ -315,10 +333,7 @@ class IngestService:
                 delay = min(delay * 2, 5.0)
                 continue
             except StoreRejected as e:
-                now = int(time.time() * 1000)
-                self.dead_letters.add(
-                    DeadLetter(now, f"{p.measurement}/{p.tags.get('device_id', '')}",
-                               STORE_REJECTED, e.message, encode(p).encode()) for p in e.points)
+                self.dead_letters.add(_rejected_letters(e))
             self.spool.remove(batch_id)
             self.metrics.spool_depth = max(0, self.metrics.spool_depth - len(points))
             self.metrics.spool_drained += len(points)
@@ -352,3 +367,10 @@ class IngestService:
 
     def dead_letter_counts(self) -> Counter:
         return Counter(self.dead_letters.counts())
+
+
+def _rejected_letters(e: StoreRejected) -> list[DeadLetter]:
+    """Dead letters for the points the store refused, with its message and the line."""
+    now = int(time.time() * 1000)
+    return [DeadLetter(now, f"{p.measurement}/{p.tags.get('device_id', '')}", STORE_REJECTED,
+                       e.message, encode(p).encode()) for p in e.points]

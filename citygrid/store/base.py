@@ -16,6 +16,7 @@ class Point(NamedTuple):
     tags: dict[str, str]
     fields: dict[str, Any]
     ts_ms: int
+    key: str | None = None  # the encoded line-protocol series key, when known in advance
 
 
 class StoreError(Exception):

@@ -1,14 +1,17 @@
-"""InfluxDB line protocol encoding, with the escaping rules of the v1 reference."""
+"""InfluxDB line protocol encoding, with the escaping rules of the v1 reference.
+
+The hot path (ingest) hands in points whose series key is already encoded
+(``Point.key``), and field names are escaped once and remembered.
+"""
 
 from __future__ import annotations
-
-import math
 
 from citygrid.store.base import Point
 
 _MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n"})
 _TAG = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n"})
 _STRING = str.maketrans({'"': r"\"", "\\": "\\\\", "\n": r"\n"})
+_field_keys: dict[str, str] = {}
 
 
 def escape_measurement(name: str) -> str:
@@ -20,34 +23,54 @@ def escape_tag(text: str) -> str:
     return text.translate(_TAG)
 
 
+def series_key(measurement: str, tags: dict[str, str]) -> str:
+    """``measurement,k=v,…`` with tags sorted by key, as InfluxDB recommends."""
+    return escape_measurement(measurement) + "".join(
+        f",{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags.items()) if v != "")
+
+
 def field_value(value: object) -> str:
-    # bool before int: bool is an int subclass, and 1i is not true.
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        return f"{value}i"
-    if isinstance(value, float):
-        if not math.isfinite(value):
+    kind = type(value)
+    if kind is float:
+        if value - value != 0:  # NaN and ±Infinity; line protocol has neither
             raise ValueError(f"line protocol has no {value}")
         return repr(value)
-    if isinstance(value, str):
+    # bool before int: bool is an int subclass, and 1i is not true.
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return f"{value}i"
+    if kind is str:
         return '"' + value.translate(_STRING) + '"'
-    raise TypeError(f"cannot store {type(value).__name__} {value!r} as a field")
+    raise TypeError(f"cannot store {kind.__name__} {value!r} as a field")
+
+
+def _field_key(name: str) -> str:
+    key = _field_keys.get(name)
+    if key is None:
+        key = _field_keys[name] = escape_tag(name)
+    return key
 
 
 def encode(point: Point) -> str:
-    """One line; tags sorted by key, as InfluxDB recommends for write speed."""
-    measurement, tags, fields, ts_ms = point
-    head = escape_measurement(measurement)
-    if tags:
-        head += "".join(
-            f",{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags.items()) if v != ""
-        )
-    body = ",".join(f"{escape_tag(k)}={field_value(v)}" for k, v in fields.items())
-    return f"{head} {body} {ts_ms}"
+    measurement, tags, fields, ts_ms, key = point
+    if key is None:
+        key = series_key(measurement, tags)
+    parts = []
+    for name, value in fields.items():
+        # field_value() inlined for the common types: this loop runs per field per reading.
+        kind = type(value)
+        if kind is float and value - value == 0:
+            text = repr(value)
+        elif kind is bool:
+            text = "true" if value else "false"
+        elif kind is int:
+            text = f"{value}i"
+        else:
+            text = field_value(value)
+        parts.append(f"{_field_keys.get(name) or _field_key(name)}={text}")
+    return f"{key} {','.join(parts)} {ts_ms}"
 
 
 def encode_batch(points: list[Point]) -> bytes:
-    return "\n".join(encode(p) for p in points).encode()
+    return "\n".join([encode(p) for p in points]).encode()

@@ -54,7 +54,7 @@ class SqliteStore:
         rows = [
             (m, series_key(tags), ts, tags.get("device_id"), tags.get("district"),
              orjson.dumps(tags).decode(), orjson.dumps(fields).decode())
-            for m, tags, fields, ts in points
+            for m, tags, fields, ts, _ in points
         ]
         try:
             with self._lock:

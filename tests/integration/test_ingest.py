@@ -20,7 +20,7 @@ from citygrid.localservices import Influxd, free_port
 from citygrid.store import Point
 from citygrid.store.influx import InfluxStore
 from ingest.service import IngestConfig, IngestService
-from tests.conftest import REPO, light, meter, wait_until
+from tests.conftest import REPO, Publisher, light, meter, wait_until
 
 T0 = int(time.time() * 1000) - 3_600_000
 
@@ -193,6 +193,24 @@ def test_ingest_killed_mid_stream_loses_nothing_and_duplicates_nothing(
     assert "Traceback" not in log, log[-2000:]
 
 
+def test_readings_sent_while_ingest_is_stopped_are_stored_after_restart(
+        settings, influx_store, publisher, uid):
+    before = [(topic(uid, "meter", "m-1"), meter(T0 + i, i)) for i in range(100)]
+    during = [(topic(uid, "meter", "m-1"), meter(T0 + i, i)) for i in range(100, 600)]
+    with running_ingest(settings, influx_store, uid):
+        publisher.send_all(before)
+        wait_until(lambda: influx_store.count("meter") == 100)
+    publisher.send_all(during)  # ingest is down: its session holds them
+    time.sleep(0.5)
+    assert influx_store.count("meter") == 100
+    with running_ingest(settings, influx_store, uid) as second:
+        wait_until(lambda: influx_store.count("meter") == 600, message="600 points")
+        time.sleep(0.5)
+        # The first 100 were acknowledged before the stop: the broker does not resend them.
+        assert second.metrics.messages == 500
+    assert stored_seqs(influx_store, "meter") == [("m-1", i) for i in range(600)]
+
+
 def test_shared_subscription_workers_split_the_load(settings, influx_store, publisher, uid):
     n = 3000
     messages = [(topic(uid, "meter", f"m-{i % 30}"), meter(T0 + i, i)) for i in range(n)]
@@ -288,3 +306,23 @@ def test_bad_setting_is_named_at_startup(variable, value):
                                             "PYTHONPATH": str(REPO)})
     assert result.returncode == 2
     assert variable in result.stderr
+
+
+def test_ingest_started_before_its_broker_waits_for_it(influx_store, uid, tmp_path):
+    from citygrid.localservices import Mosquitto
+    from citygrid.settings import Settings
+
+    broker = Mosquitto(tmp_path / "late-broker")
+    settings = Settings(mqtt_url=broker.url, data_dir=str(tmp_path / "data"))
+    timer = threading.Timer(2.0, broker.start)
+    timer.start()
+    try:
+        with running_ingest(settings, influx_store, uid) as service:
+            assert service.unacked() == 0
+            publisher = Publisher(broker.url, f"late-{uid}")
+            publisher.send_all([(topic(uid, "meter", "m-1"), meter(T0, 1))])
+            publisher.close()
+            wait_until(lambda: influx_store.count("meter") == 1)
+    finally:
+        timer.join()
+        broker.stop()

@@ -1,0 +1,1 @@
+"""Billing: tariffs, meter-register accounting, settlement, hash-chained ledger (issue 5)."""

@@ -1,0 +1,1 @@
+"""Rule engine: YAML rules that dim streetlights and raise alerts (issue 4)."""
