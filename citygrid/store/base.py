@@ -19,6 +19,21 @@ class Point(NamedTuple):
     key: str | None = None  # the encoded line-protocol series key, when known in advance
 
 
+def series_id(tags: dict[str, str]) -> str:
+    """A series' tags as one string: ``k=v,…`` sorted by key, empty values left out."""
+    return ",".join(f"{k}={v}" for k, v in sorted(tags.items()) if v != "")
+
+
+def latest_key(tags: dict[str, str]) -> str:
+    """How ``latest()`` names a series: its device, else its tags."""
+    return tags.get("device_id") or series_id(tags)
+
+
+def check_aggregate(fn: str) -> None:
+    if fn not in AGGREGATES:
+        raise ValueError(f"aggregate {fn!r} is not one of {AGGREGATES}")
+
+
 class StoreError(Exception):
     """Base of the store's errors."""
 

@@ -13,7 +13,14 @@ from typing import Any
 import httpx
 
 from citygrid.store import lineproto
-from citygrid.store.base import AGGREGATES, Bucket, Point, StoreRejected, StoreUnavailable
+from citygrid.store.base import (
+    Bucket,
+    Point,
+    StoreRejected,
+    StoreUnavailable,
+    check_aggregate,
+    latest_key,
+)
 
 
 def quote_ident(name: str) -> str:
@@ -141,15 +148,13 @@ class InfluxStore:
             row = dict(zip(s["columns"], s["values"][0], strict=True))
             ts = row.pop("time")
             fields = {k: v for k, v in row.items() if v is not None and k not in tags}
-            key = tags.get("device_id") or ",".join(f"{k}={v}" for k, v in sorted(tags.items()))
-            out[key] = Point(measurement, tags, fields, ts)
+            out[latest_key(tags)] = Point(measurement, tags, fields, ts)
         return out
 
     def aggregate(self, measurement: str, field: str, fn: str, *, start_ms: int, end_ms: int,
                   every_ms: int, district: str | None = None,
                   device_id: str | None = None) -> list[Bucket]:
-        if fn not in AGGREGATES:
-            raise ValueError(f"aggregate {fn!r} is not one of {AGGREGATES}")
+        check_aggregate(fn)
         where = self._where(start_ms, end_ms, district=district, device_id=device_id)
         series = self.query(f"SELECT {fn}({quote_ident(field)}) FROM {quote_ident(measurement)}"
                             f"{where} GROUP BY time({int(every_ms)}ms) fill(none)")

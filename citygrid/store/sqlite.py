@@ -14,7 +14,14 @@ from pathlib import Path
 import orjson
 
 from citygrid import statedb
-from citygrid.store.base import AGGREGATES, Bucket, Point, StoreUnavailable
+from citygrid.store.base import (
+    Bucket,
+    Point,
+    StoreUnavailable,
+    check_aggregate,
+    latest_key,
+    series_id,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (
@@ -33,10 +40,6 @@ CREATE INDEX IF NOT EXISTS points_by_time ON points (measurement, ts);
 _SQL_AGG = {"mean": "avg", "min": "min", "max": "max", "sum": "sum", "count": "count"}
 
 
-def series_key(tags: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(tags.items()) if v != "")
-
-
 class SqliteStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -52,7 +55,7 @@ class SqliteStore:
 
     def write(self, points: Sequence[Point]) -> None:
         rows = [
-            (m, series_key(tags), ts, tags.get("device_id"), tags.get("district"),
+            (m, series_id(tags), ts, tags.get("device_id"), tags.get("district"),
              orjson.dumps(tags).decode(), orjson.dumps(fields).decode())
             for m, tags, fields, ts, _ in points
         ]
@@ -99,17 +102,15 @@ class SqliteStore:
         rows = self._query(f"SELECT series, max(ts), tags, fields FROM points{where} "
                            "GROUP BY series", args)
         out = {}
-        for series, ts, tags, fields in rows:
+        for _, ts, tags, fields in rows:
             tags = orjson.loads(tags)
-            out[tags.get("device_id") or series] = Point(measurement, tags,
-                                                         orjson.loads(fields), ts)
+            out[latest_key(tags)] = Point(measurement, tags, orjson.loads(fields), ts)
         return out
 
     def aggregate(self, measurement: str, field: str, fn: str, *, start_ms: int, end_ms: int,
                   every_ms: int, district: str | None = None,
                   device_id: str | None = None) -> list[Bucket]:
-        if fn not in AGGREGATES:
-            raise ValueError(f"aggregate {fn!r} is not one of {AGGREGATES}")
+        check_aggregate(fn)
         where, args = self._where(measurement, start_ms, end_ms, district, device_id)
         value = "json_extract(fields, ?)"
         path = "$." + '"' + field.replace('"', '""') + '"'
