@@ -99,20 +99,6 @@ def cmd_contract_asyncapi(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- simulate
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulators import basic
-
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    devices = basic.make_fleet(args.streetlights, args.meters, args.seed)
-    basic.run(_settings(args), devices, interval_s=args.interval, duration_s=args.duration,
-              stop=stop)
-    return 0
-
-
 # --------------------------------------------------------------------------- up
 
 
@@ -155,18 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     a = csub.add_parser("asyncapi", help="print the AsyncAPI 3 document of MQTT contract v1")
     a.set_defaults(func=cmd_contract_asyncapi)
 
-    p = sub.add_parser("simulate", parents=[common], help="a small fleet publishing readings")
-    p.add_argument("--streetlights", type=int, default=20)
-    p.add_argument("--meters", type=int, default=10)
-    p.add_argument("--interval", type=float, default=5.0, help="seconds between readings")
-    p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
-    p.add_argument("--seed", type=int, default=1)
-    p.set_defaults(func=cmd_simulate)
+    from simulators.cli import add_parsers as add_simulator_parsers
+
+    add_simulator_parsers(sub, common)
 
     p = sub.add_parser("up", parents=[common], help="broker + ingest + simulator on this machine")
     p.add_argument("--streetlights", type=int, default=60)
     p.add_argument("--meters", type=int, default=20)
-    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--interval", type=float, default=60.0, help="simulated seconds between "
+                   "a device's readings (60)")
+    p.add_argument("--speed", type=float, default=60.0, help="simulated time speed-up (60)")
     p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
     p.add_argument("--no-simulator", action="store_true", help="the platform alone")
     p.set_defaults(func=cmd_up)

@@ -59,7 +59,8 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
               f"city/v1/norrebro/streetlight/sl-1/telemetry -m '{reading}'")
     else:
         spawn("simulate", ["simulate", "--streetlights", str(args.streetlights), "--meters",
-                           str(args.meters), "--interval", str(args.interval)])
+                           str(args.meters), "--interval", str(args.interval),
+                           "--speed", str(args.speed)])
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

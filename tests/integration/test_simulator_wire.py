@@ -1,0 +1,213 @@
+"""The simulator on the wire, against the real Mosquitto: what a device engineer would check."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import orjson
+import pytest
+
+from citygrid import contract, mqtt
+from citygrid.city import COPENHAGEN
+from citygrid.contract import Topic, decode_readings
+from citygrid.fleet import Fleet
+from citygrid.settings import MqttUrl
+from simulators.devices import DRIVER_LOSS, STANDBY_W
+from simulators.engine import Engine, SimConfig
+from simulators.fleetgen import generate
+from tests.conftest import REPO, wait_until
+
+
+def fleet_for(uid: str, lights: int, meters: int, seed: int = 1) -> Fleet:
+    """A generated fleet moved into the test's own district (its own topic prefix)."""
+    return Fleet(dataclasses.replace(d, district=uid)
+                 for d in generate(COPENHAGEN, lights, meters, seed))
+
+
+class Collector:
+    """Everything published under a filter, with its retain flag."""
+
+    def __init__(self, url: str, topic_filter: str):
+        u = MqttUrl.parse(url)
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.client = mqtt.make_client(u)
+        self.client.on_message = lambda c, ud, m: self.messages.append(
+            (m.topic, m.payload, m.retain))
+        done = threading.Event()
+        self.client.on_subscribe = lambda *a: done.set()
+        self.client.on_connect = lambda c, *a: c.subscribe(topic_filter, qos=1)
+        mqtt.connect(self.client, u)
+        self.client.loop_start()
+        assert done.wait(10)
+
+    def on(self, channel: str) -> list[tuple[str, bytes, bool]]:
+        return [m for m in self.messages if m[0].endswith("/" + channel)]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def collect(mosquitto, uid):
+    collectors = []
+
+    def make(topic_filter: str | None = None) -> Collector:
+        c = Collector(mosquitto.url, topic_filter or f"city/v1/{uid}/#")
+        collectors.append(c)
+        return c
+
+    yield make
+    for c in collectors:
+        c.close()
+
+
+def run_in_thread(engine: Engine) -> threading.Thread:
+    engine.connect()
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_every_message_obeys_the_contract(mosquitto, uid, collect):
+    fleet = fleet_for(uid, 15, 10)
+    seen = collect()
+    config = SimConfig(speed=1200, duration_s=3600, interval_s=60, devices_per_connection=10,
+                       start_ms=int(time.time() * 1000) - 2 * 86_400_000)
+    engine = Engine(MqttUrl.parse(mosquitto.url), fleet, COPENHAGEN, config)
+    engine.connect()
+    stats = engine.run()
+    wait_until(lambda: len(seen.on("telemetry")) >= stats["readings"])
+    telemetry = seen.on("telemetry")
+    assert stats["readings"] == len(telemetry) == 25 * 60
+    kinds = Counter()
+    for topic, payload, _ in telemetry:
+        t = Topic.parse(topic)
+        for r in decode_readings(t.kind, payload, topic):
+            kinds[t.kind] += 1
+            assert config.start_ms <= r.ts < config.start_ms + 3600 * 1000
+    assert kinds == {"streetlight": 15 * 60, "meter": 10 * 60}
+    statuses = [contract.Status.model_validate_json(p) for _, p, _ in seen.on("status")]
+    assert sum(s.online for s in statuses) == 25 and sum(not s.online for s in statuses) == 25
+    seqs = Counter(Topic.parse(t).device_id for t, _, _ in telemetry)
+    assert set(seqs.values()) == {60}
+
+
+def test_a_command_is_acknowledged_and_shows_in_the_next_reading(mosquitto, uid, collect):
+    fleet = fleet_for(uid, 3, 0)
+    target = fleet.devices[0]
+    topic = Topic(uid, "streetlight", target.device_id)
+    seen = collect(f"city/v1/{uid}/streetlight/{target.device_id}/+")
+    config = SimConfig(speed=1, interval_s=0.5, seed=4)
+    engine = Engine(MqttUrl.parse(mosquitto.url), fleet, COPENHAGEN, config)
+    thread = run_in_thread(engine)
+    commander = mqtt.make_client(MqttUrl.parse(mosquitto.url))
+    mqtt.connect(commander, MqttUrl.parse(mosquitto.url))
+    commander.loop_start()
+
+    def send(payload: bytes) -> None:
+        commander.publish(str(topic.with_channel("cmd")), payload, qos=1,
+                          properties=mqtt.message_expiry(30)).wait_for_publish(5)
+
+    def acks() -> list[dict]:
+        return [orjson.loads(p) for _, p, _ in seen.on("ack")]
+
+    def readings_after(ts: int) -> list[dict]:
+        return [orjson.loads(p) for _, p, _ in seen.on("telemetry")
+                if orjson.loads(p)["ts"] > ts]
+
+    try:
+        wait_until(lambda: seen.on("telemetry"), message="first reading")
+        send(orjson.dumps({"id": "cmd-1", "ts": int(time.time() * 1000), "brightness_pct": 37,
+                           "reason": "override:operator"}))
+        ack = wait_until(lambda: [a for a in acks() if a["id"] == "cmd-1"], message="ack")[0]
+        contract.Ack.model_validate(ack)
+        assert ack["ok"] is True and ack["brightness_pct"] == 37
+        after = wait_until(lambda: readings_after(ack["ts"]), message="next reading")[0]
+        assert after["brightness_pct"] == 37
+        assert after["power_w"] == pytest.approx(target.rated_w * 0.37 * (1 + DRIVER_LOSS)
+                                                 + STANDBY_W, abs=0.01)
+
+        send(b'{"id":"cmd-2","ts":1790000000000,"brightness_pct":140,"reason":"x"}')
+        bad = wait_until(lambda: [a for a in acks() if a["id"] == "cmd-2"], message="ack")[0]
+        assert bad["ok"] is False and "brightness_pct" in bad["error"]
+        assert bad["brightness_pct"] == 37
+        assert wait_until(lambda: readings_after(bad["ts"]))[0]["brightness_pct"] == 37
+    finally:
+        engine.stop()
+        thread.join(10)
+        commander.loop_stop()
+        commander.disconnect()
+
+
+def test_last_will_fires_when_the_device_process_dies(mosquitto, uid, collect, tmp_path):
+    fleet = fleet_for(uid, 4, 2)
+    fleet.dump(tmp_path / "fleet.geojson")
+    seen = collect(f"city/v1/{uid}/+/+/status")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "citygrid", "simulate", "--mqtt-url", mosquitto.url,
+         "--fleet", str(tmp_path / "fleet.geojson"), "--mode", "per-device",
+         "--interval", "1s"],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: sum(p == b'{"online":true}' for _, p, _ in seen.messages) == 6,
+                   message="six devices online")
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        wait_until(lambda: sum(p == b'{"online":false}' for _, p, _ in seen.messages) == 6,
+                   message="six Last Wills")
+    finally:
+        if process.poll() is None:
+            process.kill()
+    offline = {Topic.parse(t).device_id for t, p, _ in seen.messages if p == b'{"online":false}'}
+    assert offline == {d.device_id for d in fleet}
+
+
+def test_offline_fault_drops_the_connection_and_comes_back(mosquitto, uid, collect):
+    fleet = fleet_for(uid, 6, 0)
+    seen = collect(f"city/v1/{uid}/+/+/status")
+    config = SimConfig(speed=10, interval_s=1, mode="per-device", seed=5,
+                       faults={"offline": 0.05})
+    engine = Engine(MqttUrl.parse(mosquitto.url), fleet, COPENHAGEN, config)
+    thread = run_in_thread(engine)
+    try:
+        wait_until(lambda: any(p == b'{"online":false}' for _, p, _ in seen.messages),
+                   message="a Last Will from a device gone offline")
+        gone = next(Topic.parse(t).device_id for t, p, _ in seen.messages
+                    if p == b'{"online":false}')
+        n = len(seen.messages)
+        wait_until(lambda: any(Topic.parse(t).device_id == gone and p == b'{"online":true}'
+                               for t, p, _ in seen.messages[n:]), message=f"{gone} back online")
+    finally:
+        engine.stop()
+        thread.join(10)
+    assert engine.stats["readings"] > 0
+
+
+def test_meter_faults_on_the_wire_match_what_was_injected(mosquitto, uid, collect):
+    fleet = fleet_for(uid, 0, 20)
+    seen = collect(f"city/v1/{uid}/meter/+/telemetry")
+    config = SimConfig(speed=3600, duration_s=6 * 3600, interval_s=60, seed=6,
+                       start_ms=int(time.time() * 1000) - 3 * 86_400_000,
+                       faults={"duplicate": 0.05, "gap": 0.05})
+    engine = Engine(MqttUrl.parse(mosquitto.url), fleet, COPENHAGEN, config)
+    engine.connect()
+    stats = engine.run()
+    wait_until(lambda: len(seen.messages) >= stats["readings"])
+    ticks = 20 * 6 * 60
+    pairs = Counter((Topic.parse(t).device_id, orjson.loads(p)["seq"])
+                    for t, p, _ in seen.messages)
+    duplicates = sum(n - 1 for n in pairs.values())
+    gaps = ticks - len(pairs)
+    assert duplicates == stats["fault_duplicate"]
+    assert gaps == stats["fault_gap"]
+    for observed in (duplicates, gaps):  # ≈ 5 % of 7,200 readings (sd ≈ 18)
+        assert abs(observed - 0.05 * ticks) < 5 * (ticks * 0.05 * 0.95) ** 0.5
