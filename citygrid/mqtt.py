@@ -15,9 +15,10 @@ from citygrid.settings import MqttUrl
 DEFAULT_SESSION_EXPIRY_S = 3600
 
 
-def make_client(url: MqttUrl, client_id: str = "", *, manual_ack: bool = False) -> paho.Client:
+def make_client(url: MqttUrl, client_id: str = "", *, manual_ack: bool = False,
+                protocol: int = paho.MQTTv5) -> paho.Client:
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=paho.MQTTv5, manual_ack=manual_ack)
+                         protocol=protocol, manual_ack=manual_ack)
     if url.username:
         client.username_pw_set(url.username, url.password)
     if url.tls:
@@ -33,6 +34,10 @@ def connect(client: paho.Client, url: MqttUrl, *, clean_start: bool = True,
     ``wait=False`` returns at once and lets paho's loop keep trying (a service that
     starts before its broker); ``wait=True`` raises if the broker is not there.
     """
+    if client.protocol != paho.MQTTv5:  # 3.1.1: no properties, clean session by flag
+        (client.connect if wait else client.connect_async)(url.host, url.port,
+                                                           keepalive=keepalive)
+        return
     props = Properties(PacketTypes.CONNECT)
     if session_expiry_s:
         props.SessionExpiryInterval = session_expiry_s

@@ -77,6 +77,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    help="one connection per device (own client id and Last Will), or many "
                    "devices per connection")
     s.add_argument("--devices-per-connection", type=int, default=1000)
+    s.add_argument("--protocol", choices=("5", "3.1.1"), default="5",
+                   help="the MQTT version the devices speak (5)")
     s.add_argument("--fault", type=fault_rate, action="append", default=[],
                    metavar="NAME=RATE", help="inject a fault, e.g. --fault lamp_failure=0.001")
     s.add_argument("--report-every", type=float, default=5.0, help="seconds between rate lines")
@@ -113,7 +115,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = SimConfig(speed=args.speed, start_ms=args.start, duration_s=args.duration,
                        interval_s=args.interval, seed=args.seed, mode=args.mode,
                        devices_per_connection=args.devices_per_connection,
-                       faults=dict(args.fault), report_every_s=args.report_every)
+                       faults=dict(args.fault), report_every_s=args.report_every,
+                       protocol=args.protocol)
     engine = Engine(settings.mqtt, fleet, profile, config)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: engine.stop())

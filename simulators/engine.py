@@ -32,6 +32,8 @@ from simulators.devices import SimDevice, StreetlightSim, World, make_device
 log = logging.getLogger("citygrid.simulate")
 ONLINE, OFFLINE = b'{"online":true}', b'{"online":false}'
 MODES = ("multiplexed", "per-device")
+# Devices speak MQTT 5 or 3.1.1 (many in the field still do); 3.1.1 is also cheaper to drive.
+PROTOCOLS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
 
 
 class SimClock:
@@ -76,6 +78,7 @@ class SimConfig:
     faults: dict[str, float] = field(default_factory=dict)
     report_every_s: float = 5.0
     client_prefix: str = "citygrid-sim"
+    protocol: str = "5"
 
     def resolved_start_ms(self) -> int:
         if self.start_ms is not None:
@@ -95,7 +98,8 @@ class _Connection:
         self.client_id = client_id
         self.up = False
         self.dropped = False  # cut on purpose (a device gone offline)
-        self.client = mqtt.make_client(engine.url, client_id)
+        self.client = mqtt.make_client(engine.url, client_id,
+                                       protocol=PROTOCOLS[engine.config.protocol])
         self.client.max_inflight_messages_set(1000 if len(devices) > 1 else 20)
         self.client.max_queued_messages_set(0)
         if engine.config.mode == "per-device":
@@ -273,6 +277,8 @@ class Engine:
                 burst += 1
                 if burst % 256 == 0:
                     self._service_io(0)  # take the broker's acks as we go
+                    if self._stop.is_set():  # behind schedule must not mean deaf to Ctrl-C
+                        break
             wait = 0.05
             if self.schedule:
                 wait = min(wait, max(0.0, self.clock.wall_at(self.schedule[0][0])
@@ -287,10 +293,12 @@ class Engine:
             if now >= next_report:
                 if reported or self.stats["readings"]:
                     rate = (self.stats["readings"] - reported) / self.config.report_every_s
-                    log.info("sim %s  %.0f readings/s  commands %d  connections up %d/%d",
+                    behind = (now_sim - self.schedule[0][0]) / 1000 if self.schedule else 0
+                    log.info("sim %s  %.0f readings/s  commands %d  connections up %d/%d%s",
                              datetime.fromtimestamp(self.clock.now_ms() / 1000, UTC)
                              .isoformat(timespec="seconds"), rate, self.stats["commands"],
-                             sum(c.up for c in self.connections), len(self.connections))
+                             sum(c.up for c in self.connections), len(self.connections),
+                             f"  BEHIND by {behind:.1f} s of sim time" if behind > 5 else "")
                 reported = self.stats["readings"]
                 next_report = now + self.config.report_every_s
         self.close()
