@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -78,5 +78,8 @@ class TelemetryStore(Protocol):
     def count(self, measurement: str, *, start_ms: int | None = None, end_ms: int | None = None,
               district: str | None = None, device_id: str | None = None) -> int:
         """How many points (distinct timestamps per series) are stored."""
+
+    def points(self, measurement: str, *, start_ms: int, end_ms: int) -> Iterator[Point]:
+        """Every point in [start, end), oldest first (replays and backtests)."""
 
     def close(self) -> None: ...

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import gzip
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -167,6 +167,22 @@ class InfluxStore:
         if not series:
             return 0
         return max(v for v in series[0]["values"][0][1:] if v is not None)
+
+    def points(self, measurement: str, *, start_ms: int, end_ms: int,
+               chunk_ms: int = 3_600_000) -> Iterator[Point]:
+        tag_keys = {row[0] for s in self.query(f"SHOW TAG KEYS FROM {quote_ident(measurement)}")
+                    for row in s["values"]}
+        for lo in range(int(start_ms), int(end_ms), chunk_ms):
+            hi = min(lo + chunk_ms, int(end_ms))
+            for s in self.query(f"SELECT * FROM {quote_ident(measurement)}"
+                                f"{self._where(lo, hi)} ORDER BY time"):
+                columns = s["columns"]
+                for values in s["values"]:
+                    row = dict(zip(columns, values, strict=True))
+                    ts = row.pop("time")
+                    tags = {k: row.pop(k) for k in list(row) if k in tag_keys}
+                    yield Point(measurement, {k: v for k, v in tags.items() if v},
+                                {k: v for k, v in row.items() if v is not None}, ts)
 
     def close(self) -> None:
         self._http.close()

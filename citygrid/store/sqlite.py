@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import orjson
@@ -128,6 +128,18 @@ class SqliteStore:
               district: str | None = None, device_id: str | None = None) -> int:
         where, args = self._where(measurement, start_ms, end_ms, district, device_id)
         return self._query(f"SELECT count(*) FROM points{where}", args)[0][0]
+
+    def points(self, measurement: str, *, start_ms: int, end_ms: int) -> Iterator[Point]:
+        last = (start_ms - 1, "")
+        while True:  # in pages, so a long replay does not hold the lock or the heap
+            rows = self._query("SELECT ts, series, tags, fields FROM points WHERE measurement = ? "
+                               "AND (ts, series) > (?, ?) AND ts < ? ORDER BY ts, series "
+                               "LIMIT 5000", (measurement, *last, end_ms))
+            for ts, _, tags, fields in rows:
+                yield Point(measurement, orjson.loads(tags), orjson.loads(fields), ts)
+            if len(rows) < 5000:
+                return
+            last = rows[-1][:2]
 
     def close(self) -> None:
         with self._lock:

@@ -106,3 +106,17 @@ def test_influx_down_is_unavailable_not_rejected(tmp_path):
     with pytest.raises(StoreUnavailable):
         store.write([light("sl-1", "n", T0, 1.0, 1)])
     assert not store.ping()
+
+
+def test_points_in_time_order_across_pages(store):
+    points = [light(f"sl-{d}", "norrebro", T0 + (i // 3) * 1000, 40.0, i)
+              for i in range(7000) for d in (i % 3,)]
+    store.write(points)
+    got = list(store.points("streetlight", start_ms=T0, end_ms=T0 + 10_000_000))
+    assert len(got) == 7000
+    assert [p.ts_ms for p in got] == sorted(p.ts_ms for p in got)
+    assert {(p.tags["device_id"], p.fields["seq"]) for p in got} == {
+        (p.tags["device_id"], p.fields["seq"]) for p in points}
+    assert got[0].tags == {"device_id": "sl-0", "district": "norrebro"}
+    assert list(store.points("streetlight", start_ms=T0, end_ms=T0 + 1000)) == [
+        p for p in got if p.ts_ms < T0 + 1000]

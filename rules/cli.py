@@ -1,0 +1,267 @@
+"""``citygrid rules …``: run, check, schema, test, explain, backtest, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from citygrid.settings import Settings
+
+log = logging.getLogger("citygrid.rules")
+
+
+def add_parsers(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("rules", help="the rule engine and tools for rule authors")
+    rs = p.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
+
+    run = rs.add_parser("run", parents=[common], help="run the rules live on MQTT")
+    run.add_argument("--rules", help="rule file or folder (CITYGRID_RULES; default: the "
+                     "Copenhagen example)")
+    run.add_argument("--fleet", help="fleet GeoJSON (CITYGRID_FLEET): where the lights stand")
+    run.add_argument("--group", help="shared-subscription group for several rule workers")
+    run.add_argument("--topic", help="telemetry filter, e.g. city/v1/norrebro/+/+/telemetry")
+    run.add_argument("--client-id", default="citygrid-rules")
+    run.set_defaults(func=cmd_run)
+
+    check = rs.add_parser("check", help="check rule files: every error with file:line:column")
+    check.add_argument("path")
+    check.set_defaults(func=cmd_check)
+
+    schema = rs.add_parser("schema", help="print the JSON Schema of a rule file")
+    schema.set_defaults(func=cmd_schema)
+
+    test = rs.add_parser("test", help="run YAML rule tests (readings in, commands out)")
+    test.add_argument("files", nargs="+")
+    test.set_defaults(func=cmd_test)
+
+    explain = rs.add_parser("explain", parents=[common],
+                            help="why is this light at its level?")
+    explain.add_argument("device")
+    explain.add_argument("--rules")
+    explain.add_argument("--fleet")
+    explain.add_argument("--json", action="store_true")
+    explain.set_defaults(func=cmd_explain)
+
+    status = rs.add_parser("status", parents=[common], help="rules with their health")
+    status.add_argument("--rules")
+    status.set_defaults(func=cmd_status)
+
+    bt = rs.add_parser("backtest", parents=[common],
+                       help="replay stored history through the rules")
+    bt.add_argument("--from", dest="start", required=True, help="ISO time with offset")
+    bt.add_argument("--to", dest="end", required=True, help="ISO time with offset")
+    bt.add_argument("--rules")
+    bt.add_argument("--fleet")
+    bt.add_argument("--json", action="store_true", help="the report as JSON")
+    bt.set_defaults(func=cmd_backtest)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(mqtt_url=getattr(args, "mqtt_url", None),
+                             influx_url=getattr(args, "influx_url", None),
+                             influx_db=getattr(args, "influx_db", None),
+                             data_dir=getattr(args, "data_dir", None),
+                             rules=getattr(args, "rules", None),
+                             fleet=getattr(args, "fleet", None))
+
+
+def _fleet(settings: Settings):
+    from citygrid.fleet import Fleet
+
+    if not settings.fleet:
+        raise SystemExit("citygrid rules: CITYGRID_FLEET (or --fleet) is needed: the engine "
+                         "learns where each light stands from the fleet file")
+    return Fleet.load(settings.fleet)
+
+
+def _rules_path(settings: Settings) -> Path:
+    from rules.loader import DEFAULT_RULES
+
+    return Path(settings.rules) if settings.rules else DEFAULT_RULES
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from rules.loader import RuleFileError, load
+
+    try:
+        ruleset = load(args.path)
+    except RuleFileError as e:
+        for problem in e.problems:
+            print(problem)
+        print(f"{len(e.problems)} error{'s' * (len(e.problems) != 1)}", file=sys.stderr)
+        return 1
+    print(f"ok: {len(ruleset.rules)} rules in {', '.join(ruleset.sources)}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from rules.loader import schema
+
+    print(json.dumps(schema(), indent=2))
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from rules.loader import RuleFileError
+    from rules.testing import run_file
+
+    failed = total = 0
+    for f in args.files:
+        try:
+            results = run_file(f)
+        except RuleFileError as e:
+            print(f"{f}: the rules do not load:\n{e}")
+            return 1
+        for r in results:
+            total += 1
+            if r.ok:
+                print(f"PASS {f}: {r.name}")
+            else:
+                failed += 1
+                print(f"FAIL {f}: {r.name}")
+                print("\n".join(r.failures))
+    print(f"{total - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _engine_from_state(settings: Settings):
+    from citygrid.city import city
+    from rules.engine import RuleEngine
+    from rules.loader import load
+    from rules.state import RuleStateStore
+
+    class _Null:
+        def command(self, *a): ...
+
+        def publish(self, *a): ...
+
+        def alert(self, *a): ...
+
+        def points(self, *a): ...
+
+    engine = RuleEngine(load(_rules_path(settings)), _fleet(settings), city(settings.city),
+                        _Null(), track_acks=False)
+    path = Path(settings.data_dir) / "rules.sqlite"
+    if not path.exists():
+        raise SystemExit(f"citygrid rules: no rule state at {path} (is `rules run` using "
+                         "this CITYGRID_DATA_DIR?)")
+    state = RuleStateStore(path)
+    state.restore(engine)
+    return engine, state
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    engine, state = _engine_from_state(settings)
+    if args.device not in engine.fleet.by_id:
+        print(f"citygrid rules: no device {args.device!r} in the fleet", file=sys.stderr)
+        return 2
+    e = engine.explain(args.device)
+    state.close()
+    if args.json:
+        print(json.dumps(e, indent=2))
+        return 0
+    print(f"{args.device} is at {e['level']:g} % ({e['reason']}) at {_when(e['at_ms'])} "
+          "event time")
+    floor = e["safety_floor"]
+    print(f"safety floor: {floor['level']:g} % {'active' if floor['active'] else 'inactive'}"
+          + (" — it lifted the level" if floor["applied"] else ""))
+    if not e["wishes"]:
+        print("no rule wants this light now: the default level applies")
+    for w in e["wishes"]:
+        mark = "→" if e["winner"] and w["key"] == e["winner"]["key"] else " "
+        expiry = (f"expires in {w['expires_in_s']:.0f} s" if w["expires_in_s"] is not None
+                  else "until its condition clears")
+        print(f" {mark} {w['class']:<8} {w['level']:>5g} %  {w['reason']:<28} {expiry}"
+              f"  (since {_when(w['since_ms'])}, {w['key']})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rules.loader import load
+    from rules.state import RuleStateStore
+
+    settings = _settings(args)
+    ruleset = load(_rules_path(settings))
+    path = Path(settings.data_dir) / "rules.sqlite"
+    health = {}
+    error = None
+    if path.exists():
+        state = RuleStateStore(path)
+        health = {row[0]: row for row in state.health()}
+        row = state.db.execute("SELECT value FROM rule_meta WHERE key='reload_error'").fetchone()
+        error = row[0] if row else None
+        state.close()
+    if error:
+        print(f"LAST RELOAD REFUSED (the previous rules are running):\n{error}\n")
+    print(f"{'rule':<24} {'evaluations':>11} {'fired':>7} {'last fired':<26} errors")
+    for r in ruleset.rules:
+        _, evals, fired, last, errors, last_error = health.get(r.id, (r.id, 0, 0, None, 0,
+                                                                      None))
+        print(f"{r.id:<24} {evals:>11} {fired:>7} {_when(last):<26} {errors}"
+              + (f"  last: {last_error}" if last_error else ""))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from citygrid.city import city
+    from citygrid.contract import topic_filter
+    from citygrid.store import open_store
+    from rules.runner import RuleRunner, RunnerConfig
+
+    settings = _settings(args)
+    config = RunnerConfig(_rules_path(settings), args.topic or topic_filter(), args.group,
+                          args.client_id)
+    runner = RuleRunner(settings, _fleet(settings), city(settings.city), open_store(settings),
+                        config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    runner.start(timeout_s=None)
+    log.info("rules running: %d rules from %s, %d devices", len(runner.ruleset.rules),
+             config.rules_path, len(runner.fleet))
+    try:
+        stop.wait()
+    finally:
+        runner.stop()
+    return 0
+
+
+def cmd_backtest(args: argparse.Namespace) -> int:
+    from citygrid.city import city
+    from citygrid.store import open_store
+    from rules.backtest import backtest
+
+    settings = _settings(args)
+    start = int(datetime.fromisoformat(args.start).timestamp() * 1000)
+    end = int(datetime.fromisoformat(args.end).timestamp() * 1000)
+    store = open_store(settings)
+    started = time.monotonic()
+    report = backtest(store, _rules_path(settings), _fleet(settings), city(settings.city),
+                      start, end, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"\nreplayed {report['readings']:,} readings from {args.start} to {args.end} "
+          f"in {time.monotonic() - started:.1f} s")
+    print(f"commands the rules would have issued: {report['commands']:,}")
+    for reason, n in sorted(report["commands_by_reason"].items(), key=lambda x: -x[1]):
+        print(f"  {reason:<28} {n:,}")
+    print(f"lighting energy: {report['energy_kwh']:.2f} kWh against {report['baseline_kwh']:.2f}"
+          f" kWh for 100 % all night: {report['saved_pct']:.1f} % saved, "
+          f"{report['co2_avoided_kg']:.2f} kg CO2 avoided")
+    print(f"alerts raised: {report['alerts']}")
+    return 0

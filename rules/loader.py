@@ -1,0 +1,265 @@
+"""Load rule files: every error at once, each with file:line:column and what was expected."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from rules.expr import ExprError, Expression, compile_expression, parse_duration
+from rules.model import Rule, RuleFile, Settings
+
+EXAMPLES = Path(__file__).parent / "examples"
+DEFAULT_RULES = EXAMPLES / "copenhagen.yaml"
+
+
+@dataclass(frozen=True)
+class RuleProblem:
+    file: str
+    line: int
+    column: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.message}"
+
+
+class RuleFileError(ValueError):
+    """A rule file refused whole; ``problems`` lists every error found."""
+
+    def __init__(self, problems: list[RuleProblem]):
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    rule: Rule
+    condition: Expression | None
+    clear: Expression | None
+    for_s: float
+    fingerprint: str  # changes when the rule's text changes: unchanged rules keep their state
+
+    @property
+    def id(self) -> str:
+        return self.rule.id
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    settings: Settings
+    rules: tuple[CompiledRule, ...]
+    floor_when: Expression
+    sources: tuple[str, ...] = field(default=())
+
+    def by_id(self, rule_id: str) -> CompiledRule:
+        for r in self.rules:
+            if r.id == rule_id:
+                return r
+        raise KeyError(rule_id)
+
+    @property
+    def command_expiry_s(self) -> float:
+        return parse_duration(self.settings.command_expiry)
+
+    @property
+    def ack_timeout_s(self) -> float:
+        return parse_duration(self.settings.ack_timeout)
+
+
+# --------------------------------------------------------------------------- YAML with marks
+
+
+class _Marks:
+    def __init__(self) -> None:
+        self.values: dict[tuple, tuple[int, int, bool]] = {}  # path → (line, col, quoted)
+        self.keys: dict[tuple, tuple[int, int]] = {}
+
+    def at(self, loc: tuple, key: bool = False) -> tuple[int, int]:
+        loc = tuple(loc)
+        while loc:
+            if key and loc in self.keys:
+                return self.keys[loc]
+            if loc in self.values:
+                line, col, _ = self.values[loc]
+                return line, col
+            loc = loc[:-1]
+        return self.values.get((), (1, 1, False))[:2]
+
+
+_SCALARS = yaml.SafeLoader("")  # YAML's own resolver types the scalars (ints, bools, nulls…)
+
+
+def _construct(node: yaml.Node, path: tuple, marks: _Marks) -> Any:
+    quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
+    marks.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1, quoted)
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for key_node, value_node in node.value:
+            key = _SCALARS.construct_object(key_node, deep=True)
+            marks.keys[path + (key,)] = (key_node.start_mark.line + 1,
+                                        key_node.start_mark.column + 1)
+            out[key] = _construct(value_node, path + (key,), marks)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(v, path + (i,), marks) for i, v in enumerate(node.value)]
+    return _SCALARS.construct_object(node, deep=True)
+
+
+def _parse(text: str, name: str) -> tuple[Any, _Marks]:
+    marks = _Marks()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise RuleFileError([RuleProblem(name, line, col, f"not valid YAML: "
+                                         f"{getattr(e, 'problem', e)}")]) from None
+    if node is None:
+        return {}, marks
+    return _construct(node, (), marks), marks
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _friendly(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {err['loc'][-1]!r}" + (f" in {'.'.join(map(str, err['loc'][:-1]))}"
+                                                    if len(err["loc"]) > 1 else "")
+    if err["type"] == "missing":
+        return f"missing {err['loc'][-1]!r}" + (f" in {'.'.join(map(str, err['loc'][:-1]))}"
+                                                if len(err["loc"]) > 1 else "")
+    if err["type"] == "literal_error":
+        return f"{loc}: {msg}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_text(text: str, name: str = "<rules>") -> RuleSet:
+    """Parse one rule file's text; raises :class:`RuleFileError` with every problem."""
+    data, marks = _parse(text, name)
+    if not isinstance(data, dict):
+        raise RuleFileError([RuleProblem(name, 1, 1, "a rule file is a mapping with 'rules:'")])
+    problems: list[RuleProblem] = []
+    try:
+        model = RuleFile.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors(include_url=False):
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper()
+                                                      or p in ("str", "int", "float", "list[str]")))
+            # Union branches add their type name to the location; drop it.
+            loc = tuple(p for p in loc if p not in ("function-after[_time(), str]",))
+            line, col = marks.at(loc, key=err["type"] == "extra_forbidden")
+            problems.append(RuleProblem(name, line, col, _friendly({**err, "loc": loc})))
+        raw_rules = data.get("rules") if isinstance(data.get("rules"), list) else []
+        for i, raw in enumerate(raw_rules):  # the expressions too: every error at once
+            if isinstance(raw, dict):
+                _compile_rule_exprs(raw, i, str(raw.get("id")), name, marks, problems)
+        problems.sort(key=lambda p: (p.line, p.column))
+        raise RuleFileError(_dedupe(problems)) from None
+
+    compiled: list[CompiledRule] = []
+    for i, rule in enumerate(model.rules):
+        exprs = _compile_rule_exprs(data["rules"][i], i, rule.id, name, marks, problems)
+        if rule.when.reading is None and (rule.if_ or rule.clear_if) and any(
+                root in (rule.if_ or "") + (rule.clear_if or "") for root in ("reading.",)):
+            line, col = marks.at(("rules", i, "if"))
+            problems.append(RuleProblem(name, line, col, f"rules[{i}] ({rule.id}): 'reading' is "
+                                        "only known to rules triggered by readings"))
+        if rule.clear_if and not rule.if_:
+            line, col = marks.at(("rules", i, "clear_if"))
+            problems.append(RuleProblem(name, line, col,
+                                        f"rules[{i}] ({rule.id}): clear_if needs an if"))
+        fingerprint = hashlib.sha256(rule.model_dump_json(by_alias=True).encode()).hexdigest()
+        compiled.append(CompiledRule(rule, exprs["if"], exprs["clear_if"],
+                                     parse_duration(rule.for_) if rule.for_ else 0.0,
+                                     fingerprint[:16]))
+    try:
+        floor_when = compile_expression(model.settings.safety_floor.when)
+    except ExprError as e:
+        line, col = marks.at(("settings", "safety_floor", "when"))
+        problems.append(RuleProblem(name, line, col + e.offset, f"settings.safety_floor.when: {e}"))
+        floor_when = compile_expression("false")
+    if problems:
+        raise RuleFileError(problems)
+    return RuleSet(model.settings, tuple(compiled), floor_when, (name,))
+
+
+def _compile_rule_exprs(raw: dict, i: int, rule_id: str, name: str, marks: _Marks,
+                        problems: list[RuleProblem]) -> dict[str, Expression | None]:
+    exprs: dict[str, Expression | None] = {}
+    for key in ("if", "clear_if"):
+        text_value = raw.get(key)
+        exprs[key] = None
+        if text_value is None:
+            continue
+        try:
+            exprs[key] = compile_expression(str(text_value))
+        except ExprError as e:
+            line, col, quoted = marks.values.get(("rules", i, key), (1, 1, False))
+            problems.append(RuleProblem(name, line, col + e.offset + (1 if quoted else 0),
+                                        f"rules[{i}] ({rule_id}).{key}: {e}"))
+    return exprs
+
+
+def _dedupe(problems: list[RuleProblem]) -> list[RuleProblem]:
+    seen, out = set(), []
+    for p in problems:
+        if str(p) not in seen:
+            seen.add(str(p))
+            out.append(p)
+    return out
+
+
+def rule_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")
+                      and not p.stem.endswith("_test"))
+    return [path]
+
+
+def load(path: str | Path | None = None) -> RuleSet:
+    """Load a rule file or a folder of them (``*_test.yaml`` are tests, not rules)."""
+    files = rule_files(path or DEFAULT_RULES)
+    if not files:
+        raise RuleFileError([RuleProblem(str(path), 1, 1, "no .yaml rule files here")])
+    problems: list[RuleProblem] = []
+    sets: list[RuleSet] = []
+    for f in files:
+        try:
+            sets.append(parse_text(f.read_text(), str(f)))
+        except OSError as e:
+            problems.append(RuleProblem(str(f), 1, 1, f"cannot read: {e}"))
+        except RuleFileError as e:
+            problems += e.problems
+    if problems:
+        raise RuleFileError(problems)
+    if len(sets) == 1:
+        return sets[0]
+    ids: dict[str, str] = {}
+    for s in sets:
+        for r in s.rules:
+            if r.id in ids:
+                problems.append(RuleProblem(s.sources[0], 1, 1,
+                                            f"rule id {r.id!r} is also in {ids[r.id]}"))
+            ids[r.id] = s.sources[0]
+    if problems:
+        raise RuleFileError(problems)
+    first = sets[0]
+    return RuleSet(first.settings, tuple(r for s in sets for r in s.rules), first.floor_when,
+                   tuple(x for s in sets for x in s.sources))
+
+
+def schema() -> dict[str, Any]:
+    """JSON Schema of a rule file, for editors."""
+    doc = RuleFile.model_json_schema(by_alias=True)
+    doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    doc["title"] = "CityGrid rule file"
+    return doc

@@ -1,0 +1,182 @@
+"""The rule file's schema (strict: unknown keys are errors)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rules.expr import parse_duration
+
+PRIORITIES = ("override", "safety", "sensor", "program", "default")
+SEVERITIES = ("info", "minor", "major", "critical")
+SUN_EVENTS = ("sunrise", "sunset", "civil_dawn", "civil_dusk", "nautical_dawn", "nautical_dusk")
+_TIME = re.compile(r"^(?:(?P<hh>[01]\d|2[0-3]):(?P<mm>[0-5]\d)|(?P<sun>[a-z_]+))"
+                   r"(?:\s*(?P<sign>[+-])\s*(?P<off>[\d.smhd ]+))?$")
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+Duration = Annotated[str | int | float, Field(description="e.g. 90s, 5m, 1h30m (or seconds)")]
+
+
+def seconds(value: Any) -> float:
+    return parse_duration(value)
+
+
+class _Model(BaseModel):
+    model_config = _STRICT
+
+
+class Select(_Model):
+    """Which devices: all conditions must hold; globs like ``sl-01*`` are allowed."""
+
+    kind: Literal["streetlight", "meter"] | None = None
+    district: str | list[str] | None = None
+    devices: list[str] | None = None
+
+
+class ReadingTrigger(Select):
+    pass
+
+
+class Schedule(_Model):
+    """A daily window in the city's timezone: ``"23:00"``, ``"sunset"``, ``"sunrise+30m"``."""
+
+    from_: Annotated[str, Field(alias="from")]
+    to: str
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] | None = None
+    select: Select = Field(default_factory=Select)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("from_", "to")
+    @classmethod
+    def _time(cls, value: str) -> str:
+        match = _TIME.match(value.strip())
+        if not match or (match["sun"] and match["sun"] not in SUN_EVENTS):
+            raise ValueError(f"{value!r} is not HH:MM or a sun event ({', '.join(SUN_EVENTS)}) "
+                             "with an optional offset like sunset+30m")
+        if match["off"]:
+            parse_duration(match["off"].replace(" ", ""))
+        return value.strip()
+
+
+class Absence(_Model):
+    """No reading from a selected device for ``for``."""
+
+    for_: Annotated[Duration, Field(alias="for")]
+    select: Select = Field(default_factory=Select)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("for_")
+    @classmethod
+    def _dur(cls, value: Any) -> Any:
+        seconds(value)
+        return value
+
+
+class When(_Model):
+    reading: ReadingTrigger | None = None
+    schedule: Schedule | None = None
+    absent: Absence | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> When:
+        given = [k for k in ("reading", "schedule", "absent") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one trigger: reading, schedule or absent")
+        return self
+
+
+class SetLight(_Model):
+    level: Annotated[float, Field(ge=0, le=100)]
+    priority: Literal["safety", "sensor", "program", "default"] = "program"
+    hold: Duration | None = None
+    scope: Literal["self", "neighbours", "district"] = "self"
+    radius_m: Annotated[float, Field(gt=0, le=1000)] = 60.0
+
+    @field_validator("hold")
+    @classmethod
+    def _dur(cls, value: Any) -> Any:
+        if value is not None:
+            seconds(value)
+        return value
+
+
+class Alert(_Model):
+    severity: Literal["info", "minor", "major", "critical"] = "minor"
+    message: Annotated[str, Field(min_length=1, max_length=500)]
+    per: Literal["device", "district"] = "device"
+
+
+class Publish(_Model):
+    topic: Annotated[str, Field(min_length=1)]
+    payload: str | dict[str, Any]
+    qos: Literal[0, 1] = 1
+    retain: bool = False
+
+
+class Action(_Model):
+    set_light: SetLight | None = None
+    alert: Alert | None = None
+    publish: Publish | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Action:
+        given = [k for k in ("set_light", "alert", "publish") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("each action is exactly one of set_light, alert, publish")
+        return self
+
+
+class Rule(_Model):
+    id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+    description: str | None = None
+    when: When
+    if_: Annotated[str | None, Field(alias="if", description="condition to become active")] = None
+    clear_if: Annotated[str | None, Field(
+        description="hysteresis: active until this holds (default: until `if` no longer holds)")
+    ] = None
+    for_: Annotated[Duration | None, Field(alias="for",
+                                           description="how long `if` must hold first")] = None
+    then: Annotated[list[Action], Field(min_length=1)]
+    enabled: bool = True
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("for_")
+    @classmethod
+    def _dur(cls, value: Any) -> Any:
+        if value is not None:
+            seconds(value)
+        return value
+
+
+class SafetyFloor(_Model):
+    level: Annotated[float, Field(ge=0, le=100)] = 0
+    when: str = "sun.elevation < -4"
+
+
+class Settings(_Model):
+    safety_floor: SafetyFloor = Field(default_factory=SafetyFloor)
+    default_level: Annotated[float, Field(ge=0, le=100)] = 0
+    command_expiry: Duration = "60s"
+    ack_timeout: Duration = "30s"
+    co2_g_per_kwh: Annotated[float, Field(ge=0)] = 150.0
+    lamp_loss: Annotated[float, Field(ge=0, le=1)] = 0.08
+
+
+class RuleFile(_Model):
+    version: Literal[1] = 1
+    settings: Settings = Field(default_factory=Settings)
+    rules: list[Rule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> RuleFile:
+        seen: set[str] = set()
+        for rule in self.rules:
+            if rule.id in seen:
+                raise ValueError(f"rule id {rule.id!r} is used twice")
+            seen.add(rule.id)
+        return self

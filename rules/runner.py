@@ -1,0 +1,197 @@
+"""`citygrid rules run`: the engine live on MQTT, with state, reloads and health.
+
+paho's network thread only queues messages; one engine thread does all the
+work, so the engine needs no locks. Event time comes from the readings; while
+none arrive the watermark follows the wall clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+
+from citygrid import mqtt
+from citygrid.city import CityProfile
+from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
+from citygrid.fleet import Fleet, FleetDevice
+from citygrid.settings import Settings
+from citygrid.store import Point, StoreError, TelemetryStore
+from rules import loader
+from rules.engine import AlertState, RuleEngine
+from rules.state import RuleStateStore
+
+log = logging.getLogger("citygrid.rules")
+IDLE_S = 5.0  # no reading for this long: the watermark follows the wall clock
+
+
+class MqttOutbox:
+    def __init__(self, client: paho.Client, store: TelemetryStore | None):
+        self.client = client
+        self.store = store
+        self.commands = 0
+
+    def command(self, device: FleetDevice, payload: dict[str, Any], expiry_s: float) -> None:
+        topic = str(Topic(device.district, "streetlight", device.device_id, "cmd"))
+        self.client.publish(topic, orjson.dumps(payload), qos=1,
+                            properties=mqtt.message_expiry(max(1, int(expiry_s))))
+        self.commands += 1
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def alert(self, alert: AlertState, raised: bool) -> None:
+        if raised:
+            log.warning("ALERT %s [%s] %s", alert.key, alert.severity, alert.message)
+        else:
+            log.info("alert cleared %s", alert.key)
+
+    def points(self, points: list[Point]) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.write(points)
+        except StoreError as e:
+            log.warning("could not write %d %s points: %s", len(points),
+                        points[0].measurement if points else "", e)
+
+
+@dataclass
+class RunnerConfig:
+    rules_path: Path
+    topic: str = topic_filter()
+    group: str | None = None
+    client_id: str = "citygrid-rules"
+    save_every_s: float = 0.2
+    reload_every_s: float = 1.0
+
+
+class RuleRunner:
+    def __init__(self, settings: Settings, fleet: Fleet, city: CityProfile,
+                 store: TelemetryStore | None, config: RunnerConfig):
+        self.settings, self.fleet, self.config = settings, fleet, config
+        self.ruleset = loader.load(config.rules_path)
+        self._mtimes = self._rule_mtimes()
+        self.state = RuleStateStore(Path(settings.data_dir) / "rules.sqlite")
+        self.client = mqtt.make_client(settings.mqtt, config.client_id)
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.outbox = MqttOutbox(self.client, store)
+        self.engine = RuleEngine(self.ruleset, fleet, city, self.outbox)
+        self.state.restore(self.engine)
+        self.inbox: queue.Queue = queue.Queue(maxsize=100_000)
+        self.stopping = threading.Event()
+        self.subscribed = threading.Event()
+        self.last_reload_error: str | None = None
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda c, u, m: self.inbox.put((m.topic, m.payload))
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused: %s", reason_code)
+            return
+        telemetry = (f"$share/{self.config.group}/{self.config.topic}" if self.config.group
+                     else self.config.topic)
+        client.subscribe([(telemetry, 1), (topic_filter("ack", kind="streetlight"), 1)])
+
+    def _rule_mtimes(self) -> dict[Path, float]:
+        return {p: p.stat().st_mtime for p in loader.rule_files(self.config.rules_path)}
+
+    def reload_if_changed(self) -> bool:
+        try:
+            mtimes = self._rule_mtimes()
+        except OSError:
+            return False
+        if mtimes == self._mtimes:
+            return False
+        self._mtimes = mtimes
+        try:
+            ruleset = loader.load(self.config.rules_path)
+        except loader.RuleFileError as e:
+            self.last_reload_error = str(e)
+            log.error("rule file refused, the running rules go on:\n%s", e)
+            self.state.db.execute("INSERT OR REPLACE INTO rule_meta VALUES ('reload_error', ?)",
+                                  (str(e),))
+            return False
+        self.last_reload_error = None
+        self.state.db.execute("DELETE FROM rule_meta WHERE key = 'reload_error'")
+        self.engine.set_rules(ruleset)
+        self.ruleset = ruleset
+        log.info("rules reloaded: %d rules", len(ruleset.rules))
+        return True
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        try:
+            t = Topic.parse(topic)
+        except ContractError:
+            return
+        if t.channel == "ack":
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                self.engine.on_ack(t.device_id, orjson.loads(payload))
+            return
+        try:
+            readings = decode_readings(t.kind, payload, topic)
+        except ContractError:
+            return  # ingest dead-letters it; the rules only act on valid readings
+        for r in readings:
+            try:
+                self.engine.on_reading(t.device_id, r.fields(), r.ts)
+            except Exception:  # one bad event never stops the loop
+                log.exception("rule evaluation failed for %s", topic)
+
+    def start(self, timeout_s: float | None = 10.0) -> None:
+        mqtt.connect(self.client, self.settings.mqtt, wait=False)
+        self.client.loop_start()
+        if not self.subscribed.wait(timeout_s):
+            raise TimeoutError(f"not subscribed at {self.settings.mqtt}")
+        self.thread = threading.Thread(target=self.run, name="rules-engine", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        last_reading_wall = time.monotonic()
+        last_reading_wm = self.engine.watermark
+        last_save = last_reload = last_health = time.monotonic()
+        while not self.stopping.is_set():
+            try:
+                topic, payload = self.inbox.get(timeout=0.1)
+                self.handle(topic, payload)
+                if "/telemetry" in topic:
+                    last_reading_wall = time.monotonic()
+                    last_reading_wm = self.engine.watermark
+                while True:  # drain what is queued before saving
+                    topic, payload = self.inbox.get_nowait()
+                    self.handle(topic, payload)
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            if now - last_reading_wall > IDLE_S and last_reading_wm is not None:
+                # Quiet: time still passes (holds expire, `for:` timers fire).
+                self.engine.advance(last_reading_wm + int((now - last_reading_wall) * 1000))
+            if now - last_save >= self.config.save_every_s:
+                self.state.save(self.engine)
+                last_save = now
+            if now - last_reload >= self.config.reload_every_s:
+                self.reload_if_changed()
+                last_reload = now
+            if now - last_health >= 5:
+                self.state.save_health(self.engine)
+                last_health = now
+        self.state.save(self.engine)
+        self.state.save_health(self.engine)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if hasattr(self, "thread"):
+            self.thread.join(10)
+        self.client.loop_stop()
+        self.client.disconnect()
+        self.state.close()

@@ -1,0 +1,121 @@
+"""Rule state in the state database: holds, `for:` timers, alerts and lights survive restarts.
+
+Only what changed since the last save is written (the engine keeps dirty sets).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from pathlib import Path
+from typing import Any
+
+from citygrid import statedb
+from rules.arbitration import LightState, Wish
+from rules.engine import AlertState, Instance, RuleEngine
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rule_lights (
+    device_id TEXT PRIMARY KEY, level REAL, reason TEXT, wishes TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rule_instances (
+    rule_id TEXT NOT NULL, source TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    active INTEGER NOT NULL, pending_since INTEGER, PRIMARY KEY (rule_id, source));
+CREATE TABLE IF NOT EXISTS rule_alerts (
+    key TEXT PRIMARY KEY, rule_id TEXT NOT NULL, severity TEXT NOT NULL, message TEXT NOT NULL,
+    scope TEXT NOT NULL, since_ms INTEGER NOT NULL, sources TEXT NOT NULL,
+    active INTEGER NOT NULL, cleared_ms INTEGER);
+CREATE TABLE IF NOT EXISTS rule_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rule_health (
+    rule_id TEXT PRIMARY KEY, evaluations INTEGER, fired INTEGER, last_fired_ms INTEGER,
+    errors INTEGER, last_error TEXT);
+"""
+
+
+def _wish_json(w: Wish) -> dict[str, Any]:
+    return {"key": w.key, "cls": w.cls, "level": w.level, "reason": w.reason,
+            "expires_ms": w.expires_ms, "since_ms": w.since_ms}
+
+
+class RuleStateStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.db = statedb.connect(self.path)
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process crash
+        self.db.executescript(_SCHEMA)
+
+    def save(self, engine: RuleEngine) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for device_id in engine.dirty_lights:
+                state = engine.lights.get(device_id)
+                if state is None:
+                    db.execute("DELETE FROM rule_lights WHERE device_id = ?", (device_id,))
+                    continue
+                db.execute("INSERT OR REPLACE INTO rule_lights VALUES (?, ?, ?, ?)",
+                           (device_id, state.level, state.reason,
+                            json.dumps([_wish_json(w) for w in state.wishes.values()])))
+            for key in engine.dirty_instances:
+                inst = engine.instances.get(key)
+                if inst is None:
+                    db.execute("DELETE FROM rule_instances WHERE rule_id = ? AND source = ?", key)
+                else:
+                    db.execute("INSERT OR REPLACE INTO rule_instances VALUES (?, ?, ?, ?, ?)",
+                               (*key, inst.fingerprint, int(inst.active), inst.pending_since))
+            for key in engine.dirty_alerts:
+                a = engine.alerts.get(key)
+                if a is not None:
+                    db.execute("INSERT OR REPLACE INTO rule_alerts VALUES (?,?,?,?,?,?,?,?,?)",
+                               (a.key, a.rule_id, a.severity, a.message, a.scope, a.since_ms,
+                                json.dumps(sorted(a.sources)), int(a.active), a.cleared_ms))
+            if engine.watermark is not None:
+                db.execute("INSERT OR REPLACE INTO rule_meta VALUES ('watermark', ?)",
+                           (str(engine.watermark),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        engine.dirty_lights.clear()
+        engine.dirty_instances.clear()
+        engine.dirty_alerts.clear()
+
+    def save_health(self, engine: RuleEngine) -> None:
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO rule_health VALUES (?, ?, ?, ?, ?, ?)",
+                [(rid, h.evaluations, h.fired, h.last_fired_ms, h.errors, h.last_error)
+                 for rid, h in engine.health.items()])
+
+    def restore(self, engine: RuleEngine) -> None:
+        """Put the saved state into a fresh engine; state of rules whose text changed is dropped."""
+        fingerprints = {r.id: r.fingerprint for r in engine.ruleset.rules}
+        for device_id, level, reason, wishes in self.db.execute("SELECT * FROM rule_lights"):
+            if device_id not in engine.fleet.by_id:
+                continue
+            state = LightState(device_id, level=level, reason=reason)
+            for w in json.loads(wishes):
+                rule_id = w["key"].removeprefix("rule:").split("@")[0]
+                if w["key"].startswith("rule:") and rule_id not in fingerprints:
+                    continue
+                state.wishes[w["key"]] = Wish(**w)
+                if w["expires_ms"] is not None:
+                    heapq.heappush(engine._expiries, (w["expires_ms"], device_id))  # noqa: SLF001
+            engine.lights[device_id] = state
+        for rule_id, source, fp, active, pending in self.db.execute(
+                "SELECT * FROM rule_instances"):
+            if fingerprints.get(rule_id) == fp:
+                engine.instances[(rule_id, source)] = Instance(bool(active), pending, fp)
+        for row in self.db.execute("SELECT * FROM rule_alerts"):
+            key, rule_id, severity, message, scope, since, sources, active, cleared = row
+            engine.alerts[key] = AlertState(key, rule_id, severity, message, scope, since,
+                                            set(json.loads(sources)), bool(active), cleared)
+        row = self.db.execute("SELECT value FROM rule_meta WHERE key = 'watermark'").fetchone()
+        if row:
+            engine.watermark = int(row[0])
+            engine.started_ms = engine.watermark
+
+    def health(self) -> list[tuple]:
+        return self.db.execute("SELECT * FROM rule_health ORDER BY rule_id").fetchall()
+
+    def close(self) -> None:
+        self.db.close()
