@@ -219,14 +219,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from citygrid.city import city
     from citygrid.contract import topic_filter
-    from citygrid.store import open_store
+    from citygrid.store import StoreUnavailable, open_store
     from rules.runner import RuleRunner, RunnerConfig
 
     settings = _settings(args)
     config = RunnerConfig(_rules_path(settings), args.topic or topic_filter(), args.group,
                           args.client_id)
-    runner = RuleRunner(settings, _fleet(settings), city(settings.city), open_store(settings),
-                        config)
+    store = open_store(settings)
+    try:
+        store.ensure_ready()
+    except StoreUnavailable as e:
+        log.warning("store not ready (lighting figures will be retried): %s", e)
+    runner = RuleRunner(settings, _fleet(settings), city(settings.city), store, config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

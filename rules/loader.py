@@ -136,8 +136,10 @@ def _friendly(err: dict) -> str:
     if err["type"] == "missing":
         return f"missing {err['loc'][-1]!r}" + (f" in {'.'.join(map(str, err['loc'][:-1]))}"
                                                 if len(err["loc"]) > 1 else "")
-    if err["type"] == "literal_error":
-        return f"{loc}: {msg}"
+    if err["type"] in ("literal_error", "string_pattern_mismatch", "less_than_equal",
+                       "greater_than_equal", "greater_than", "float_parsing", "bool_parsing",
+                       "string_type", "float_type", "int_type"):
+        return f"{loc}: got {err.get('input')!r}; {msg}"
     return f"{loc}: {msg}" if loc else msg
 
 

@@ -116,8 +116,9 @@ rules:
         with pytest.raises(RuleFileError) as e:
             parse_text(self.BAD, "bad.yaml")
         got = [str(p) for p in e.value.problems]
-        assert got[0].startswith("bad.yaml:3:9: rules.0.id: String should match pattern")
-        assert any(p.startswith("bad.yaml:4:28: rules.0.when.reading.kind") for p in got)
+        assert got[0].startswith("bad.yaml:3:9: rules.0.id: got 'Bad Id'; String should match")
+        assert any(p.startswith("bad.yaml:4:28: rules.0.when.reading.kind: got 'toaster'")
+                   for p in got)
         assert any(p.startswith("bad.yaml:5:31:") and "__import__" in p for p in got)
         assert any(p.startswith("bad.yaml:7:28:") and "less than or equal to 100" in p
                    for p in got)
