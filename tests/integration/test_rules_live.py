@@ -108,9 +108,9 @@ def test_motion_commands_the_light_and_its_neighbours_then_the_baseline_returns(
     wait_until(lambda: len(sent(commands)) == 7, message="back to baseline")
     assert sorted(sent(commands)[5:]) == [("sl-1", 30.0, "rule:dark-baseline"),
                                           ("sl-2", 30.0, "rule:dark-baseline")]
-    # Every command carries an MQTT 5 message expiry (the collector would not see it: check
-    # the engine's outbox contract by decoding one more property-bearing publish instead).
-    assert all(orjson.loads(p)["id"] for _, p, _ in commands.messages)
+    # Every command has its own id and an MQTT 5 message expiry (60 s in the example).
+    assert len({orjson.loads(p)["id"] for _, p, _ in commands.messages}) == 7
+    assert all(e is not None and 0 < e <= 60 for e in commands.expiries), commands.expiries
 
 
 def test_a_hold_survives_killing_the_engine(rules_env, uid):

@@ -37,9 +37,14 @@ class Collector:
     def __init__(self, url: str, topic_filter: str):
         u = MqttUrl.parse(url)
         self.messages: list[tuple[str, bytes, bool]] = []
+        self.expiries: list[int | None] = []  # MQTT 5 message expiry left, per message
         self.client = mqtt.make_client(u)
-        self.client.on_message = lambda c, ud, m: self.messages.append(
-            (m.topic, m.payload, m.retain))
+
+        def on_message(client, userdata, m) -> None:
+            self.expiries.append(getattr(m.properties, "MessageExpiryInterval", None))
+            self.messages.append((m.topic, m.payload, m.retain))
+
+        self.client.on_message = on_message
         done = threading.Event()
         self.client.on_subscribe = lambda *a: done.set()
         self.client.on_connect = lambda c, *a: c.subscribe(topic_filter, qos=1)
