@@ -180,6 +180,8 @@ class RuleEngine:
         self.dirty_instances: set[tuple[str, str]] = set()
         self.dirty_alerts: set[str] = set()
         self._touched: set[str] = set()  # lights whose wishes changed during this event
+        self._pending: set[tuple[str, str]] = set()  # instances waiting out a `for:`
+        self._ack_deadlines: list[tuple[int, str, str]] = []
         self.set_rules(ruleset)
 
     # ------------------------------------------------------------------ rules
@@ -313,6 +315,7 @@ class RuleEngine:
             return
         if rule.for_s and inst.pending_since is None:
             inst.pending_since = ctx.ts_ms
+            self._pending.add(key)
             self.dirty_instances.add(key)
         if not rule.for_s or ctx.ts_ms - inst.pending_since >= rule.for_s * 1000:
             self._activate(rule, source, ctx)
@@ -407,8 +410,9 @@ class RuleEngine:
             payload["hold_s"] = max(0.0, (winner.expires_ms - now_ms) / 1000)
         self.commands_sent += 1
         if self.track_acks:
-            self.pending_acks[light.device_id] = (payload["id"],
-                                                  now_ms + int(self.ruleset.ack_timeout_s * 1000))
+            deadline = now_ms + int(self.ruleset.ack_timeout_s * 1000)
+            self.pending_acks[light.device_id] = (payload["id"], deadline)
+            heapq.heappush(self._ack_deadlines, (deadline, light.device_id, payload["id"]))
         self.outbox.command(light, payload, self.ruleset.command_expiry_s)
 
     def _floor(self, now_ms: int) -> bool:
@@ -495,9 +499,12 @@ class RuleEngine:
         self._settle(now_ms)
 
     def _pending_timers(self, now_ms: int) -> None:
-        for (rule_id, source), inst in list(self.instances.items()):
-            if inst.active or inst.pending_since is None:
+        for key in list(self._pending):
+            inst = self.instances.get(key)
+            if inst is None or inst.active or inst.pending_since is None:
+                self._pending.discard(key)
                 continue
+            rule_id, source = key
             try:
                 rule = self.ruleset.by_id(rule_id)
             except KeyError:
@@ -572,9 +579,10 @@ class RuleEngine:
                     self._activate(rule, device.device_id, _Ctx(self, now_ms, device))
 
     def _ack_timeouts(self, now_ms: int) -> None:
-        for device_id, (cmd_id, deadline) in list(self.pending_acks.items()):
-            if now_ms < deadline:
-                continue
+        while self._ack_deadlines and self._ack_deadlines[0][0] <= now_ms:
+            _, device_id, cmd_id = heapq.heappop(self._ack_deadlines)
+            if self.pending_acks.get(device_id, (None,))[0] != cmd_id:
+                continue  # acknowledged, or superseded by a newer command
             del self.pending_acks[device_id]
             key = f"{ACK_RULE}@{device_id}"
             if key in self.alerts and self.alerts[key].active:

@@ -105,6 +105,8 @@ class RuleStateStore:
                 "SELECT * FROM rule_instances"):
             if fingerprints.get(rule_id) == fp:
                 engine.instances[(rule_id, source)] = Instance(bool(active), pending, fp)
+                if pending is not None and not active:
+                    engine._pending.add((rule_id, source))  # noqa: SLF001
         for row in self.db.execute("SELECT * FROM rule_alerts"):
             key, rule_id, severity, message, scope, since, sources, active, cleared = row
             engine.alerts[key] = AlertState(key, rule_id, severity, message, scope, since,
