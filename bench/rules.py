@@ -156,6 +156,9 @@ def main() -> None:
               f"{lost} without a command; rule engine {cpu:.0%} of a core")
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
+        if os.environ.get("BENCH_KEEP_LOG"):
+            import shutil
+            shutil.copy(tmp / "rules.log", os.environ["BENCH_KEEP_LOG"])
 
 
 if __name__ == "__main__":

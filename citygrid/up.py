@@ -47,7 +47,15 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
             children[name] = subprocess.Popen(python + argv, env=env, stdout=log,
                                               stderr=subprocess.STDOUT)
 
+    fleet = Path(settings.fleet) if settings.fleet else data / "fleet.geojson"
+    if not fleet.exists():
+        from citygrid.city import city
+        from simulators.fleetgen import generate
+
+        generate(city(settings.city), args.streetlights, args.meters).dump(fleet)
+    env["CITYGRID_FLEET"] = str(fleet)
     spawn("ingest", ["ingest", "--report-interval", "5"])
+    spawn("rules", ["rules", "run"])
     print(f"broker  {broker.url}  (Mosquitto, data in {broker.dir})")
     print(f"store   {settings.influx_url or data / 'telemetry.sqlite'}")
     print(f"logs    {logs}")
@@ -58,9 +66,8 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
         print(f"send a reading by hand:\n  mosquitto_pub -p {port} -q 1 -t "
               f"city/v1/norrebro/streetlight/sl-1/telemetry -m '{reading}'")
     else:
-        spawn("simulate", ["simulate", "--streetlights", str(args.streetlights), "--meters",
-                           str(args.meters), "--interval", str(args.interval),
-                           "--speed", str(args.speed)])
+        spawn("simulate", ["simulate", "--interval", f"{args.interval}s",
+                           "--speed", str(args.speed), "--mode", "per-device"])
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -75,8 +82,9 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
                     stop.set()
             try:
                 counts = {k: store.count(k) for k in ("streetlight", "meter")}
+                rules_log = (logs / "rules.log").read_text(errors="replace")
                 print(f"stored: {counts['streetlight']} streetlight and {counts['meter']} meter "
-                      "readings", flush=True)
+                      f"readings; alerts so far: {rules_log.count('ALERT ')}", flush=True)
             except Exception as e:  # the store may still be starting
                 print(f"store not answering yet: {e}")
             if deadline and time.monotonic() > deadline:

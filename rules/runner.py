@@ -1,8 +1,9 @@
 """`citygrid rules run`: the engine live on MQTT, with state, reloads and health.
 
-paho's network thread only queues messages; one engine thread does all the
-work, so the engine needs no locks. Event time comes from the readings; while
-none arrive the watermark follows the wall clock.
+One engine thread runs the inbound MQTT loop and the rules together, so the
+engine needs no locks and a reading meets no queue on its way to a command.
+Event time comes from the readings; while none arrive the watermark follows
+the wall clock.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class MqttOutbox:
         self.client = client
         self.store = store
         self.commands = 0
+        # Storage never blocks the rule loop: a writer thread takes the points.
+        self._points: queue.Queue = queue.Queue(maxsize=1000)
+        if store is not None:
+            threading.Thread(target=self._write_points, name="rules-points", daemon=True).start()
 
     def command(self, device: FleetDevice, payload: dict[str, Any], expiry_s: float) -> None:
         topic = str(Topic(device.district, "streetlight", device.device_id, "cmd"))
@@ -58,10 +63,18 @@ class MqttOutbox:
         if self.store is None:
             return
         try:
-            self.store.write(points)
-        except StoreError as e:
-            log.warning("could not write %d %s points: %s", len(points),
-                        points[0].measurement if points else "", e)
+            self._points.put_nowait(points)
+        except queue.Full:
+            log.warning("dropping %d lighting points: the store is not keeping up", len(points))
+
+    def _write_points(self) -> None:
+        while True:
+            points = self._points.get()
+            try:
+                self.store.write(points)
+            except StoreError as e:
+                log.warning("could not write %d %s points: %s", len(points),
+                            points[0].measurement if points else "", e)
 
 
 @dataclass
@@ -81,18 +94,23 @@ class RuleRunner:
         self.ruleset = loader.load(config.rules_path)
         self._mtimes = self._rule_mtimes()
         self.state = RuleStateStore(Path(settings.data_dir) / "rules.sqlite")
-        self.client = mqtt.make_client(settings.mqtt, config.client_id)
-        self.client.max_inflight_messages_set(1000)
-        self.client.max_queued_messages_set(0)
-        self.outbox = MqttOutbox(self.client, store)
+        # Two connections: readings come in over MQTT 3.1.1, whose PUBLISH packets paho
+        # parses without MQTT 5 property objects (a third of its time at 5,000 readings/s,
+        # and that thread shares the GIL with the engine); commands go out over MQTT 5,
+        # which carries their message expiry.
+        self.client = mqtt.make_client(settings.mqtt, config.client_id + "-in",
+                                       protocol=paho.MQTTv311)
+        self.publisher = mqtt.make_client(settings.mqtt, config.client_id + "-out")
+        self.publisher.max_inflight_messages_set(1000)
+        self.publisher.max_queued_messages_set(0)
+        self.outbox = MqttOutbox(self.publisher, store)
         self.engine = RuleEngine(self.ruleset, fleet, city, self.outbox)
         self.state.restore(self.engine)
-        self.inbox: queue.Queue = queue.Queue(maxsize=100_000)
         self.stopping = threading.Event()
         self.subscribed = threading.Event()
         self.last_reload_error: str | None = None
         self.client.on_connect = self._on_connect
-        self.client.on_message = lambda c, u, m: self.inbox.put((m.topic, m.payload))
+        self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self.subscribed.set()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -119,11 +137,11 @@ class RuleRunner:
         except loader.RuleFileError as e:
             self.last_reload_error = str(e)
             log.error("rule file refused, the running rules go on:\n%s", e)
-            self.state.db.execute("INSERT OR REPLACE INTO rule_meta VALUES ('reload_error', ?)",
-                                  (str(e),))
+            self.state.execute("INSERT OR REPLACE INTO rule_meta VALUES ('reload_error', ?)",
+                               (str(e),))
             return False
         self.last_reload_error = None
-        self.state.db.execute("DELETE FROM rule_meta WHERE key = 'reload_error'")
+        self.state.execute("DELETE FROM rule_meta WHERE key = 'reload_error'")
         self.engine.set_rules(ruleset)
         self.ruleset = ruleset
         log.info("rules reloaded: %d rules", len(ruleset.rules))
@@ -149,33 +167,44 @@ class RuleRunner:
                 log.exception("rule evaluation failed for %s", topic)
 
     def start(self, timeout_s: float | None = 10.0) -> None:
-        mqtt.connect(self.client, self.settings.mqtt, wait=False)
-        self.client.loop_start()
-        if not self.subscribed.wait(timeout_s):
-            raise TimeoutError(f"not subscribed at {self.settings.mqtt}")
+        mqtt.connect(self.publisher, self.settings.mqtt, wait=False)
+        self.publisher.loop_start()
         self.thread = threading.Thread(target=self.run, name="rules-engine", daemon=True)
         self.thread.start()
+        if not self.subscribed.wait(timeout_s):
+            raise TimeoutError(f"not subscribed at {self.settings.mqtt}")
+
+    def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        topic = message.topic
+        self.handle(topic, message.payload)
+        if topic.endswith("/telemetry"):
+            self._last_reading = (time.monotonic(), self.engine.watermark)
 
     def run(self) -> None:
-        last_reading_wall = time.monotonic()
-        last_reading_wm = self.engine.watermark
+        """The engine thread: it also runs the inbound MQTT connection's loop, so a reading
+        goes from the socket to the rules without a queue or a thread switch."""
+        self._last_reading = (time.monotonic(), self.engine.watermark)
         last_save = last_reload = last_health = time.monotonic()
+        connected = False
         while not self.stopping.is_set():
-            try:
-                topic, payload = self.inbox.get(timeout=0.1)
-                self.handle(topic, payload)
-                if "/telemetry" in topic:
-                    last_reading_wall = time.monotonic()
-                    last_reading_wm = self.engine.watermark
-                while True:  # drain what is queued before saving
-                    topic, payload = self.inbox.get_nowait()
-                    self.handle(topic, payload)
-            except queue.Empty:
-                pass
+            if not connected:
+                try:
+                    mqtt.connect(self.client, self.settings.mqtt)
+                    connected = True
+                except OSError as e:
+                    log.warning("waiting for the broker at %s: %s", self.settings.mqtt, e)
+                    self.stopping.wait(1.0)
+                    continue
+            rc = self.client.loop(timeout=0.05)
+            if rc != paho.MQTT_ERR_SUCCESS:
+                log.warning("lost the broker (%s); reconnecting", rc)
+                connected = False
+                self.stopping.wait(0.5)
             now = time.monotonic()
-            if now - last_reading_wall > IDLE_S and last_reading_wm is not None:
+            last_wall, last_wm = self._last_reading
+            if now - last_wall > IDLE_S and last_wm is not None:
                 # Quiet: time still passes (holds expire, `for:` timers fire).
-                self.engine.advance(last_reading_wm + int((now - last_reading_wall) * 1000))
+                self.engine.advance(last_wm + int((now - last_wall) * 1000))
             if now - last_save >= self.config.save_every_s:
                 self.state.save(self.engine)
                 last_save = now
@@ -187,11 +216,12 @@ class RuleRunner:
                 last_health = now
         self.state.save(self.engine)
         self.state.save_health(self.engine)
+        self.client.disconnect()
 
     def stop(self) -> None:
         self.stopping.set()
         if hasattr(self, "thread"):
             self.thread.join(10)
-        self.client.loop_stop()
-        self.client.disconnect()
+        self.publisher.disconnect()
+        self.publisher.loop_stop()
         self.state.close()

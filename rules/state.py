@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import heapq
 import json
+import queue
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,50 +39,82 @@ def _wish_json(w: Wish) -> dict[str, Any]:
 
 
 class RuleStateStore:
+    """Saves in a writer thread: the engine only snapshots what changed (a few ms at most),
+    and the SQLite commit never holds up reading→command latency."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.db = statedb.connect(self.path)
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process crash
         self.db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._writer = threading.Thread(target=self._write, name="rules-state", daemon=True)
+        self._writer.start()
 
     def save(self, engine: RuleEngine) -> None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for device_id in engine.dirty_lights:
-                state = engine.lights.get(device_id)
-                if state is None:
-                    db.execute("DELETE FROM rule_lights WHERE device_id = ?", (device_id,))
-                    continue
-                db.execute("INSERT OR REPLACE INTO rule_lights VALUES (?, ?, ?, ?)",
-                           (device_id, state.level, state.reason,
-                            json.dumps([_wish_json(w) for w in state.wishes.values()])))
-            for key in engine.dirty_instances:
-                inst = engine.instances.get(key)
-                if inst is None:
-                    db.execute("DELETE FROM rule_instances WHERE rule_id = ? AND source = ?", key)
-                else:
-                    db.execute("INSERT OR REPLACE INTO rule_instances VALUES (?, ?, ?, ?, ?)",
-                               (*key, inst.fingerprint, int(inst.active), inst.pending_since))
-            for key in engine.dirty_alerts:
-                a = engine.alerts.get(key)
-                if a is not None:
-                    db.execute("INSERT OR REPLACE INTO rule_alerts VALUES (?,?,?,?,?,?,?,?,?)",
-                               (a.key, a.rule_id, a.severity, a.message, a.scope, a.since_ms,
-                                json.dumps(sorted(a.sources)), int(a.active), a.cleared_ms))
-            if engine.watermark is not None:
-                db.execute("INSERT OR REPLACE INTO rule_meta VALUES ('watermark', ?)",
-                           (str(engine.watermark),))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        """Snapshot what changed since the last save and queue it for the writer."""
+        ops: list[tuple[str, tuple]] = []
+        for device_id in engine.dirty_lights:
+            state = engine.lights.get(device_id)
+            if state is None:
+                ops.append(("DELETE FROM rule_lights WHERE device_id = ?", (device_id,)))
+                continue
+            ops.append(("INSERT OR REPLACE INTO rule_lights VALUES (?, ?, ?, ?)",
+                        (device_id, state.level, state.reason,
+                         json.dumps([_wish_json(w) for w in state.wishes.values()]))))
+        for key in engine.dirty_instances:
+            inst = engine.instances.get(key)
+            if inst is None:
+                ops.append(("DELETE FROM rule_instances WHERE rule_id = ? AND source = ?", key))
+            else:
+                ops.append(("INSERT OR REPLACE INTO rule_instances VALUES (?, ?, ?, ?, ?)",
+                            (*key, inst.fingerprint, int(inst.active), inst.pending_since)))
+        for key in engine.dirty_alerts:
+            a = engine.alerts.get(key)
+            if a is not None:
+                ops.append(("INSERT OR REPLACE INTO rule_alerts VALUES (?,?,?,?,?,?,?,?,?)",
+                            (a.key, a.rule_id, a.severity, a.message, a.scope, a.since_ms,
+                             json.dumps(sorted(a.sources)), int(a.active), a.cleared_ms)))
+        if engine.watermark is not None:
+            ops.append(("INSERT OR REPLACE INTO rule_meta VALUES ('watermark', ?)",
+                        (str(engine.watermark),)))
         engine.dirty_lights.clear()
         engine.dirty_instances.clear()
         engine.dirty_alerts.clear()
+        self._queue.put(ops)
+
+    def _write(self) -> None:
+        while True:
+            ops = self._queue.get()
+            if ops is None:
+                self._queue.task_done()
+                return
+            by_sql: dict[str, list[tuple]] = {}
+            for sql, params in ops:  # in order per statement; rows are keyed, so order across
+                by_sql.setdefault(sql, []).append(params)  # statements does not matter
+            with self._lock:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, rows in by_sql.items():
+                        self.db.executemany(sql, rows)  # one C loop: the GIL stays free
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+                finally:
+                    self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until everything saved so far is on disk."""
+        self._queue.join()
+
+    def execute(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self.db.execute(sql, params).fetchall()
 
     def save_health(self, engine: RuleEngine) -> None:
-        with self.db:
+        with self._lock, self.db:
             self.db.executemany(
                 "INSERT OR REPLACE INTO rule_health VALUES (?, ?, ?, ?, ?, ?)",
                 [(rid, h.evaluations, h.fired, h.last_fired_ms, h.errors, h.last_error)
@@ -117,7 +151,9 @@ class RuleStateStore:
             engine.started_ms = engine.watermark
 
     def health(self) -> list[tuple]:
-        return self.db.execute("SELECT * FROM rule_health ORDER BY rule_id").fetchall()
+        return self.execute("SELECT * FROM rule_health ORDER BY rule_id")
 
     def close(self) -> None:
+        self._queue.put(None)
+        self._writer.join(30)
         self.db.close()
