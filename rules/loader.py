@@ -7,33 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from citygrid.yamlconf import ConfigError as RuleFileError
+from citygrid.yamlconf import ConfigProblem as RuleProblem
+from citygrid.yamlconf import Marks, dedupe, located, parse
 from rules.expr import ExprError, Expression, compile_expression, parse_duration
 from rules.model import Rule, RuleFile, Settings
 
 EXAMPLES = Path(__file__).parent / "examples"
 DEFAULT_RULES = EXAMPLES / "copenhagen.yaml"
-
-
-@dataclass(frozen=True)
-class RuleProblem:
-    file: str
-    line: int
-    column: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}: {self.message}"
-
-
-class RuleFileError(ValueError):
-    """A rule file refused whole; ``problems`` lists every error found."""
-
-    def __init__(self, problems: list[RuleProblem]):
-        super().__init__("\n".join(str(p) for p in problems))
-        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -71,100 +54,25 @@ class RuleSet:
         return parse_duration(self.settings.ack_timeout)
 
 
-# --------------------------------------------------------------------------- YAML with marks
-
-
-class _Marks:
-    def __init__(self) -> None:
-        self.values: dict[tuple, tuple[int, int, bool]] = {}  # path → (line, col, quoted)
-        self.keys: dict[tuple, tuple[int, int]] = {}
-
-    def at(self, loc: tuple, key: bool = False) -> tuple[int, int]:
-        loc = tuple(loc)
-        while loc:
-            if key and loc in self.keys:
-                return self.keys[loc]
-            if loc in self.values:
-                line, col, _ = self.values[loc]
-                return line, col
-            loc = loc[:-1]
-        return self.values.get((), (1, 1, False))[:2]
-
-
-_SCALARS = yaml.SafeLoader("")  # YAML's own resolver types the scalars (ints, bools, nulls…)
-
-
-def _construct(node: yaml.Node, path: tuple, marks: _Marks) -> Any:
-    quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
-    marks.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1, quoted)
-    if isinstance(node, yaml.MappingNode):
-        out = {}
-        for key_node, value_node in node.value:
-            key = _SCALARS.construct_object(key_node, deep=True)
-            marks.keys[path + (key,)] = (key_node.start_mark.line + 1,
-                                        key_node.start_mark.column + 1)
-            out[key] = _construct(value_node, path + (key,), marks)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(v, path + (i,), marks) for i, v in enumerate(node.value)]
-    return _SCALARS.construct_object(node, deep=True)
-
-
-def _parse(text: str, name: str) -> tuple[Any, _Marks]:
-    marks = _Marks()
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise RuleFileError([RuleProblem(name, line, col, f"not valid YAML: "
-                                         f"{getattr(e, 'problem', e)}")]) from None
-    if node is None:
-        return {}, marks
-    return _construct(node, (), marks), marks
-
-
 # --------------------------------------------------------------------------- loading
-
-
-def _friendly(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        return f"unknown key {err['loc'][-1]!r}" + (f" in {'.'.join(map(str, err['loc'][:-1]))}"
-                                                    if len(err["loc"]) > 1 else "")
-    if err["type"] == "missing":
-        return f"missing {err['loc'][-1]!r}" + (f" in {'.'.join(map(str, err['loc'][:-1]))}"
-                                                if len(err["loc"]) > 1 else "")
-    if err["type"] in ("literal_error", "string_pattern_mismatch", "less_than_equal",
-                       "greater_than_equal", "greater_than", "float_parsing", "bool_parsing",
-                       "string_type", "float_type", "int_type"):
-        return f"{loc}: got {err.get('input')!r}; {msg}"
-    return f"{loc}: {msg}" if loc else msg
 
 
 def parse_text(text: str, name: str = "<rules>") -> RuleSet:
     """Parse one rule file's text; raises :class:`RuleFileError` with every problem."""
-    data, marks = _parse(text, name)
+    data, marks = parse(text, name)
     if not isinstance(data, dict):
         raise RuleFileError([RuleProblem(name, 1, 1, "a rule file is a mapping with 'rules:'")])
     problems: list[RuleProblem] = []
     try:
         model = RuleFile.model_validate(data)
     except ValidationError as e:
-        for err in e.errors(include_url=False):
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper()
-                                                      or p in ("str", "int", "float", "list[str]")))
-            # Union branches add their type name to the location; drop it.
-            loc = tuple(p for p in loc if p not in ("function-after[_time(), str]",))
-            line, col = marks.at(loc, key=err["type"] == "extra_forbidden")
-            problems.append(RuleProblem(name, line, col, _friendly({**err, "loc": loc})))
+        problems = located(e, marks, name)
         raw_rules = data.get("rules") if isinstance(data.get("rules"), list) else []
         for i, raw in enumerate(raw_rules):  # the expressions too: every error at once
             if isinstance(raw, dict):
                 _compile_rule_exprs(raw, i, str(raw.get("id")), name, marks, problems)
         problems.sort(key=lambda p: (p.line, p.column))
-        raise RuleFileError(_dedupe(problems)) from None
+        raise RuleFileError(dedupe(problems)) from None
 
     compiled: list[CompiledRule] = []
     for i, rule in enumerate(model.rules):
@@ -193,7 +101,7 @@ def parse_text(text: str, name: str = "<rules>") -> RuleSet:
     return RuleSet(model.settings, tuple(compiled), floor_when, (name,))
 
 
-def _compile_rule_exprs(raw: dict, i: int, rule_id: str, name: str, marks: _Marks,
+def _compile_rule_exprs(raw: dict, i: int, rule_id: str, name: str, marks: Marks,
                         problems: list[RuleProblem]) -> dict[str, Expression | None]:
     exprs: dict[str, Expression | None] = {}
     for key in ("if", "clear_if"):
@@ -208,15 +116,6 @@ def _compile_rule_exprs(raw: dict, i: int, rule_id: str, name: str, marks: _Mark
             problems.append(RuleProblem(name, line, col + e.offset + (1 if quoted else 0),
                                         f"rules[{i}] ({rule_id}).{key}: {e}"))
     return exprs
-
-
-def _dedupe(problems: list[RuleProblem]) -> list[RuleProblem]:
-    seen, out = set(), []
-    for p in problems:
-        if str(p) not in seen:
-            seen.add(str(p))
-            out.append(p)
-    return out
 
 
 def rule_files(path: str | Path) -> list[Path]:

@@ -1,0 +1,131 @@
+"""Operator-written YAML (rules, billing): every error at once, with file:line:column.
+
+YAML is composed with its marks, so a pydantic validation error's location can
+be turned back into the line and column of the key or value it is about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    file: str
+    line: int
+    column: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """A file refused whole; ``problems`` lists every error found."""
+
+    def __init__(self, problems: list[ConfigProblem]):
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+
+
+class Marks:
+    def __init__(self) -> None:
+        self.values: dict[tuple, tuple[int, int, bool]] = {}  # path → (line, col, quoted)
+        self.keys: dict[tuple, tuple[int, int]] = {}
+
+    def at(self, loc: tuple, key: bool = False) -> tuple[int, int]:
+        loc = tuple(loc)
+        while loc:
+            if key and loc in self.keys:
+                return self.keys[loc]
+            if loc in self.values:
+                line, col, _ = self.values[loc]
+                return line, col
+            loc = loc[:-1]
+        return self.values.get((), (1, 1, False))[:2]
+
+
+_SCALARS = yaml.SafeLoader("")  # YAML's own resolver types the scalars (ints, bools, nulls…)
+
+
+def _construct(node: yaml.Node, path: tuple, marks: Marks) -> Any:
+    quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
+    marks.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1, quoted)
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for key_node, value_node in node.value:
+            key = _SCALARS.construct_object(key_node, deep=True)
+            marks.keys[path + (key,)] = (key_node.start_mark.line + 1,
+                                        key_node.start_mark.column + 1)
+            out[key] = _construct(value_node, path + (key,), marks)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(v, path + (i,), marks) for i, v in enumerate(node.value)]
+    return _SCALARS.construct_object(node, deep=True)
+
+
+def parse(text: str, name: str) -> tuple[Any, Marks]:
+    marks = Marks()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise ConfigError([ConfigProblem(name, line, col, f"not valid YAML: "
+                                         f"{getattr(e, 'problem', e)}")]) from None
+    if node is None:
+        return {}, marks
+    return _construct(node, (), marks), marks
+
+
+def friendly(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {err['loc'][-1]!r}" + (f" in {'.'.join(map(str, err['loc'][:-1]))}"
+                                                    if len(err["loc"]) > 1 else "")
+    if err["type"] == "missing":
+        return f"missing {err['loc'][-1]!r}" + (f" in {'.'.join(map(str, err['loc'][:-1]))}"
+                                                if len(err["loc"]) > 1 else "")
+    if err["type"] in ("literal_error", "string_pattern_mismatch", "less_than_equal",
+                       "greater_than_equal", "greater_than", "float_parsing", "bool_parsing",
+                       "string_type", "float_type", "int_type"):
+        return f"{loc}: got {err.get('input')!r}; {msg}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def dedupe(problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    seen, out = set(), []
+    for p in problems:
+        if str(p) not in seen:
+            seen.add(str(p))
+            out.append(p)
+    return out
+
+
+
+
+def validate(model: type[BaseModel], data: Any, marks: Marks, name: str) -> BaseModel:
+    """Validate ``data`` with ``model``; raise :class:`ConfigError` with every problem located."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(dedupe(located(e, marks, name))) from None
+
+
+def located(e: ValidationError, marks: Marks, name: str) -> list[ConfigProblem]:
+    problems = []
+    for err in e.errors(include_url=False):
+        # Union branches add their type name to the location; drop those parts.
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (
+            p[:1].isupper() or p in ("str", "int", "float", "list[str]")
+            or p.startswith("function-"))))
+        line, col = marks.at(loc, key=err["type"] == "extra_forbidden")
+        problems.append(ConfigProblem(name, line, col, friendly({**err, "loc": loc})))
+    return sorted(problems, key=lambda p: (p.line, p.column))
