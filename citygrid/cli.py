@@ -141,11 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = csub.add_parser("asyncapi", help="print the AsyncAPI 3 document of MQTT contract v1")
     a.set_defaults(func=cmd_contract_asyncapi)
 
+    from billing.cli import add_parsers as add_ledger_parsers
     from rules.cli import add_parsers as add_rules_parsers
     from simulators.cli import add_parsers as add_simulator_parsers
 
     add_simulator_parsers(sub, common)
     add_rules_parsers(sub, common)
+    add_ledger_parsers(sub, common)
 
     p = sub.add_parser("up", parents=[common], help="broker + ingest + simulator on this machine")
     p.add_argument("--streetlights", type=int, default=60)

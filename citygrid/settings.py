@@ -62,6 +62,7 @@ class Settings:
     rules: str | None = None
     fleet: str | None = None
     city: str = "copenhagen"
+    billing: str | None = None
     mqtt: MqttUrl = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

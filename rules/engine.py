@@ -30,7 +30,7 @@ log = logging.getLogger("citygrid.rules")
 STANDBY_W = 0.5
 LIGHTING_MEASUREMENT = "citygrid_lighting"
 ACK_RULE = "missing-ack"
-_TEMPLATE = re.compile(r"\{(reading|device|light|sun|local)\.([A-Za-z_][A-Za-z0-9_]*)\}")
+_TEMPLATE = re.compile(r"\{(reading|device|light|sun|local|meter)\.([A-Za-z_][A-Za-z0-9_]*)\}")
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
@@ -108,6 +108,8 @@ class _Ctx:
             if attr != "elevation":
                 raise EvalError("sun has only .elevation")
             return self.engine.sun_elevation(self.ts_ms)
+        if root == "meter":
+            return self.engine.meter_value(self.device, attr, self.ts_ms)
         local = self.engine.local_time(self.ts_ms)
         if attr == "hour":
             return local.hour + local.minute / 60
@@ -151,8 +153,9 @@ def render(template: str, ctx: _Ctx) -> str:
 
 class RuleEngine:
     def __init__(self, ruleset: RuleSet, fleet: Fleet, city: CityProfile, outbox: Outbox,
-                 *, track_acks: bool = True):
+                 *, track_acks: bool = True, billing: Any = None):
         self.fleet, self.city, self.outbox = fleet, city, outbox
+        self.billing = billing  # billing.ledger.BillingStore, for meters and `settle`
         self.track_acks = track_acks
         self.lights: dict[str, LightState] = {}
         self.instances: dict[tuple[str, str], Instance] = {}
@@ -269,6 +272,9 @@ class RuleEngine:
                         q.popleft()
         if device.kind == "streetlight":
             self._account_energy(device, reading, ts_ms)
+        elif self.billing is not None and isinstance(reading.get("energy_kwh"), int | float):
+            for kind, detail in self.billing.on_reading(device_id, ts_ms, reading["energy_kwh"]):
+                self._billing_alert(kind, device, detail, ts_ms)
         for rule in self.absence_rules:
             if (rule.id, device_id) in self.instances and selects(rule.rule.when.absent.select,
                                                                   device):
@@ -353,6 +359,8 @@ class RuleEngine:
                 self._wish(rule, source, action.set_light, ctx)
             elif action.alert:
                 self._raise_alert(rule, source, action.alert, ctx)
+            elif action.settle:
+                self._settle_meter(ctx.device, action.settle.periods == "ended", ctx.ts_ms)
             elif action.publish:
                 p = action.publish
                 body = p.payload if isinstance(p.payload, str) else _json(p.payload)
@@ -360,10 +368,13 @@ class RuleEngine:
                                     p.retain)
 
     def _refresh(self, rule: CompiledRule, source: str, ctx: _Ctx) -> None:
-        """Still active: a held wish starts its hold again (motion keeps the light up)."""
+        """Still active: a held wish starts its hold again (motion keeps the light up), and a
+        settlement is tried again — it is idempotent, and a crash may have cut the last one."""
         for action in rule.rule.then:
             if action.set_light and action.set_light.hold is not None:
                 self._wish(rule, source, action.set_light, ctx)
+            elif action.settle:
+                self._settle_meter(ctx.device, action.settle.periods == "ended", ctx.ts_ms)
 
     def _deactivate(self, rule: CompiledRule, source: str, device: FleetDevice | None,
                     ctx: _Ctx | None, now_ms: int) -> None:
@@ -432,6 +443,57 @@ class RuleEngine:
         state = self.lights.get(device_id)
         if state is not None and state.wishes.pop(f"override:{who}", None) is not None:
             self._recompute(self.fleet.by_id[device_id], now_ms)
+
+    # ------------------------------------------------------------------ billing
+
+    def meter_value(self, device: FleetDevice | None, attr: str, ts_ms: int) -> Any:
+        if self.billing is None or device is None or device.kind != "meter":
+            raise EvalError("meter.* is known for meters, with billing configured")
+        info = self.billing.unbilled(device.device_id)
+        if attr == "unbilled_kwh":
+            return info["kwh"]
+        if attr == "unbilled_amount":
+            return info["amount"]
+        if attr == "period_ended":
+            from billing.tariffs import period_of
+
+            return info["oldest_period"] is not None and info["oldest_period"] < period_of(
+                ts_ms, self.city.tz)
+        raise EvalError(f"meter has unbilled_kwh, unbilled_amount, period_ended — not {attr!r}")
+
+    def _settle_meter(self, device: FleetDevice | None, ended_only: bool, now_ms: int) -> None:
+        if self.billing is None or device is None or device.kind != "meter":
+            return
+        for s in self.billing.settle(device.device_id, now_ms, ended_periods_only=ended_only):
+            topic = f"city/v1/{device.district}/meter/{device.device_id}/settlement"
+            self.outbox.publish(topic, _json({**s.entry, "hash": s.hash}).encode(), 1, False)
+            key = f"low-balance@{s.entry['account']}"
+            if s.low_balance:
+                self._raise_alert_direct(key, "low-balance", "major",
+                                         f"Account {s.entry['account']} balance "
+                                         f"{s.entry['balance_after_minor'] / 100:.2f} "
+                                         f"{s.entry['currency']} is low", s.entry["account"],
+                                         now_ms)
+            else:
+                self._clear_alert(key, None, now_ms)
+
+    def _billing_alert(self, kind: str, device: FleetDevice, detail: str, now_ms: int) -> None:
+        key = f"billing-{kind}@{device.device_id}"
+        if kind == "spike_dropped":
+            self._clear_alert(f"billing-spike@{device.device_id}", None, now_ms)
+            return
+        severity = "major" if kind in ("spike", "held") else "minor"
+        self._raise_alert_direct(key, f"billing-{kind}", severity,
+                                 f"Meter {device.device_id}: {detail}", device.device_id, now_ms)
+
+    def _raise_alert_direct(self, key: str, rule_id: str, severity: str, message: str,
+                            scope: str, now_ms: int) -> None:
+        alert = self.alerts.get(key)
+        if alert is not None and alert.active:
+            return
+        self.alerts[key] = AlertState(key, rule_id, severity, message, scope, now_ms, {scope})
+        self.dirty_alerts.add(key)
+        self.outbox.alert(self.alerts[key], True)
 
     # ------------------------------------------------------------------ alerts
 

@@ -29,6 +29,7 @@ ROOTS = {
     "light": "the light's state in the engine (light.level: the level last commanded)",
     "sun": "sun.elevation: the sun's elevation in degrees at the event time",
     "local": "local time in the city: local.hour (e.g. 23.5), local.minute, local.weekday (0=Mon)",
+    "meter": "a meter's billing: meter.unbilled_kwh, meter.unbilled_amount, meter.period_ended",
 }
 WINDOW_FUNCTIONS = ("avg_over", "min_over", "max_over", "count_over")
 FUNCTIONS = {"abs": abs, "min": min, "max": max, "round": round}
@@ -187,4 +188,4 @@ def _compile(node: ast.AST, windows: list) -> Callable[[Any], Any]:  # noqa: C90
 
 def _example(root: str) -> str:
     return {"reading": "lux", "device": "district", "light": "level", "sun": "elevation",
-            "local": "hour"}[root]
+            "local": "hour", "meter": "unbilled_kwh"}[root]

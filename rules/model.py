@@ -117,16 +117,24 @@ class Publish(_Model):
     retain: bool = False
 
 
+class Settle(_Model):
+    """Bill a meter's unbilled consumption (all of it, or only months that have ended)."""
+
+    periods: Literal["all", "ended"] = "all"
+
+
 class Action(_Model):
     set_light: SetLight | None = None
     alert: Alert | None = None
     publish: Publish | None = None
+    settle: Settle | None = None
 
     @model_validator(mode="after")
     def _one(self) -> Action:
-        given = [k for k in ("set_light", "alert", "publish") if getattr(self, k) is not None]
+        given = [k for k in ("set_light", "alert", "publish", "settle")
+                 if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("each action is exactly one of set_light, alert, publish")
+            raise ValueError("each action is exactly one of set_light, alert, publish, settle")
         return self
 
 

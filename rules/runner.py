@@ -104,7 +104,12 @@ class RuleRunner:
         self.publisher.max_inflight_messages_set(1000)
         self.publisher.max_queued_messages_set(0)
         self.outbox = MqttOutbox(self.publisher, store)
-        self.engine = RuleEngine(self.ruleset, fleet, city, self.outbox)
+        from billing import config as billing_config
+        from billing.ledger import BillingStore
+
+        self.billing = BillingStore(Path(settings.data_dir) / "billing.sqlite",
+                                    billing_config.load(settings.billing), fleet, city.tz)
+        self.engine = RuleEngine(self.ruleset, fleet, city, self.outbox, billing=self.billing)
         self.state.restore(self.engine)
         self.stopping = threading.Event()
         self.subscribed = threading.Event()

@@ -1,0 +1,143 @@
+"""Billing configuration: currency, tariffs, accounts, meters (YAML, strict, located errors)."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from citygrid.fleet import Fleet
+from citygrid.yamlconf import ConfigError, ConfigProblem, parse, validate
+
+EXAMPLE = Path(__file__).parent / "examples" / "copenhagen.yaml"
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$|^24:00$")
+
+Money = Annotated[Decimal, Field(ge=0, max_digits=12, decimal_places=4)]
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class Window(BaseModel):
+    """A time-of-use price between two local clock times on some days."""
+
+    model_config = _STRICT
+    price: Money
+    start: Annotated[str, Field(alias="from")]
+    end: Annotated[str, Field(alias="to")]
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = list(DAYS)
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, v: str) -> str:
+        if not _HHMM.match(v):
+            raise ValueError(f"{v!r} is not HH:MM")
+        return v
+
+    @model_validator(mode="after")
+    def _order(self) -> Window:
+        if minutes(self.end) <= minutes(self.start):
+            raise ValueError(f"a window runs forward: {self.start} → {self.end}")
+        return self
+
+
+class Tier(BaseModel):
+    model_config = _STRICT
+    price: Money
+    upto_kwh: Annotated[Decimal, Field(gt=0)] | None = None  # None: the last, open band
+
+
+class Tariff(BaseModel):
+    """One price (flat), a base price with time-of-use windows, or tiers per month."""
+
+    model_config = _STRICT
+    price: Money | None = None
+    windows: list[Window] = []
+    tiers: list[Tier] = []
+    standing_charge_per_month: Money = Decimal(0)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Tariff:
+        if self.tiers and (self.price is not None or self.windows):
+            raise ValueError("a tariff is tiered or priced (with optional windows), not both")
+        if not self.tiers and self.price is None:
+            raise ValueError("a tariff needs a price (or tiers)")
+        if self.tiers:
+            if self.tiers[-1].upto_kwh is not None:
+                raise ValueError("the last tier has no upto_kwh (it is open-ended)")
+            bounds = [t.upto_kwh for t in self.tiers[:-1]]
+            if None in bounds or bounds != sorted(bounds):
+                raise ValueError("tiers need rising upto_kwh, all but the last")
+        return self
+
+
+class AccountDefaults(BaseModel):
+    model_config = _STRICT
+    opening_balance: Money = Decimal(0)
+    low_balance: Money = Decimal(0)
+
+
+class Account(AccountDefaults):
+    pass
+
+
+class MeterBinding(BaseModel):
+    model_config = _STRICT
+    account: str
+    tariff: str
+
+
+class BillingConfig(BaseModel):
+    model_config = _STRICT
+    version: Literal[1] = 1
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+    minor_units: Annotated[int, Field(ge=1, le=1000)] = 100
+    tariffs: dict[str, Tariff]
+    account_defaults: AccountDefaults = AccountDefaults()
+    accounts: dict[str, Account] = {}
+    meters: dict[str, MeterBinding] = {}
+
+    @model_validator(mode="after")
+    def _refs(self) -> BillingConfig:
+        for meter, b in self.meters.items():
+            if b.tariff not in self.tariffs:
+                raise ValueError(f"meter {meter}: unknown tariff {b.tariff!r}")
+        return self
+
+    def minor(self, amount: Decimal) -> int:
+        return int(amount * self.minor_units)
+
+    def binding(self, meter_id: str, fleet: Fleet | None) -> MeterBinding | None:
+        """The meter's account and tariff: the config, else the fleet file's properties."""
+        if meter_id in self.meters:
+            return self.meters[meter_id]
+        device = fleet.by_id.get(meter_id) if fleet else None
+        if device and device.account_id and device.tariff in self.tariffs:
+            return MeterBinding(account=device.account_id, tariff=device.tariff)
+        return None
+
+    def account(self, account_id: str) -> AccountDefaults:
+        return self.accounts.get(account_id, self.account_defaults)
+
+
+def minutes(hhmm: str) -> int:
+    h, m = hhmm.split(":")
+    return int(h) * 60 + int(m)
+
+
+def parse_text(text: str, name: str = "<billing>") -> BillingConfig:
+    data, marks = parse(text, name)
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem(name, 1, 1, "a billing file is a mapping")])
+    return validate(BillingConfig, data, marks, name)  # type: ignore[return-value]
+
+
+def load(path: str | Path | None = None) -> BillingConfig:
+    path = Path(path or EXAMPLE)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([ConfigProblem(str(path), 1, 1, f"cannot read: {e}")]) from None
+    return parse_text(text, str(path))

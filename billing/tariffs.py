@@ -1,0 +1,105 @@
+"""Pricing consumption: time-of-use windows and month boundaries in the city's timezone, tiers.
+
+An interval between two readings is split at every tariff boundary inside it
+(its energy shared out by time, as if the power was steady), and at month
+boundaries (tiers count per month, settlements belong to a month). Local
+clock times are turned into instants per day, so days of 23 and 25 hours
+price right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from billing.config import DAYS, BillingConfig, Tariff, minutes
+
+
+@dataclass(frozen=True)
+class Segment:
+    start_ms: int
+    end_ms: int
+    mwh: int  # milliwatt-hours: registers are integers in these
+    price: Decimal  # currency units per kWh
+    amount: Decimal  # currency units, exact
+    period: str  # YYYY-MM in the city's timezone
+
+
+def period_of(ts_ms: int, tz: ZoneInfo) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, tz).strftime("%Y-%m")
+
+
+def _instant(day: date, hhmm: str, tz: ZoneInfo) -> int:
+    m = minutes(hhmm)
+    if m == 24 * 60:
+        day, m = day + timedelta(days=1), 0
+    local = datetime.combine(day, time(m // 60, m % 60), tz)
+    return int(local.timestamp() * 1000)
+
+
+def _boundaries(tariff: Tariff, tz: ZoneInfo, t0: int, t1: int) -> list[int]:
+    first = datetime.fromtimestamp(t0 / 1000, tz).date() - timedelta(days=1)
+    last = datetime.fromtimestamp(t1 / 1000, tz).date() + timedelta(days=1)
+    cuts = set()
+    day = first
+    while day <= last:
+        if day.day == 1:
+            cuts.add(int(datetime.combine(day, time(0), tz).timestamp() * 1000))
+        for w in tariff.windows:
+            cuts.add(_instant(day, w.start, tz))
+            cuts.add(_instant(day, w.end, tz))
+        day += timedelta(days=1)
+    return sorted(c for c in cuts if t0 < c < t1)
+
+
+def _price_at(tariff: Tariff, tz: ZoneInfo, ts_ms: int) -> Decimal:
+    local = datetime.fromtimestamp(ts_ms / 1000, tz)
+    now = local.hour * 60 + local.minute + local.second / 60
+    for w in tariff.windows:
+        if DAYS[local.weekday()] in w.days and minutes(w.start) <= now < minutes(w.end):
+            return w.price
+    return tariff.price  # type: ignore[return-value]
+
+
+def _share(mwh: int, weights: list[int]) -> list[int]:
+    """Split an integer by weights; the parts add up exactly."""
+    total = sum(weights)
+    if total <= 0:
+        return [mwh] + [0] * (len(weights) - 1)
+    parts = [mwh * w // total for w in weights]
+    parts[-1] += mwh - sum(parts)
+    return parts
+
+
+def price(config: BillingConfig, tariff_name: str, tz: ZoneInfo, t0: int, t1: int, mwh: int,
+          used_in_period: dict[str, int]) -> list[Segment]:
+    """Price ``mwh`` consumed between t0 and t1. ``used_in_period`` (period → mWh already
+    priced) is read and updated, for tiers."""
+    tariff = config.tariffs[tariff_name]
+    cuts = [t0, *_boundaries(tariff, tz, t0, t1), t1] if t1 > t0 else [t0, t1]
+    pieces = list(zip(cuts, cuts[1:], strict=False)) or [(t0, t1)]
+    shares = _share(mwh, [b - a for a, b in pieces])
+    segments = []
+    for (a, b), part in zip(pieces, shares, strict=True):
+        period = period_of(a, tz)
+        if tariff.tiers:
+            used = used_in_period.get(period, 0)
+            left = part
+            for tier in tariff.tiers:
+                cap = None if tier.upto_kwh is None else int(tier.upto_kwh * 1_000_000)
+                room = left if cap is None else max(0, min(left, cap - used))
+                if room:
+                    segments.append(Segment(a, b, room, tier.price,
+                                            tier.price * room / Decimal(1_000_000), period))
+                    used += room
+                    left -= room
+                if not left:
+                    break
+            used_in_period[period] = used
+        else:
+            p = _price_at(tariff, tz, a)
+            segments.append(Segment(a, b, part, p, p * part / Decimal(1_000_000), period))
+            used_in_period[period] = used_in_period.get(period, 0) + part
+    return segments

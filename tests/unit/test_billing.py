@@ -1,0 +1,288 @@
+"""Billing: configuration, tariffs (TOU, DST, tiers), accounting properties, the ledger."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from datetime import datetime
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from billing import config as billing_config
+from billing import tariffs
+from billing.ledger import BillingStore, LedgerError, canonical, entry_hash, verify
+from citygrid.city import COPENHAGEN
+from citygrid.fleet import Fleet, FleetDevice
+from citygrid.yamlconf import ConfigError
+
+TZ = COPENHAGEN.tz
+CONFIG = billing_config.load()
+
+
+def ms(*args) -> int:
+    return int(datetime(*args, tzinfo=TZ).timestamp() * 1000)
+
+
+FLEET = Fleet([FleetDevice("m-1", "meter", "valby", 55.66, 12.50, account_id="acc-1",
+                           tariff="household-tou", max_power_w=17250.0),
+               FleetDevice("m-2", "meter", "valby", 55.66, 12.50, account_id="acc-2",
+                           tariff="business-flat", max_power_w=17250.0)])
+
+
+def store(tmp_path, cfg=CONFIG, name="billing.sqlite") -> BillingStore:
+    return BillingStore(tmp_path / name, cfg, FLEET, TZ)
+
+
+class TestConfig:
+    def test_the_shipped_example(self):
+        assert CONFIG.currency == "DKK"
+        tou = CONFIG.tariffs["household-tou"]
+        assert tou.price == Decimal("2.00") and tou.windows[0].price == Decimal("4.00")
+        assert CONFIG.tariffs["business-flat"].price == Decimal("2.50")
+        assert CONFIG.minor(CONFIG.account("anyone").opening_balance) == 100_000
+        assert CONFIG.binding("m-1", FLEET).tariff == "household-tou"
+
+    def test_errors_are_located(self):
+        text = """\
+version: 1
+currency: dkk
+tariffs:
+  tou:
+    price: 2
+    windows: [{price: 4, from: "21:00", to: "17:00"}]
+  odd: {tiers: [{price: 1, upto_kwh: 10}]}
+meters:
+  m-9: {account: a, tariff: nope}
+colour: red
+"""
+        with pytest.raises(ConfigError) as e:
+            billing_config.parse_text(text, "billing.yaml")
+        got = [str(p) for p in e.value.problems]
+        assert any(p.startswith("billing.yaml:2:11: currency: got 'dkk'") for p in got)
+        assert any(p.startswith("billing.yaml:6:15:") and "runs forward" in p for p in got)
+        assert any(p.startswith("billing.yaml:7:8:") and "open-ended" in p for p in got)
+        assert any(p.startswith("billing.yaml:10:1: unknown key 'colour'") for p in got)
+
+
+class TestTariffs:
+    def price(self, tariff, t0, t1, mwh, used=None):
+        return tariffs.price(CONFIG, tariff, TZ, t0, t1, mwh, used if used is not None else {})
+
+    def test_an_interval_is_split_at_the_evening_boundary(self):
+        segs = self.price("household-tou", ms(2026, 11, 27, 16), ms(2026, 11, 27, 18), 2_000_000)
+        assert [(s.mwh, s.price) for s in segs] == [(1_000_000, Decimal("2.00")),
+                                                    (1_000_000, Decimal("4.00"))]
+        assert sum(s.amount for s in segs) == Decimal("6.00")
+
+    @pytest.mark.parametrize("day, hours", [((2026, 3, 29), 23), ((2026, 10, 25), 25),
+                                            ((2026, 11, 27), 24)])
+    def test_dst_days_price_their_real_length(self, day, hours):
+        mwh = hours * 1_000_000  # 1 kWh an hour, all day
+        segs = self.price("household-tou", ms(*day), ms(*day) + hours * 3_600_000, mwh)
+        assert sum(s.mwh for s in segs) == mwh
+        expensive = sum(s.mwh for s in segs if s.price == Decimal("4.00"))
+        assert expensive == 4_000_000  # 17:00–21:00 is four hours on every day
+        assert sum(s.amount for s in segs) == Decimal(hours - 4) * 2 + 4 * 4
+
+    def test_tiers_roll_over_at_the_end_of_the_month(self):
+        cfg = billing_config.parse_text("""
+currency: DKK
+tariffs:
+  tiered: {tiers: [{price: 1.00, upto_kwh: 100}, {price: 3.00}]}
+""")
+        used: dict[str, int] = {}
+        segs = tariffs.price(cfg, "tiered", TZ, ms(2026, 11, 30, 12), ms(2026, 12, 1, 12),
+                             240_000_000, used)
+        # 120 kWh in November: 100 at 1.00 and 20 at 3.00; 120 kWh in December: 100 + 20 again.
+        assert [(s.period, s.mwh, s.price) for s in segs] == [
+            ("2026-11", 100_000_000, Decimal("1.00")), ("2026-11", 20_000_000, Decimal("3.00")),
+            ("2026-12", 100_000_000, Decimal("1.00")), ("2026-12", 20_000_000, Decimal("3.00"))]
+        assert used == {"2026-11": 120_000_000, "2026-12": 120_000_000}
+
+
+class TestAccounting:
+    def feed(self, s: BillingStore, readings):
+        events = []
+        for ts, kwh in readings:
+            events += s.on_reading("m-2", ts, kwh)
+        return events
+
+    def test_duplicates_and_late_readings_count_once(self, tmp_path):
+        s = store(tmp_path)
+        t = ms(2026, 11, 2, 10)
+        self.feed(s, [(t, 100.0), (t + 60_000, 100.1), (t + 60_000, 100.1), (t + 30_000, 100.05),
+                      (t + 120_000, 100.2)])
+        assert s.unbilled("m-2")["kwh"] == pytest.approx(0.2)
+
+    def test_a_decrease_is_a_meter_swap_not_negative_use(self, tmp_path):
+        s = store(tmp_path)
+        t = ms(2026, 11, 2, 10)
+        events = self.feed(s, [(t, 15_000.0), (t + 60_000, 15_000.1), (t + 120_000, 0.05)])
+        assert s.unbilled("m-2")["kwh"] == pytest.approx(0.15)
+        assert [k for k, _ in events] == ["reset"]
+
+    def test_a_glitch_spike_is_flagged_and_dropped(self, tmp_path):
+        s = store(tmp_path)
+        t = ms(2026, 11, 2, 10)
+        events = self.feed(s, [(t, 100.0), (t + 60_000, 15_100.0), (t + 120_000, 100.2)])
+        assert [k for k, _ in events] == ["spike", "spike_dropped"]
+        assert s.unbilled("m-2")["kwh"] == pytest.approx(0.2)
+
+    def test_a_real_jump_is_held_out_of_billing(self, tmp_path):
+        s = store(tmp_path)
+        t = ms(2026, 11, 2, 10)
+        events = self.feed(s, [(t, 100.0), (t + 60_000, 5_100.0), (t + 120_000, 5_100.1)])
+        assert [k for k, _ in events] == ["spike", "held"]
+        assert s.unbilled("m-2")["kwh"] == pytest.approx(0.1)
+
+    def test_consumption_across_a_gap_is_kept(self, tmp_path):
+        s = store(tmp_path)
+        t = ms(2026, 11, 2, 10)
+        self.feed(s, [(t, 100.0), (t + 6 * 3_600_000, 110.0)])  # six hours, 10 kWh
+        assert s.unbilled("m-2")["kwh"] == pytest.approx(10.0)
+
+
+@st.composite
+def meter_history(draw):
+    """True consumption per minute, resets, then what the network delivers."""
+    n = draw(st.integers(3, 60))
+    used = draw(st.lists(st.integers(0, 250_000), min_size=n, max_size=n))  # mWh per minute
+    resets = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    register, truth, readings = draw(st.integers(0, 10**10)), 0, []
+    t0 = ms(2026, 11, 30, 20)  # crosses into December: two periods
+    for i in range(n):
+        # A swap shows only as a fall of the register (a new meter that already reads more
+        # than the old one is indistinguishable from no swap), so a reset here always falls.
+        reset = i > 0 and resets[i] and used[i] < register
+        if reset:
+            register = used[i]  # the new meter counted from zero during this interval
+        else:
+            register += used[i] if i else 0
+        truth += used[i] if i else 0
+        readings.append((t0 + i * 3_600_000 // 2, register, reset))
+    delivered = [readings[0]]
+    for i, r in enumerate(readings[1:], start=1):
+        before_reset = i + 1 < n and readings[i + 1][2]
+        # Resets, the reading just before one (the old meter's last word: without it the
+        # old meter's final consumption is unknowable) and the last reading always arrive;
+        # any other may be lost (a gap) — and any may arrive twice.
+        if r[2] or before_reset or i == n - 1 or draw(st.integers(0, 3)):
+            delivered.append(r)
+        if draw(st.integers(0, 5)) == 0:
+            delivered.append(r)
+    # Late arrivals: swap neighbours that are not resets (never across a reset).
+    for _ in range(draw(st.integers(0, 5))):
+        k = draw(st.integers(1, max(1, len(delivered) - 2)))
+        if k + 1 < len(delivered) and not delivered[k][2] and not delivered[k + 1][2]:
+            delivered[k], delivered[k + 1] = delivered[k + 1], delivered[k]
+    # The truth the platform can know: up to the newest reading it received.
+    newest = max(delivered, key=lambda r: r[0])
+    known = sum(used[1:readings.index(newest) + 1])
+    settles = draw(st.lists(st.integers(0, len(delivered) - 1), max_size=6))
+    return delivered, known, set(settles)
+
+
+class TestProperties:
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(history=meter_history())
+    def test_billed_equals_consumed_once_and_balance_matches_ledger(self, tmp_path, history):
+        delivered, known, settle_at = history
+        s = store(tmp_path, name=f"p{uuid.uuid4().hex}.sqlite")  # hypothesis seeds `random`
+        for i, (ts, register, _) in enumerate(delivered):
+            s.on_reading("m-2", ts, register / 1_000_000)
+            if i in settle_at:
+                s.settle("m-2", ts)
+                assert s.settle("m-2", ts) == []  # a replay settles nothing
+        last = max(ts for ts, _, _ in delivered)
+        s.settle("m-2", last + 86_400_000 * 40)
+        entries = s.entries()
+        billed = sum(round(Decimal(e["kwh"]) * 1_000_000) for _, e, _ in entries)
+        assert billed == known
+        assert len({e["key"] for _, e, _ in entries}) == len(entries)
+        assert s.balance("acc-2") == 100_000 - sum(e["amount_minor"] for _, e, _ in entries)
+        assert verify(s.path)[0] == len(entries)
+        s.close()
+
+
+class TestLedger:
+    def make(self, tmp_path, n=4) -> BillingStore:
+        s = store(tmp_path)
+        t = ms(2026, 11, 2, 10)
+        for i in range(n):
+            s.on_reading("m-2", t + i * 3_600_000, 100 + 10 * i)
+            s.on_reading("m-2", t + i * 3_600_000 + 60_000, 100 + 10 * i + 0.2)
+            s.settle("m-2", t + i * 3_600_000 + 60_000)
+        return s
+
+    def test_chain_verifies_and_amounts_are_right(self, tmp_path):
+        s = self.make(tmp_path)
+        entries = s.entries()
+        assert [e["seq"] for _, e, _ in entries] == [1, 2, 3, 4]
+        assert entries[0][1]["prev_hash"] == "0" * 64
+        # 0.2 kWh on business-flat at 2.50 DKK: 0.50 DKK = 50 øre; then 9.8 + 0.2 kWh each.
+        assert [e["amount_minor"] for _, e, _ in entries] == [50, 2500, 2500, 2500]
+        assert [e["kwh"] for _, e, _ in entries] == ["0.200000"] + ["10.000000"] * 3
+        assert verify(tmp_path / "billing.sqlite") == (4, entries[-1][2])
+        assert entry_hash(entries[1][1]) == entries[1][2]
+        assert canonical({"b": 1, "a": "ø"}) == '{"a":"ø","b":1}'.encode()
+
+    def tamper(self, tmp_path, sql: str, params=()) -> LedgerError:
+        db = sqlite3.connect(tmp_path / "billing.sqlite")
+        db.execute(sql, params)
+        db.commit()
+        db.close()
+        with pytest.raises(LedgerError) as e:
+            verify(tmp_path / "billing.sqlite")
+        return e.value
+
+    def test_an_edited_amount_is_caught(self, tmp_path):
+        s = self.make(tmp_path)
+        _, entry, _ = s.entries()[2]
+        entry["amount_minor"] = 1
+        err = self.tamper(tmp_path, "UPDATE ledger SET entry = ? WHERE seq = 3",
+                          (json.dumps(entry),))
+        assert err.seq == 3 and "edited" in str(err)
+
+    def test_a_deleted_entry_is_caught(self, tmp_path):
+        self.make(tmp_path)
+        err = self.tamper(tmp_path, "DELETE FROM ledger WHERE seq = 2")
+        assert err.seq == 3 and "does not follow" in str(err)
+
+    def test_an_inserted_entry_is_caught(self, tmp_path):
+        s = self.make(tmp_path)
+        _, forged, _ = s.entries()[1]
+        forged["amount_minor"] = 0
+        forged["key"] = "forged"
+        err = self.tamper(tmp_path, "INSERT INTO ledger VALUES (100, 'forged', ?, ?)",
+                          (json.dumps(forged), entry_hash(forged)))
+        assert err.seq == 100
+
+    def test_reordered_entries_are_caught(self, tmp_path):
+        self.make(tmp_path)
+        db = sqlite3.connect(tmp_path / "billing.sqlite")
+        db.execute("UPDATE ledger SET seq = -2 WHERE seq = 2")
+        db.execute("UPDATE ledger SET seq = 2 WHERE seq = 3")
+        db.execute("UPDATE ledger SET seq = 3 WHERE seq = -2")
+        db.commit()
+        db.close()
+        with pytest.raises(LedgerError) as e:
+            verify(tmp_path / "billing.sqlite")
+        assert e.value.seq == 2
+
+    def test_truncation_and_new_appends_are_caught_with_a_recorded_head(self, tmp_path):
+        s = self.make(tmp_path)
+        head = s.entries()[-1][2]
+        s.db.execute("DELETE FROM ledger WHERE seq >= 3")
+        s.db.commit()
+        t = ms(2026, 11, 2, 14)
+        s.on_reading("m-2", t, 131.0)
+        s.settle("m-2", t)
+        assert verify(tmp_path / "billing.sqlite")[0] == 3  # consistent on its own…
+        with pytest.raises(LedgerError) as e:
+            verify(tmp_path / "billing.sqlite", head=head)  # …but the old head is gone
+        assert "is not in the ledger" in str(e.value)
