@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 CONTRACT_VERSION = "v1"
 TOPIC_ROOT = "city"
-CHANNELS = ("telemetry", "cmd", "ack", "status")
+CHANNELS = ("telemetry", "cmd", "ack", "status", "settlement")
 ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 _ID = re.compile(ID_PATTERN)
 
@@ -220,6 +220,30 @@ class Ack(BaseModel):
     brightness_pct: Percent
     ok: bool
     error: Annotated[str, Field(max_length=256)] | None = None
+
+
+class Settlement(BaseModel):
+    """Platform → world: a meter's consumption billed (one hash-chained ledger entry)."""
+
+    model_config = _STRICT
+    seq: Annotated[int, Field(ge=1, description="Position in the ledger.")]
+    key: Annotated[str, Field(description="Idempotency key: meter:from_ms:to_ms.")]
+    meter: str
+    account: str
+    tariff: str
+    period: Annotated[str, Field(description="YYYY-MM in the city's timezone.")]
+    from_ms: int
+    to_ms: int
+    kwh: Annotated[str, Field(description="Decimal kWh billed, e.g. 10.042000.")]
+    energy_amount: Annotated[str, Field(description="Exact price of the energy, currency units.")]
+    standing_charge: str
+    amount_minor: Annotated[int, Field(description="Debited, in minor units (øre, cents).")]
+    currency: str
+    settled_at_ms: int
+    balance_after_minor: int
+    prev_hash: Annotated[str, Field(description="SHA-256 of the previous entry.")]
+    hash: Annotated[str, Field(description="SHA-256 of this entry's canonical encoding "
+                                           "(sorted keys, no whitespace), without `hash`.")]
 
 
 class Status(BaseModel):

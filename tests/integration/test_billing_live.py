@@ -13,7 +13,7 @@ from decimal import Decimal
 from billing import config as billing_config
 from billing.ledger import CRASH_AFTER_DEBIT, BillingStore, verify
 from citygrid.city import COPENHAGEN
-from citygrid.contract import Topic
+from citygrid.contract import Settlement, Topic
 from citygrid.fleet import Fleet, FleetDevice
 from citygrid.settings import MqttUrl, Settings
 from citygrid.store.sqlite import SqliteStore
@@ -109,6 +109,8 @@ def test_simulated_meters_through_ingest_and_rules_bill_what_their_registers_adv
     entries = billing.entries()
     assert entries, "a day of four meters should have settled more than once"
     assert verify(billing.path)[0] == len(entries) == len(settlements.messages)
+    events = [Settlement.model_validate_json(p) for _, p, _ in settlements.messages]
+    assert [(e.key, e.hash) for e in events] == [(e["key"], h) for _, e, h in entries]
     for meter in fleet:
         history = sorted(store.points("meter", start_ms=0, end_ms=2**62),
                          key=lambda p: p.ts_ms)
