@@ -286,3 +286,103 @@ class TestLedger:
         with pytest.raises(LedgerError) as e:
             verify(tmp_path / "billing.sqlite", head=head)  # …but the old head is gone
         assert "is not in the ledger" in str(e.value)
+
+
+class TestThroughTheRules:
+    """The `settle` action and `meter.*` conditions, with a fake outbox."""
+
+    def engine(self, tmp_path, cfg_text: str | None = None):
+        from rules.engine import RuleEngine
+        from rules.loader import load
+        from tests.unit.test_rules import Box
+
+        cfg = billing_config.parse_text(cfg_text) if cfg_text else CONFIG
+        box = Box()
+        billing = BillingStore(tmp_path / "b.sqlite", cfg, FLEET, TZ)
+        return RuleEngine(load(), FLEET, COPENHAGEN, box, billing=billing), box, billing
+
+    def reading(self, kwh):
+        return {"seq": 1, "energy_kwh": kwh, "power_w": 500.0}
+
+    def test_ten_kwh_settles_and_month_end_settles_the_rest(self, tmp_path):
+        engine, box, billing = self.engine(tmp_path)
+        t = ms(2026, 11, 30, 9)
+        engine.on_reading("m-2", self.reading(100.0), t)
+        engine.on_reading("m-2", self.reading(106.0), t + 3_600_000)
+        assert billing.entries() == []  # 6 kWh: not yet
+        engine.on_reading("m-2", self.reading(111.0), t + 2 * 3_600_000)
+        [(_, first, _)] = billing.entries()
+        assert first["kwh"] == "11.000000" and first["amount_minor"] == 2750
+        assert box.published[-1][0] == "city/v1/valby/meter/m-2/settlement"
+        engine.on_reading("m-2", self.reading(114.0), ms(2026, 11, 30, 23, 30))
+        engine.on_reading("m-2", self.reading(115.0), ms(2026, 12, 1, 0, 30))  # a new month
+        periods = [(e["period"], e["kwh"]) for _, e, _ in billing.entries()[1:]]
+        assert periods == [("2026-11", "3.500000"), ("2026-12", "0.500000")]
+
+    def test_a_low_balance_raises_an_alert(self, tmp_path):
+        engine, box, billing = self.engine(tmp_path, """
+currency: DKK
+tariffs: {business-flat: {price: 2.50}, household-tou: {price: 2.00}}
+account_defaults: {opening_balance: 30.00, low_balance: 10.00}
+""")
+        t = ms(2026, 11, 2, 9)
+        engine.on_reading("m-2", self.reading(100.0), t)
+        engine.on_reading("m-2", self.reading(110.0), t + 3_600_000)  # 25.00 DKK: 5.00 left
+        assert ("low-balance@acc-2", True) in [(k, r) for k, r, _ in box.alerts]
+        assert billing.balance("acc-2") == 500
+
+    def test_a_spike_is_an_alert_and_not_billed(self, tmp_path):
+        engine, box, billing = self.engine(tmp_path)
+        t = ms(2026, 11, 2, 9)
+        for i, kwh in enumerate([100.0, 9_100.0, 100.2, 100.3]):
+            engine.on_reading("m-2", self.reading(kwh), t + i * 60_000)
+        assert [(k, r) for k, r, _ in box.alerts] == [("billing-spike@m-2", True),
+                                                     ("billing-spike@m-2", False)]
+        assert billing.unbilled("m-2")["kwh"] == pytest.approx(0.3)
+
+
+def test_standing_charge_once_per_ended_month(tmp_path):
+    cfg = billing_config.parse_text("""
+currency: DKK
+tariffs: {business-flat: {price: 2.50, standing_charge_per_month: 30.00}}
+""")
+    s = store(tmp_path, cfg)
+    s.on_reading("m-2", ms(2026, 11, 29, 9), 100.0)
+    s.on_reading("m-2", ms(2026, 11, 29, 10), 101.0)
+    [first] = s.settle("m-2", ms(2026, 11, 29, 10))
+    assert first.entry["amount_minor"] == 250  # November is not over: no standing charge yet
+    s.on_reading("m-2", ms(2026, 11, 29, 11), 102.0)
+    [second] = s.settle("m-2", ms(2026, 12, 1, 9))
+    assert second.entry["amount_minor"] == 250 + 3000
+    s.on_reading("m-2", ms(2026, 11, 29, 12), 103.0)
+    [third] = s.settle("m-2", ms(2026, 12, 1, 10))
+    assert third.entry["amount_minor"] == 250  # charged once for November
+
+
+def test_ledger_cli_verify_head_list(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    s = store(tmp_path)
+    s.on_reading("m-2", ms(2026, 11, 2, 9), 100.0)
+    s.on_reading("m-2", ms(2026, 11, 2, 10), 112.0)
+    s.settle("m-2", ms(2026, 11, 2, 10))
+    s.close()
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "citygrid", "ledger", *args, "--data-dir",
+                               str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+
+    head = run("head").stdout.strip()
+    ok = run("verify", "--head", head)
+    assert ok.returncode == 0 and f"ledger ok: 1 entries, head {head}" in ok.stdout
+    listed = run("list", "--meter", "m-2", "--json")
+    assert json.loads(listed.stdout)[0]["kwh"] == "12.000000"
+    db = sqlite3.connect(tmp_path / "billing.sqlite")
+    db.execute("UPDATE ledger SET entry = replace(entry, '\"amount_minor\":3000', "
+               "'\"amount_minor\":30')")
+    db.commit()
+    bad = run("verify")
+    assert bad.returncode == 1 and "entry 1 (m-2:" in bad.stdout and "edited" in bad.stdout
