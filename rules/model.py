@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rules.expr import parse_duration
 
@@ -16,11 +16,13 @@ _TIME = re.compile(r"^(?:(?P<hh>[01]\d|2[0-3]):(?P<mm>[0-5]\d)|(?P<sun>[a-z_]+))
                    r"(?:\s*(?P<sign>[+-])\s*(?P<off>[\d.smhd ]+))?$")
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
-Duration = Annotated[str | int | float, Field(description="e.g. 90s, 5m, 1h30m (or seconds)")]
+def _duration(value: Any) -> Any:
+    parse_duration(value)  # raises ValueError with what a duration looks like
+    return value
 
 
-def seconds(value: Any) -> float:
-    return parse_duration(value)
+Duration = Annotated[str | int | float, AfterValidator(_duration),
+                     Field(description="e.g. 90s, 5m, 1h30m (or seconds)")]
 
 
 class _Model(BaseModel):
@@ -69,12 +71,6 @@ class Absence(_Model):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    @field_validator("for_")
-    @classmethod
-    def _dur(cls, value: Any) -> Any:
-        seconds(value)
-        return value
-
 
 class When(_Model):
     reading: ReadingTrigger | None = None
@@ -95,13 +91,6 @@ class SetLight(_Model):
     hold: Duration | None = None
     scope: Literal["self", "neighbours", "district"] = "self"
     radius_m: Annotated[float, Field(gt=0, le=1000)] = 60.0
-
-    @field_validator("hold")
-    @classmethod
-    def _dur(cls, value: Any) -> Any:
-        if value is not None:
-            seconds(value)
-        return value
 
 
 class Alert(_Model):
@@ -152,13 +141,6 @@ class Rule(_Model):
     enabled: bool = True
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    @field_validator("for_")
-    @classmethod
-    def _dur(cls, value: Any) -> Any:
-        if value is not None:
-            seconds(value)
-        return value
 
 
 class SafetyFloor(_Model):
