@@ -230,3 +230,4 @@ class RuleRunner:
         self.publisher.disconnect()
         self.publisher.loop_stop()
         self.state.close()
+        self.billing.close()
