@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulator_parsers(sub, common)
     add_rules_parsers(sub, common)
     add_ledger_parsers(sub, common)
+    from gateway.cli import add_parsers as add_gateway_parsers
+
+    add_gateway_parsers(sub, common)
 
     p = sub.add_parser("up", parents=[common], help="broker + ingest + simulator on this machine")
     p.add_argument("--streetlights", type=int, default=60)

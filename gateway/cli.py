@@ -1,0 +1,117 @@
+"""``citygrid devices …`` and ``citygrid broker …``: the registry and the broker's access files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from citygrid.settings import Settings
+
+
+def add_parsers(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("devices", help="the device registry and per-device MQTT credentials")
+    ds = p.add_subparsers(dest="devices_command", required=True, metavar="SUBCOMMAND")
+    imp = ds.add_parser("import", parents=[common], help="import a fleet GeoJSON file")
+    imp.add_argument("file")
+    imp.set_defaults(func=cmd_import)
+    add = ds.add_parser("add", parents=[common],
+                        help="register a device; prints its MQTT credentials once")
+    add.add_argument("device_id")
+    add.add_argument("--kind", required=True, choices=("streetlight", "meter"))
+    add.add_argument("--district", required=True)
+    add.add_argument("--lat", type=float, required=True)
+    add.add_argument("--lon", type=float, required=True)
+    add.add_argument("--rated-w", type=float, help="streetlights: power at 100 %%")
+    add.add_argument("--account", help="meters: the account billed")
+    add.add_argument("--tariff", help="meters: the tariff")
+    add.set_defaults(func=cmd_add)
+    rev = ds.add_parser("revoke", parents=[common], help="remove a device's access")
+    rev.add_argument("device_id")
+    rev.set_defaults(func=cmd_revoke)
+    ls = ds.add_parser("list", parents=[common], help="registered devices")
+    ls.set_defaults(func=cmd_list)
+
+    b = sub.add_parser("broker", help="Mosquitto configuration with CityGrid's access files")
+    bs = b.add_subparsers(dest="broker_command", required=True, metavar="SUBCOMMAND")
+    conf = bs.add_parser("config", parents=[common], help="write a ready mosquitto.conf")
+    conf.add_argument("--port", type=int, default=1883)
+    conf.add_argument("--host", default="0.0.0.0")
+    conf.add_argument("--user", help="the user Mosquitto runs as (default: you)")
+    conf.set_defaults(func=cmd_broker_config)
+    acc = bs.add_parser("account", parents=[common],
+                        help="(re)create a platform service account; prints it once")
+    acc.add_argument("name", help="citygrid-ingest, citygrid-rules, citygrid-gateway, "
+                     "citygrid-simulator")
+    acc.set_defaults(func=cmd_account)
+
+
+def _registry(args: argparse.Namespace):
+    from gateway.provisioning import Registry
+
+    return Registry(Settings.from_env(data_dir=args.data_dir).data_dir)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from citygrid.fleet import Fleet, FleetError
+
+    try:
+        fleet = Fleet.load(args.file)
+    except FleetError as e:
+        print(f"citygrid devices import: {e}", file=sys.stderr)
+        return 2
+    n = _registry(args).import_fleet(fleet)
+    print(f"imported {n} devices from {args.file}")
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from citygrid.contract import ContractError
+    from citygrid.fleet import FleetDevice
+    from gateway.provisioning import ProvisioningError
+
+    device = FleetDevice(args.device_id, args.kind, args.district, args.lat, args.lon,
+                         rated_w=args.rated_w, account_id=args.account, tariff=args.tariff)
+    try:
+        creds = _registry(args).provision(device)
+    except (ContractError, ProvisioningError) as e:
+        print(f"citygrid devices add: {e}", file=sys.stderr)
+        return 2
+    print(f"username: {creds.username}\npassword: {creds.password}\n"
+          "(shown once: store it in the device now)")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from gateway.provisioning import ProvisioningError
+
+    try:
+        _registry(args).revoke(args.device_id)
+    except ProvisioningError as e:
+        print(f"citygrid devices revoke: {e}", file=sys.stderr)
+        return 2
+    print(f"revoked {args.device_id}: it can no longer connect")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for device_id, kind, district, status in _registry(args).devices():
+        print(f"{device_id:<16} {kind:<12} {district:<16} {status}")
+    return 0
+
+
+def cmd_broker_config(args: argparse.Namespace) -> int:
+    conf = _registry(args).broker_config(args.port, args.host, args.user)
+    print(f"wrote {conf}\nrun: mosquitto -c {conf}")
+    return 0
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    from gateway.provisioning import ProvisioningError
+
+    try:
+        creds = _registry(args).service_account(args.name)
+    except ProvisioningError as e:
+        print(f"citygrid broker account: {e}", file=sys.stderr)
+        return 2
+    print(f"CITYGRID_MQTT_URL=mqtt://{creds.username}:{creds.password}@HOST:PORT  (shown once)")
+    return 0

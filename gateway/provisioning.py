@@ -1,0 +1,227 @@
+"""The device registry and per-device MQTT credentials for Mosquitto.
+
+CityGrid keeps the registry in the state database and writes two files Mosquitto
+reads: a password file (hashes in mosquitto_passwd's ``$7$`` PBKDF2-SHA512 format)
+and an ACL file in which, by authenticated user name, each device may publish only
+to its own ``telemetry``, ``ack`` and ``status`` topics and subscribe only to its
+own ``cmd`` topic; the platform services have accounts of their own; nothing is
+anonymous. After each change Mosquitto is told to reload (SIGHUP).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from citygrid import statedb
+from citygrid.contract import Topic
+from citygrid.fleet import Fleet, FleetDevice
+
+PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes
+SERVICES = {
+    # account: ACL lines (topic filters are the contract's)
+    "citygrid-ingest": ["topic read city/v1/+/+/+/telemetry"],
+    "citygrid-rules": ["topic read city/v1/+/+/+/telemetry", "topic read city/v1/+/+/+/ack",
+                       "topic write city/v1/+/+/+/cmd", "topic write city/v1/+/+/+/settlement",
+                       "topic write city/v1/+/events"],
+    "citygrid-gateway": ["topic read city/v1/#", "topic write city/v1/+/+/+/cmd"],
+    "citygrid-simulator": ["topic write city/v1/+/+/+/telemetry",
+                           "topic write city/v1/+/+/+/ack", "topic write city/v1/+/+/+/status",
+                           "topic read city/v1/+/+/+/cmd"],
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, kind TEXT NOT NULL, district TEXT NOT NULL,
+    lat REAL NOT NULL, lon REAL NOT NULL, rated_w REAL, account_id TEXT, tariff TEXT,
+    profile TEXT, max_power_w REAL, street TEXT,
+    status TEXT NOT NULL DEFAULT 'registered', created_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS credentials (
+    username TEXT PRIMARY KEY, hash TEXT NOT NULL, kind TEXT NOT NULL, created_ms INTEGER);
+"""
+
+
+def hash_password(password: str, *, salt: bytes | None = None,
+                  iterations: int = PBKDF2_ITERATIONS) -> str:
+    """A mosquitto_passwd ``$7$`` hash: PBKDF2-HMAC-SHA512, 12-byte salt, 64-byte key."""
+    salt = salt if salt is not None else os.urandom(12)
+    key = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+    return (f"$7${iterations}${base64.b64encode(salt).decode()}$"
+            f"{base64.b64encode(key).decode()}")
+
+
+def check_password(password: str, stored: str) -> bool:
+    _, seven, iterations, salt, _ = stored.split("$")
+    return secrets.compare_digest(
+        hash_password(password, salt=base64.b64decode(salt), iterations=int(iterations)),
+        stored) and seven == "7"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str  # shown once, never stored
+
+    def url(self, host: str, port: int) -> str:
+        return f"mqtt://{self.username}:{self.password}@{host}:{port}"
+
+
+class ProvisioningError(ValueError):
+    pass
+
+
+class Registry:
+    def __init__(self, data_dir: str | Path):
+        self.dir = Path(data_dir)
+        self.db = statedb.connect(self.dir / "registry.sqlite")
+        self.db.executescript(_SCHEMA)
+        self.password_file = self.dir / "mosquitto" / "passwords"
+        self.acl_file = self.dir / "mosquitto" / "acl"
+        self.pid_file = self.dir / "mosquitto" / "mosquitto.pid"
+
+    # ------------------------------------------------------------------ devices
+
+    def _insert(self, d: FleetDevice) -> None:
+        self.db.execute(
+            "INSERT INTO devices (device_id, kind, district, lat, lon, rated_w, account_id, "
+            "tariff, profile, max_power_w, street, created_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT (device_id) DO UPDATE SET kind=excluded.kind, "
+            "district=excluded.district, lat=excluded.lat, lon=excluded.lon, "
+            "rated_w=excluded.rated_w, account_id=excluded.account_id, tariff=excluded.tariff, "
+            "profile=excluded.profile, max_power_w=excluded.max_power_w, street=excluded.street",
+            (d.device_id, d.kind, d.district, d.lat, d.lon, d.rated_w, d.account_id, d.tariff,
+             d.profile, d.max_power_w, d.street, int(time.time() * 1000)))
+
+    def import_fleet(self, fleet: Fleet) -> int:
+        with self.db:
+            for d in fleet:
+                self._insert(d)
+        return len(fleet)
+
+    def devices(self) -> list[tuple]:
+        return self.db.execute("SELECT device_id, kind, district, status FROM devices "
+                               "ORDER BY device_id").fetchall()
+
+    def fleet(self) -> Fleet:
+        rows = self.db.execute("SELECT device_id, kind, district, lat, lon, rated_w, account_id, "
+                               "tariff, profile, max_power_w, street FROM devices "
+                               "WHERE status != 'revoked'").fetchall()
+        return Fleet(FleetDevice(*r) for r in rows)
+
+    def provision(self, device: FleetDevice) -> Credentials:
+        """Register a device (or re-key one) and return its MQTT credentials — once."""
+        Topic(device.district, device.kind, device.device_id)  # ids must fit the contract
+        if device.device_id in SERVICES:
+            raise ProvisioningError(f"{device.device_id!r} is a platform account name")
+        password = secrets.token_urlsafe(24)
+        with self.db:
+            self._insert(device)
+            self.db.execute("UPDATE devices SET status = 'provisioned' WHERE device_id = ?",
+                            (device.device_id,))
+            self.db.execute("INSERT OR REPLACE INTO credentials VALUES (?, ?, 'device', ?)",
+                            (device.device_id, hash_password(password), int(time.time() * 1000)))
+        self.write_broker_files()
+        return Credentials(device.device_id, password)
+
+    def revoke(self, device_id: str) -> None:
+        with self.db:
+            cur = self.db.execute("UPDATE devices SET status = 'revoked' WHERE device_id = ?",
+                                  (device_id,))
+            if cur.rowcount == 0:
+                raise ProvisioningError(f"no device {device_id!r}")
+            self.db.execute("DELETE FROM credentials WHERE username = ?", (device_id,))
+        self.write_broker_files()
+
+    def service_account(self, name: str) -> Credentials:
+        """(Re)create a platform service's account; returns its credentials once."""
+        if name not in SERVICES:
+            raise ProvisioningError(f"unknown service {name!r}; known: {', '.join(SERVICES)}")
+        password = secrets.token_urlsafe(24)
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO credentials VALUES (?, ?, 'service', ?)",
+                            (name, hash_password(password), int(time.time() * 1000)))
+        self.write_broker_files()
+        return Credentials(name, password)
+
+    # ------------------------------------------------------------------ broker files
+
+    def write_broker_files(self) -> None:
+        rows = self.db.execute("SELECT c.username, c.hash, c.kind, d.kind, d.district FROM "
+                               "credentials c LEFT JOIN devices d ON d.device_id = c.username "
+                               "ORDER BY c.username").fetchall()
+        passwords = "".join(f"{user}:{h}\n" for user, h, *_ in rows)
+        acl = ["# Written by CityGrid (gateway/provisioning.py): edit the registry, not this.",
+               "# Devices: each may write only its own telemetry/ack/status and read only its",
+               "# own cmd, matched by authenticated user name. Nothing is anonymous.", ""]
+        for user, _, kind, dkind, district in rows:
+            acl.append(f"user {user}")
+            if kind == "service":
+                acl += SERVICES[user]
+            else:
+                own = Topic(district, dkind, user)
+                acl += [f"topic write {own.with_channel(c)}" for c in ("telemetry", "ack",
+                                                                        "status")]
+                acl.append(f"topic read {own.with_channel('cmd')}")
+            acl.append("")
+        _atomic_write(self.password_file, passwords, 0o600)
+        _atomic_write(self.acl_file, "\n".join(acl), 0o644)
+        self.reload_broker()
+
+    def reload_broker(self) -> bool:
+        """SIGHUP the broker (its pid file) so it rereads the files; False if none runs."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            os.kill(pid, signal.SIGHUP)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def broker_config(self, port: int = 1883, host: str = "0.0.0.0",
+                      user: str | None = None) -> Path:
+        """A ready mosquitto.conf using these files; persistence on; size limits.
+
+        The broker runs as ``user`` (default: whoever runs CityGrid, who owns the files it
+        must reread on SIGHUP; Mosquitto started as root would otherwise drop to `mosquitto`).
+        """
+        import getpass
+
+        user = user or getpass.getuser()
+        conf = self.dir / "mosquitto" / "mosquitto.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        if not self.password_file.exists():
+            self.write_broker_files()
+        conf.write_text(
+            "# Written by `citygrid broker config`.\n"
+            f"listener {port} {host}\n"
+            f"user {user}\n"
+            "allow_anonymous false\n"
+            f"password_file {self.password_file}\n"
+            f"acl_file {self.acl_file}\n"
+            f"pid_file {self.pid_file}\n"
+            "persistence true\n"
+            f"persistence_location {conf.parent}/\n"
+            "max_packet_size 65536\n"  # readings are small; a 64 KiB packet is an attack
+            "max_queued_messages 100000\n"
+            "max_inflight_messages 1000\n"
+            "max_keepalive 300\n")
+        return conf
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _atomic_write(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+__all__ = ["Credentials", "ProvisioningError", "Registry", "check_password", "hash_password"]
