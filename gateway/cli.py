@@ -31,6 +31,18 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     ls = ds.add_parser("list", parents=[common], help="registered devices")
     ls.set_defaults(func=cmd_list)
 
+    t = sub.add_parser("tokens", help="API bearer tokens")
+    ts = t.add_subparsers(dest="tokens_command", required=True, metavar="SUBCOMMAND")
+    tc = ts.add_parser("create", parents=[common], help="create a token; printed once")
+    tc.add_argument("--role", required=True, choices=("viewer", "operator", "admin"))
+    tc.add_argument("--name", default="operator", help="who or what it is for")
+    tc.set_defaults(func=cmd_token_create)
+
+    g = sub.add_parser("gateway", parents=[common], help="the operators' HTTP API")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.set_defaults(func=cmd_gateway)
+
     b = sub.add_parser("broker", help="Mosquitto configuration with CityGrid's access files")
     bs = b.add_subparsers(dest="broker_command", required=True, metavar="SUBCOMMAND")
     conf = bs.add_parser("config", parents=[common], help="write a ready mosquitto.conf")
@@ -114,4 +126,24 @@ def cmd_account(args: argparse.Namespace) -> int:
         print(f"citygrid broker account: {e}", file=sys.stderr)
         return 2
     print(f"CITYGRID_MQTT_URL=mqtt://{creds.username}:{creds.password}@HOST:PORT  (shown once)")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from gateway.app import create_token
+
+    token = create_token(_registry(args), args.role, args.name)
+    print(f"{token}\n(a {args.role} token for {args.name}; shown once, only its hash is kept)")
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = Settings.from_env(mqtt_url=args.mqtt_url, influx_url=args.influx_url,
+                                 influx_db=args.influx_db, data_dir=args.data_dir)
+    # access_log off: request lines would carry nothing secret, but the app logs its own.
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False)
     return 0
