@@ -33,7 +33,8 @@ SENML_PACK = {
 
 def document() -> dict[str, Any]:
     models = [(m, "validation") for m in (*contract.KINDS.values(), contract.Command,
-                                          contract.Ack, contract.Status, contract.Settlement)]
+                                          contract.Ack, contract.Status, contract.Settlement,
+                                          contract.Override)]
     _, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
     schemas["SenMLPack"] = SENML_PACK
@@ -78,6 +79,9 @@ def document() -> dict[str, Any]:
         "A level to apply, with MQTT 5 message expiry and the reason that won.")
     add("streetlight", "ack", "receive", ["Ack"], "receive",
         "The device applied (or refused) a command; brightness_pct is the level now.")
+    add("streetlight", "override", "send", ["Override"], "send",
+        "Platform-internal: the gateway hands an operator override (or its end) to the rule "
+        "engine, which arbitrates it above every rule.")
     add("meter", "settlement", "send", ["Settlement"], "send",
         "A settlement: the meter's consumption billed to its account, as the ledger entry "
         "(verify the chain with `citygrid ledger verify`).")

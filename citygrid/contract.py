@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 CONTRACT_VERSION = "v1"
 TOPIC_ROOT = "city"
-CHANNELS = ("telemetry", "cmd", "ack", "status", "settlement")
+CHANNELS = ("telemetry", "cmd", "ack", "status", "settlement", "override")
 ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 _ID = re.compile(ID_PATTERN)
 
@@ -244,6 +244,16 @@ class Settlement(BaseModel):
     prev_hash: Annotated[str, Field(description="SHA-256 of the previous entry.")]
     hash: Annotated[str, Field(description="SHA-256 of this entry's canonical encoding "
                                            "(sorted keys, no whitespace), without `hash`.")]
+
+
+class Override(BaseModel):
+    """Gateway → rule engine: an operator's level for a light (or its end: ``clear``)."""
+
+    model_config = _STRICT
+    level: Percent | None = None
+    expires_in_s: Annotated[float, Field(gt=0)] | None = None
+    who: Annotated[str, Field(min_length=1, max_length=64)] = "operator"
+    clear: bool = False
 
 
 class Status(BaseModel):

@@ -7,8 +7,10 @@ hashes and created with `citygrid tokens create --role R`; every route but
 
 import contextlib
 import hashlib
+import json
 import secrets
 import socket
+import sqlite3
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,7 +18,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
@@ -32,6 +34,7 @@ PROBLEM = "application/problem+json"
 _TOKENS = """
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, created_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS alert_acks (key TEXT PRIMARY KEY, acked_ms INTEGER NOT NULL);
 """
 
 
@@ -89,6 +92,67 @@ class NewCredentials(BaseModel):
     device_id: str
     mqtt_username: str
     mqtt_password: str = Field(description="Shown once; only its hash is kept.")
+
+
+class OverrideBody(BaseModel):
+    level: Annotated[float, Field(ge=0, le=100, examples=[80])]
+    expires_in_s: Annotated[float, Field(gt=0, le=31 * 86_400, examples=[3600])] | None = None
+
+
+class OverrideAccepted(BaseModel):
+    accepted: bool = True
+    lights: list[str]
+
+
+class RuleHealthOut(BaseModel):
+    id: str
+    description: str | None
+    evaluations: int
+    fired: int
+    last_fired_ms: int | None
+    errors: int
+    last_error: str | None
+
+
+class RuleText(BaseModel):
+    name: str = "uploaded.yaml"
+    text: Annotated[str, Field(max_length=1_000_000)]
+
+
+class RuleValidation(BaseModel):
+    ok: bool
+    rules: list[str] = []
+    problems: list[str] = []
+
+
+class AlertOut(BaseModel):
+    key: str
+    rule: str
+    severity: str
+    message: str
+    scope: str
+    since_ms: int
+    active: bool
+    cleared_ms: int | None
+    acknowledged_ms: int | None
+
+
+class AlertAck(BaseModel):
+    key: str
+    acknowledged_ms: int
+
+
+class AccountOut(BaseModel):
+    account_id: str
+    balance_minor: int
+    low_balance_minor: int
+    currency: str
+    low: bool
+
+
+class BucketOut(BaseModel):
+    start_ms: int
+    value: float | None
 
 
 class Health(BaseModel):
@@ -239,5 +303,255 @@ def create_app(settings: Settings) -> FastAPI:
         except LedgerError as e:
             return LedgerStatus(ok=False, entries=0, head=None, error=str(e))
         return LedgerStatus(ok=True, entries=count, head=head)
+
+    # ------------------------------------------------------------------ lights
+
+    publisher: dict[str, Any] = {}
+
+    def publish(topic: str, payload: bytes) -> None:
+        """Overrides go to the rule engine over MQTT (it arbitrates them above every rule)."""
+        from citygrid import mqtt
+
+        client = publisher.get("client")
+        if client is None:
+            client = publisher["client"] = mqtt.make_client(settings.mqtt, "citygrid-gateway")
+            mqtt.connect(client, settings.mqtt)
+            client.loop_start()
+        info = client.publish(topic, payload, qos=1)
+        info.wait_for_publish(5)
+
+    def _light(device_id: str) -> tuple:
+        row = registry.db.execute("SELECT device_id, district FROM devices WHERE device_id = ? "
+                                  "AND kind = 'streetlight'", (device_id,)).fetchone()
+        if row is None:
+            raise HTTPException(404, f"no streetlight {device_id!r}")
+        return row
+
+    def _send_override(device_id: str, district: str, body: dict) -> None:
+        from citygrid.contract import Topic
+
+        try:
+            publish(str(Topic(district, "streetlight", device_id, "override")),
+                    json.dumps(body).encode())
+        except (OSError, RuntimeError, ValueError) as e:
+            raise HTTPException(503, f"the broker did not take the override: {e}") from None
+
+    light_errors = {**errors, 404: {"model": Problem, "description": "No such light"},
+                    503: {"model": Problem, "description": "Broker unreachable"}}
+
+    @app.put("/api/v1/lights/{device_id}/override", response_model=OverrideAccepted,
+             status_code=202, tags=["lights"], responses=light_errors)
+    def set_override(device_id: Annotated[str, PathParam(max_length=64)], body: OverrideBody,
+                     _: Annotated[str, Depends(role("operator"))]) -> OverrideAccepted:
+        """Hold a light at a level (optionally for a while); it wins over every rule."""
+        _, district = _light(device_id)
+        _send_override(device_id, district, {"level": body.level,
+                                             "expires_in_s": body.expires_in_s})
+        return OverrideAccepted(lights=[device_id])
+
+    @app.delete("/api/v1/lights/{device_id}/override", response_model=OverrideAccepted,
+                status_code=202, tags=["lights"], responses=light_errors)
+    def clear_override(device_id: Annotated[str, PathParam(max_length=64)],
+                       _: Annotated[str, Depends(role("operator"))]) -> OverrideAccepted:
+        """End the operator's override: the rules decide again."""
+        _, district = _light(device_id)
+        _send_override(device_id, district, {"clear": True})
+        return OverrideAccepted(lights=[device_id])
+
+    @app.put("/api/v1/districts/{district}/override", response_model=OverrideAccepted,
+             status_code=202, tags=["lights"], responses=light_errors)
+    def district_override(district: Annotated[str, PathParam(max_length=64)],
+                          body: OverrideBody, _: Annotated[str, Depends(role("operator"))]
+                          ) -> OverrideAccepted:
+        """The same override for every light of a district."""
+        rows = registry.db.execute("SELECT device_id FROM devices WHERE district = ? AND "
+                                   "kind = 'streetlight' ORDER BY device_id",
+                                   (district,)).fetchall()
+        if not rows:
+            raise HTTPException(404, f"no streetlights in {district!r}")
+        for (device_id,) in rows:
+            _send_override(device_id, district, {"level": body.level,
+                                                 "expires_in_s": body.expires_in_s})
+        return OverrideAccepted(lights=[r[0] for r in rows])
+
+    @app.get("/api/v1/lights/{device_id}/explain", tags=["lights"], responses=light_errors)
+    def explain(device_id: Annotated[str, PathParam(max_length=64)],
+                _: Annotated[str, Depends(role("viewer"))]) -> dict[str, Any]:
+        """Why the light is at its level: the winning wish and every other, with expiries."""
+        _light(device_id)
+        engine = _engine()
+        if engine is None:
+            raise HTTPException(503, "the rule engine has no state yet")
+        return engine.explain(device_id)
+
+    def _engine():
+        from citygrid.city import city
+        from rules.engine import RuleEngine
+        from rules.loader import DEFAULT_RULES, load
+        from rules.state import RuleStateStore
+
+        path = Path(settings.data_dir) / "rules.sqlite"
+        if not path.exists():
+            return None
+
+        class _Null:
+            def command(self, *a): ...
+
+            def publish(self, *a): ...
+
+            def alert(self, *a): ...
+
+            def points(self, *a): ...
+
+        engine = RuleEngine(load(settings.rules or DEFAULT_RULES), registry.fleet(),
+                            city(settings.city), _Null(), track_acks=False)
+        state = RuleStateStore(path)
+        try:
+            state.restore(engine)
+        finally:
+            state.close()
+        return engine
+
+    # ------------------------------------------------------------------ rules and alerts
+
+    def _rules_db() -> sqlite3.Connection | None:
+        path = Path(settings.data_dir) / "rules.sqlite"
+        return sqlite3.connect(path) if path.exists() else None
+
+    @app.get("/api/v1/rules", response_model=list[RuleHealthOut], tags=["rules"],
+             responses=errors)
+    def rules(_: Annotated[str, Depends(role("viewer"))]) -> list[RuleHealthOut]:
+        """The running rules with their health."""
+        from rules.loader import DEFAULT_RULES, load
+
+        ruleset = load(settings.rules or DEFAULT_RULES)
+        health: dict[str, tuple] = {}
+        db = _rules_db()
+        if db is not None:
+            with contextlib.suppress(sqlite3.OperationalError):
+                health = {r[0]: r for r in db.execute("SELECT * FROM rule_health")}
+            db.close()
+        out = []
+        for r in ruleset.rules:
+            _, evals, fired, last, errs, last_error = health.get(r.id, (r.id, 0, 0, None, 0,
+                                                                        None))
+            out.append(RuleHealthOut(id=r.id, description=r.rule.description,
+                                     evaluations=evals, fired=fired, last_fired_ms=last,
+                                     errors=errs, last_error=last_error))
+        return out
+
+    @app.post("/api/v1/rules/validate", response_model=RuleValidation, tags=["rules"],
+              responses=errors)
+    def validate_rules(body: RuleText, _: Annotated[str, Depends(role("operator"))]
+                       ) -> RuleValidation:
+        """Check a rule file without applying it: every problem with line and column."""
+        from rules.loader import RuleFileError, parse_text
+
+        try:
+            ruleset = parse_text(body.text, body.name)
+        except RuleFileError as e:
+            return RuleValidation(ok=False, problems=[str(p) for p in e.problems])
+        return RuleValidation(ok=True, rules=[r.id for r in ruleset.rules])
+
+    @app.get("/api/v1/alerts", response_model=list[AlertOut], tags=["alerts"],
+             responses=errors)
+    def alerts(_: Annotated[str, Depends(role("viewer"))], active: bool | None = None,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AlertOut]:
+        """Active and recent alerts, newest first."""
+        db = _rules_db()
+        if db is None:
+            return []
+        with contextlib.suppress(sqlite3.OperationalError):
+            rows = db.execute("SELECT key, rule_id, severity, message, scope, since_ms, active, "
+                              "cleared_ms FROM rule_alerts ORDER BY since_ms DESC").fetchall()
+            db.close()
+            acked = dict(registry.db.execute("SELECT key, acked_ms FROM alert_acks"))
+            out = [AlertOut(key=k, rule=r, severity=sev, message=m, scope=sc, since_ms=since,
+                            active=bool(a), cleared_ms=c, acknowledged_ms=acked.get(k))
+                   for k, r, sev, m, sc, since, a, c in rows
+                   if active is None or bool(a) == active]
+            return out[:limit]
+        return []
+
+    @app.post("/api/v1/alerts/{key}/ack", response_model=AlertAck, tags=["alerts"],
+              responses={**errors, 404: {"model": Problem, "description": "No such alert"}})
+    def ack_alert(key: Annotated[str, PathParam(max_length=200)],
+                  _: Annotated[str, Depends(role("operator"))]) -> AlertAck:
+        """Acknowledge an alert (it stays until its condition clears)."""
+        db = _rules_db()
+        found = None
+        if db is not None:
+            with contextlib.suppress(sqlite3.OperationalError):
+                found = db.execute("SELECT 1 FROM rule_alerts WHERE key = ?", (key,)).fetchone()
+            db.close()
+        if not found:
+            raise HTTPException(404, f"no alert {key!r}")
+        now = int(time.time() * 1000)
+        with registry.db:
+            registry.db.execute("INSERT OR REPLACE INTO alert_acks VALUES (?, ?)", (key, now))
+        return AlertAck(key=key, acknowledged_ms=now)
+
+    # ------------------------------------------------------------------ billing, history
+
+    def _billing_db() -> sqlite3.Connection | None:
+        path = Path(settings.data_dir) / "billing.sqlite"
+        return sqlite3.connect(path) if path.exists() else None
+
+    @app.get("/api/v1/billing/accounts", response_model=list[AccountOut], tags=["billing"],
+             responses=errors)
+    def accounts(_: Annotated[str, Depends(role("viewer"))]) -> list[AccountOut]:
+        """Accounts with their balances (minor units)."""
+        db = _billing_db()
+        if db is None:
+            return []
+        with contextlib.closing(db):
+            return [AccountOut(account_id=a, balance_minor=b, low_balance_minor=low,
+                               currency=c, low=b < low) for a, b, low, c in
+                    db.execute("SELECT * FROM accounts ORDER BY account_id")]
+
+    @app.get("/api/v1/billing/settlements", tags=["billing"], responses=errors)
+    def settlements(_: Annotated[str, Depends(role("viewer"))],
+                    meter: Annotated[str | None, Query(max_length=64)] = None,
+                    account: Annotated[str | None, Query(max_length=64)] = None,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
+        """Ledger entries, newest first, each with its hash."""
+        db = _billing_db()
+        if db is None:
+            return []
+        with contextlib.closing(db):
+            rows = [({**json.loads(e), "hash": h}) for e, h in
+                    db.execute("SELECT entry, hash FROM ledger ORDER BY seq DESC")]
+        return [r for r in rows if (not meter or r["meter"] == meter)
+                and (not account or r["account"] == account)][:limit]
+
+    @app.get("/api/v1/devices/{device_id}/history", response_model=list[BucketOut],
+             tags=["devices"], responses={**errors, 404: {"model": Problem,
+                                                           "description": "No such device"}})
+    def history(device_id: Annotated[str, PathParam(max_length=64)],
+                field: Annotated[str, Query(pattern=r"^[a-z0-9_]{1,64}$")],
+                start_ms: int, end_ms: int,
+                _: Annotated[str, Depends(role("viewer"))],
+                fn: Literal["mean", "min", "max", "sum", "count", "last"] = "mean",
+                every_s: Annotated[int, Query(ge=1, le=86_400 * 31)] = 300) -> list[BucketOut]:
+        """A field of the device's readings in time buckets."""
+        row = registry.db.execute("SELECT kind FROM devices WHERE device_id = ?",
+                                  (device_id,)).fetchone()
+        if row is None:
+            raise HTTPException(404, f"no device {device_id!r}")
+        if end_ms <= start_ms:
+            raise HTTPException(422, "end_ms must be after start_ms")
+        try:
+            buckets = store.aggregate(row[0], field, fn, start_ms=start_ms, end_ms=end_ms,
+                                      every_ms=every_s * 1000, device_id=device_id)
+        except StoreError as e:
+            raise HTTPException(503, f"the store did not answer: {e}") from None
+        return [BucketOut(start_ms=b.start_ms, value=b.value) for b in buckets]
+
+    @app.get("/metrics", tags=["health"], responses=errors)
+    def metrics(_: Annotated[str, Depends(role("viewer"))]) -> Response:
+        """Prometheus metrics of the gateway."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -28,9 +28,10 @@ SERVICES = {
     # account: ACL lines (topic filters are the contract's)
     "citygrid-ingest": ["topic read city/v1/+/+/+/telemetry"],
     "citygrid-rules": ["topic read city/v1/+/+/+/telemetry", "topic read city/v1/+/+/+/ack",
+                       "topic read city/v1/+/+/+/override",
                        "topic write city/v1/+/+/+/cmd", "topic write city/v1/+/+/+/settlement",
                        "topic write city/v1/+/events"],
-    "citygrid-gateway": ["topic read city/v1/#", "topic write city/v1/+/+/+/cmd"],
+    "citygrid-gateway": ["topic read city/v1/#", "topic write city/v1/+/+/+/override"],
     "citygrid-simulator": ["topic write city/v1/+/+/+/telemetry",
                            "topic write city/v1/+/+/+/ack", "topic write city/v1/+/+/+/status",
                            "topic read city/v1/+/+/+/cmd"],

@@ -124,7 +124,8 @@ class RuleRunner:
             return
         telemetry = (f"$share/{self.config.group}/{self.config.topic}" if self.config.group
                      else self.config.topic)
-        client.subscribe([(telemetry, 1), (topic_filter("ack", kind="streetlight"), 1)])
+        client.subscribe([(telemetry, 1), (topic_filter("ack", kind="streetlight"), 1),
+                          (topic_filter("override", kind="streetlight"), 1)])
 
     def _rule_mtimes(self) -> dict[Path, float]:
         return {p: p.stat().st_mtime for p in loader.rule_files(self.config.rules_path)}
@@ -157,6 +158,9 @@ class RuleRunner:
             t = Topic.parse(topic)
         except ContractError:
             return
+        if t.channel == "override":
+            self._override(t, payload)
+            return
         if t.channel == "ack":
             with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
                 self.engine.on_ack(t.device_id, orjson.loads(payload))
@@ -170,6 +174,26 @@ class RuleRunner:
                 self.engine.on_reading(t.device_id, r.fields(), r.ts)
             except Exception:  # one bad event never stops the loop
                 log.exception("rule evaluation failed for %s", topic)
+
+    def _override(self, t: Topic, payload: bytes) -> None:
+        from pydantic import ValidationError
+
+        from citygrid.contract import Override
+
+        if t.device_id not in self.fleet.by_id:
+            return
+        try:
+            o = Override.model_validate_json(payload)
+        except ValidationError as e:
+            log.warning("override for %s refused: %s", t.device_id, e)
+            return
+        now = self.engine.watermark if self.engine.watermark is not None else \
+            int(time.time() * 1000)
+        if o.clear:
+            self.engine.clear_override(t.device_id, now, o.who)
+        elif o.level is not None:
+            until = now + int(o.expires_in_s * 1000) if o.expires_in_s else None
+            self.engine.set_override(t.device_id, o.level, now, until, o.who)
 
     def start(self, timeout_s: float | None = 10.0) -> None:
         mqtt.connect(self.publisher, self.settings.mqtt, wait=False)

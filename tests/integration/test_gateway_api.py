@@ -104,3 +104,110 @@ def test_provisioning_returns_credentials_once(api, tmp_path):
     listed = client.get("/api/v1/devices/sl-new", headers=auth(tokens["viewer"])).json()
     assert listed["status"] == "provisioned" and "mqtt_password" not in listed
     assert password not in str(client.get("/api/v1/devices", headers=auth(tokens["admin"])).text)
+
+
+def test_an_override_reaches_the_light_and_clearing_returns_it_to_the_rules(
+        mosquitto, uid, tmp_path, publisher):
+    import time
+
+    import orjson
+
+    from citygrid.city import COPENHAGEN
+    from citygrid.contract import Topic
+    from rules.loader import DEFAULT_RULES
+    from rules.runner import RuleRunner, RunnerConfig
+    from tests.conftest import wait_until
+    from tests.integration.test_rules_live import NIGHT, fleet_for, reading
+    from tests.integration.test_simulator_wire import Collector
+
+    fleet = fleet_for(uid)
+    settings = Settings(mqtt_url=mosquitto.url, data_dir=str(tmp_path))
+    registry = Registry(tmp_path)
+    registry.import_fleet(fleet)
+    token = create_token(registry, "operator", "test")
+    runner = RuleRunner(settings, fleet, COPENHAGEN, None, RunnerConfig(
+        DEFAULT_RULES, f"city/v1/{uid}/+/+/telemetry", client_id=f"rules-{uid}"))
+    runner.start()
+    commands = Collector(mosquitto.url, f"city/v1/{uid}/streetlight/+/cmd")
+    client = TestClient(create_app(settings))
+    try:
+        publisher.send(str(Topic(uid, "streetlight", "sl-1")), reading(1, NIGHT))
+        wait_until(lambda: commands.messages, message="the baseline command")
+        r = client.put("/api/v1/lights/sl-1/override", headers=auth(token),
+                       json={"level": 80, "expires_in_s": 3600})
+        assert r.status_code == 202 and r.json() == {"accepted": True, "lights": ["sl-1"]}
+        wait_until(lambda: len(commands.messages) == 2, message="the override command")
+        body = orjson.loads(commands.messages[1][1])
+        assert (body["brightness_pct"], body["reason"]) == (80.0, "override:operator")
+        time.sleep(0.5)  # the engine saves its state every 0.2 s
+        explained = client.get("/api/v1/lights/sl-1/explain", headers=auth(token)).json()
+        assert explained["winner"]["class"] == "override"
+        assert [w["reason"] for w in explained["wishes"]] == ["override:operator",
+                                                              "rule:dark-baseline"]
+        r = client.delete("/api/v1/lights/sl-1/override", headers=auth(token))
+        assert r.status_code == 202
+        wait_until(lambda: len(commands.messages) == 3, message="back to the rules")
+        body = orjson.loads(commands.messages[2][1])
+        assert (body["brightness_pct"], body["reason"]) == (30.0, "rule:dark-baseline")
+        r = client.put(f"/api/v1/districts/{uid}/override", headers=auth(token),
+                       json={"level": 10})
+        assert r.json()["lights"] == ["sl-1", "sl-2", "sl-3"]
+        wait_until(lambda: len(commands.messages) == 6, message="the district override")
+        assert {orjson.loads(p)["reason"] for _, p, _ in commands.messages[3:]} == {
+            "override:operator"}
+        rules = client.get("/api/v1/rules", headers=auth(token)).json()
+        assert {r["id"] for r in rules} >= {"dark-baseline", "motion-boost", "settle-meters"}
+    finally:
+        client.close()
+        runner.stop()
+        commands.close()
+
+
+def test_rules_validation_alerts_billing_history_metrics(api, tmp_path):
+    client, tokens = api
+    bad = client.post("/api/v1/rules/validate", headers=auth(tokens["operator"]),
+                      json={"name": "mine.yaml", "text": "rules:\n  - id: X\n"})
+    assert bad.status_code == 200 and not bad.json()["ok"]
+    assert any(p.startswith("mine.yaml:2:") for p in bad.json()["problems"])
+    good = client.post("/api/v1/rules/validate", headers=auth(tokens["operator"]),
+                       json={"text": (__import__("rules.loader").loader.DEFAULT_RULES
+                                      .read_text())})
+    assert good.json()["ok"] and "motion-boost" in good.json()["rules"]
+    assert client.get("/api/v1/alerts", headers=auth(tokens["viewer"])).json() == []
+    assert client.post("/api/v1/alerts/nope/ack",
+                       headers=auth(tokens["operator"])).status_code == 404
+    assert client.get("/api/v1/billing/accounts", headers=auth(tokens["viewer"])).json() == []
+    hist = client.get("/api/v1/devices/sl-00000/history", headers=auth(tokens["viewer"]),
+                      params={"field": "power_w", "start_ms": 1_789_999_000_000,
+                              "end_ms": 1_790_001_000_000, "every_s": 3600})
+    assert hist.status_code == 200 and hist.json() == [
+        {"start_ms": 1_789_999_200_000, "value": 16.7}]
+    bad_range = client.get("/api/v1/devices/sl-00000/history", headers=auth(tokens["viewer"]),
+                           params={"field": "power_w", "start_ms": 5, "end_ms": 1})
+    assert bad_range.status_code == 422
+    m = client.get("/metrics", headers=auth(tokens["viewer"]))
+    assert m.status_code == 200 and "python_info" in m.text
+
+
+def test_billing_accounts_settlements_and_ledger_status(api, tmp_path):
+    from billing import config as billing_config
+    from billing.ledger import BillingStore
+
+    client, tokens = api
+    fleet = Registry(tmp_path).fleet()
+    meter = fleet.of_kind("meter")[0]
+    billing = BillingStore(tmp_path / "billing.sqlite", billing_config.load(), fleet,
+                           COPENHAGEN.tz)
+    billing.on_reading(meter.device_id, 1_790_000_000_000, 100.0)
+    billing.on_reading(meter.device_id, 1_790_003_600_000, 112.0)
+    [s] = billing.settle(meter.device_id, 1_790_003_600_000)
+    billing.close()
+    accounts = client.get("/api/v1/billing/accounts", headers=auth(tokens["viewer"])).json()
+    assert accounts == [{"account_id": meter.account_id,
+                         "balance_minor": 100_000 - s.entry["amount_minor"],
+                         "low_balance_minor": 10_000, "currency": "DKK", "low": False}]
+    [entry] = client.get("/api/v1/billing/settlements", headers=auth(tokens["viewer"]),
+                         params={"meter": meter.device_id}).json()
+    assert entry["hash"] == s.hash and entry["kwh"] == "12.000000"
+    status = client.get("/api/v1/billing/ledger", headers=auth(tokens["viewer"])).json()
+    assert status == {"ok": True, "entries": 1, "head": s.hash, "error": None}
