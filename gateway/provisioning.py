@@ -110,10 +110,11 @@ class Registry:
                                "ORDER BY device_id").fetchall()
 
     def fleet(self) -> Fleet:
-        rows = self.db.execute("SELECT device_id, kind, district, lat, lon, rated_w, account_id, "
-                               "tariff, profile, max_power_w, street FROM devices "
+        columns = ("device_id", "kind", "district", "lat", "lon", "rated_w", "account_id",
+                   "tariff", "profile", "max_power_w", "street")
+        rows = self.db.execute(f"SELECT {', '.join(columns)} FROM devices "
                                "WHERE status != 'revoked'").fetchall()
-        return Fleet(FleetDevice(*r) for r in rows)
+        return Fleet(FleetDevice(**dict(zip(columns, r, strict=True))) for r in rows)
 
     def provision(self, device: FleetDevice) -> Credentials:
         """Register a device (or re-key one) and return its MQTT credentials — once."""
