@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
@@ -168,6 +168,23 @@ class LedgerStatus(BaseModel):
     error: str | None = None
 
 
+def _serve_docs(app: FastAPI) -> None:
+    """Swagger UI from the installed swagger-ui-bundle: nothing loads from a CDN."""
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
+              name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="CityGrid gateway",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+
 def _problem(status: int, title: str, detail: str | None, request: Request) -> JSONResponse:
     return JSONResponse(Problem(title=title, status=status, detail=detail,
                                 instance=str(request.url.path)).model_dump(),
@@ -181,8 +198,37 @@ def create_app(settings: Settings) -> FastAPI:
     errors = {401: {"model": Problem, "description": "No or unknown bearer token"},
               403: {"model": Problem, "description": "The token's role is too low"}}
     app = FastAPI(title="CityGrid gateway", version="1.0.0",
-                  description="The operators' API: devices, provisioning, billing status.",
+                  description="The operators' API: devices, provisioning, lights and their "
+                  "overrides, rules, alerts, billing. Every route but /health needs a bearer "
+                  "token (`citygrid tokens create --role viewer|operator|admin`). Errors are "
+                  "RFC 9457 problem details.",
+                  docs_url=None, redoc_url=None,
                   responses={422: {"model": Problem, "description": "Invalid request"}})
+    _serve_docs(app)
+
+    def openapi() -> dict[str, Any]:
+        """Errors are documented as what they are: application/problem+json."""
+        from fastapi.openapi.utils import get_openapi
+
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, description=app.description,
+                          routes=app.routes)
+        problem = {"schema": {"$ref": "#/components/schemas/Problem"}}
+        for ops in doc["paths"].values():
+            for op in ops.values():
+                for code, response in op.get("responses", {}).items():
+                    if code[:1] in "45":
+                        response["content"] = {PROBLEM: problem}
+                        response.setdefault("description", "Problem")
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Problem"] = Problem.model_json_schema()
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
     bearer = HTTPBearer(auto_error=False)
     # No `from __future__ import annotations` here: FastAPI must see the closures in the
     # route signatures' Annotated[…, Depends(role(...))] as objects, not strings.
@@ -547,7 +593,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(503, f"the store did not answer: {e}") from None
         return [BucketOut(start_ms=b.start_ms, value=b.value) for b in buckets]
 
-    @app.get("/metrics", tags=["health"], responses=errors)
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse,
+             responses={**errors, 200: {"content": {"text/plain": {}},
+                                        "description": "Prometheus text format"}})
     def metrics(_: Annotated[str, Depends(role("viewer"))]) -> Response:
         """Prometheus metrics of the gateway."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

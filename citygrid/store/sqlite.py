@@ -45,6 +45,7 @@ class SqliteStore:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._db = statedb.connect(self.path)
+        self._db.executescript(_SCHEMA)  # a reader of a fresh data dir finds it empty, not broken
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -92,8 +93,11 @@ class SqliteStore:
         return " WHERE " + " AND ".join(sql), args
 
     def _query(self, sql: str, args: Sequence[object]) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        try:
+            with self._lock:
+                return self._db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as e:  # locked, damaged: the caller gets a store error
+            raise StoreUnavailable(f"SQLite store {self.path}: {e}") from e
 
     def latest(self, measurement: str, *, district: str | None = None,
                device_id: str | None = None) -> dict[str, Point]:

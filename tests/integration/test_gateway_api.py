@@ -211,3 +211,39 @@ def test_billing_accounts_settlements_and_ledger_status(api, tmp_path):
     assert entry["hash"] == s.hash and entry["kwh"] == "12.000000"
     status = client.get("/api/v1/billing/ledger", headers=auth(tokens["viewer"])).json()
     assert status == {"ok": True, "entries": 1, "head": s.hash, "error": None}
+
+
+def test_docs_are_served_without_a_cdn(api):
+    client, _ = api
+    page = client.get("/docs").text
+    assert "/docs-assets/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    spec = client.get("/openapi.json").json()
+    paths = set(spec["paths"])
+    assert {"/api/v1/devices", "/api/v1/lights/{device_id}/override", "/api/v1/alerts",
+            "/api/v1/billing/accounts", "/api/v1/rules/validate", "/health"} <= paths
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            if path != "/health":
+                assert {"401", "403"} <= set(op["responses"]), (method, path)
+
+
+def test_no_route_but_health_answers_without_a_token_and_writes_need_more_than_viewer(api):
+    client, tokens = api
+    spec = client.get("/openapi.json").json()
+    samples = {"device_id": "sl-00000", "district": "indre-by", "key": "x"}
+    checked = 0
+    for path, ops in spec["paths"].items():
+        if path == "/health":
+            continue
+        url = path.format(**samples)
+        for method in ops:
+            r = client.request(method.upper(), url, json={"level": 50, "text": "rules: []",
+                                                          "device_id": "sl-z"})
+            assert r.status_code == 401, (method, path)
+            r = client.request(method.upper(), url, headers=auth(tokens["viewer"]),
+                               json={"level": 50, "text": "rules: []"})
+            if method != "get":  # every write needs operator or admin
+                assert r.status_code == 403, (method, path, r.status_code)
+            checked += 1
+    assert checked >= 15
