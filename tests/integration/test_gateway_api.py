@@ -247,3 +247,22 @@ def test_no_route_but_health_answers_without_a_token_and_writes_need_more_than_v
                 assert r.status_code == 403, (method, path, r.status_code)
             checked += 1
     assert checked >= 15
+
+
+def test_the_device_list_follows_live_telemetry(api, publisher):
+    import time
+
+    from tests.conftest import wait_until
+
+    client, tokens = api
+
+    def latest_seq():
+        devices = client.get("/api/v1/devices", headers=auth(tokens["viewer"])).json()
+        return next(d for d in devices if d["device_id"] == "sl-00000")["latest"]["seq"]
+
+    assert latest_seq() == 7  # from the store, at first
+    time.sleep(0.5)  # the gateway's telemetry subscription is up
+    publisher.send("city/v1/indre-by/streetlight/sl-00000/telemetry",
+                   {"ts": 1_790_000_060_000, "seq": 8, "brightness_pct": 30, "power_w": 16.7,
+                    "energy_wh": 1, "lux": 1, "motion": False})
+    wait_until(lambda: latest_seq() == 8, message="the new reading in the list")
