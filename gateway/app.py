@@ -147,6 +147,17 @@ class NewDevice(BaseModel):
     tariff: str | None = None
 
 
+class DeviceChange(BaseModel):
+    district: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    lat: Annotated[float, Field(ge=-90, le=90)] | None = None
+    lon: Annotated[float, Field(ge=-180, le=180)] | None = None
+    rated_w: Annotated[float, Field(gt=0, le=2000)] | None = None
+    account_id: Annotated[str, Field(max_length=64)] | None = None
+    tariff: Annotated[str, Field(max_length=64)] | None = None
+
+    model_config = {"extra": "forbid", "json_schema_extra": {"examples": [{"rated_w": 55}]}}
+
+
 class NewCredentials(BaseModel):
     device_id: str
     mqtt_username: str
@@ -401,6 +412,47 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(409, str(e)) from None
         return NewCredentials(device_id=device.device_id, mqtt_username=creds.username,
                               mqtt_password=creds.password)
+
+    @app.patch("/api/v1/devices/{device_id}", response_model=Device, tags=["devices"],
+               responses={**errors, 404: {"model": Problem, "description": "No such device"},
+                          409: {"model": Problem, "description": "Not a valid change"}})
+    def edit_device(device_id: Annotated[str, PathParam(max_length=64)], change: DeviceChange,
+                    _: Annotated[str, Depends(role("admin"))]) -> Device:
+        """Change a device's district, position, rated power, account or tariff."""
+        from citygrid.contract import Topic
+
+        row = registry.db.execute(f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?",
+                                  (device_id,)).fetchone()
+        if row is None:
+            raise HTTPException(404, f"no device {device_id!r}")
+        updates = change.model_dump(exclude_unset=True)
+        if not updates:
+            return _device(row, None)
+        if "district" in updates:
+            try:
+                Topic(updates["district"], row[1], device_id)
+            except ContractError as e:
+                raise HTTPException(409, str(e)) from None
+        with registry.db:
+            registry.db.execute(
+                "UPDATE devices SET " + ", ".join(f"{k} = ?" for k in updates)
+                + " WHERE device_id = ?", (*updates.values(), device_id))
+        if "district" in updates and row[8] == "provisioned":
+            registry.write_broker_files()  # its topics moved with it
+        row = registry.db.execute(f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?",
+                                  (device_id,)).fetchone()
+        return _device(row, latest_readings.snapshot().get(device_id))
+
+    @app.delete("/api/v1/devices/{device_id}/credentials", status_code=204, tags=["devices"],
+                responses={**errors, 404: {"model": Problem, "description": "No such device"}})
+    def revoke(device_id: Annotated[str, PathParam(max_length=64)],
+               _: Annotated[str, Depends(role("admin"))]) -> Response:
+        """Revoke a device: its MQTT account is gone and the broker reloads at once."""
+        try:
+            registry.revoke(device_id)
+        except ProvisioningError as e:
+            raise HTTPException(404, str(e)) from None
+        return Response(status_code=204)
 
     @app.get("/api/v1/billing/ledger", response_model=LedgerStatus, tags=["billing"],
              responses=errors)

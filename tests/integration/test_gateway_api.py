@@ -266,3 +266,24 @@ def test_the_device_list_follows_live_telemetry(api, publisher):
                    {"ts": 1_790_000_060_000, "seq": 8, "brightness_pct": 30, "power_w": 16.7,
                     "energy_wh": 1, "lux": 1, "motion": False})
     wait_until(lambda: latest_seq() == 8, message="the new reading in the list")
+
+
+def test_devices_are_editable_and_revocable_through_the_api(api, tmp_path):
+    client, tokens = api
+    admin = auth(tokens["admin"])
+    r = client.patch("/api/v1/devices/sl-00001", headers=admin, json={"rated_w": 77})
+    assert r.status_code == 200 and r.json()["rated_w"] == 77
+    r = client.patch("/api/v1/devices/sl-00001", headers=admin, json={"colour": "red"})
+    assert r.status_code == 422
+    r = client.patch("/api/v1/devices/nope", headers=admin, json={"rated_w": 1})
+    assert r.status_code == 404
+    client.post("/api/v1/devices", headers=admin, json={
+        "device_id": "sl-z", "kind": "streetlight", "district": "valby", "lat": 55.6,
+        "lon": 12.5, "rated_w": 40})
+    assert "sl-z:" in (tmp_path / "mosquitto" / "passwords").read_text()
+    client.patch("/api/v1/devices/sl-z", headers=admin, json={"district": "amager"})
+    assert "city/v1/amager/streetlight/sl-z/telemetry" in (tmp_path / "mosquitto" / "acl"
+                                                          ).read_text()
+    assert client.delete("/api/v1/devices/sl-z/credentials", headers=admin).status_code == 204
+    assert "sl-z:" not in (tmp_path / "mosquitto" / "passwords").read_text()
+    assert client.get("/api/v1/devices/sl-z", headers=admin).json()["status"] == "revoked"
