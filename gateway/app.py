@@ -548,30 +548,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     def _engine():
         from citygrid.city import city
-        from rules.engine import RuleEngine
         from rules.loader import DEFAULT_RULES, load
-        from rules.state import RuleStateStore
+        from rules.state import engine_from_state
 
-        path = Path(settings.data_dir) / "rules.sqlite"
-
-        class _Null:
-            def command(self, *a): ...
-
-            def publish(self, *a): ...
-
-            def alert(self, *a): ...
-
-            def points(self, *a): ...
-
-        engine = RuleEngine(load(settings.rules or DEFAULT_RULES), registry.fleet(),
-                            city(settings.city), _Null(), track_acks=False)
-        if path.exists():  # else the engine has not run here: no wishes, the default level
-            state = RuleStateStore(path)
-            try:
-                state.restore(engine)
-            finally:
-                state.close()
-        return engine
+        # No state yet (the engine has not run here): no wishes, the default level.
+        return engine_from_state(load(settings.rules or DEFAULT_RULES), registry.fleet(),
+                                 city(settings.city), Path(settings.data_dir) / "rules.sqlite")
 
     # ------------------------------------------------------------------ rules and alerts
 

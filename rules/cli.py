@@ -133,28 +133,15 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def _engine_from_state(settings: Settings):
     from citygrid.city import city
-    from rules.engine import RuleEngine
     from rules.loader import load
-    from rules.state import RuleStateStore
+    from rules.state import engine_from_state
 
-    class _Null:
-        def command(self, *a): ...
-
-        def publish(self, *a): ...
-
-        def alert(self, *a): ...
-
-        def points(self, *a): ...
-
-    engine = RuleEngine(load(_rules_path(settings)), _fleet(settings), city(settings.city),
-                        _Null(), track_acks=False)
     path = Path(settings.data_dir) / "rules.sqlite"
     if not path.exists():
         raise SystemExit(f"citygrid rules: no rule state at {path} (is `rules run` using "
                          "this CITYGRID_DATA_DIR?)")
-    state = RuleStateStore(path)
-    state.restore(engine)
-    return engine, state
+    return engine_from_state(load(_rules_path(settings)), _fleet(settings),
+                             city(settings.city), path)
 
 
 def _when(ms: int | None) -> str:
@@ -165,12 +152,11 @@ def _when(ms: int | None) -> str:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    engine, state = _engine_from_state(settings)
+    engine = _engine_from_state(settings)
     if args.device not in engine.fleet.by_id:
         print(f"citygrid rules: no device {args.device!r} in the fleet", file=sys.stderr)
         return 2
     e = engine.explain(args.device)
-    state.close()
     if args.json:
         print(json.dumps(e, indent=2))
         return 0

@@ -157,3 +157,28 @@ class RuleStateStore:
         self._queue.put(None)
         self._writer.join(30)
         self.db.close()
+
+
+class _NoOutbox:
+    """For a read-only engine: it explains, it never acts."""
+
+    def command(self, *args: Any) -> None: ...
+
+    def publish(self, *args: Any) -> None: ...
+
+    def alert(self, *args: Any) -> None: ...
+
+    def points(self, *args: Any) -> None: ...
+
+
+def engine_from_state(ruleset: Any, fleet: Any, city: Any, path: str | Path) -> RuleEngine:
+    """A read-only engine holding the state `rules run` saved at ``path`` (if any): for
+    `rules explain` and the gateway's explain route."""
+    engine = RuleEngine(ruleset, fleet, city, _NoOutbox(), track_acks=False)
+    if Path(path).exists():
+        state = RuleStateStore(path)
+        try:
+            state.restore(engine)
+        finally:
+            state.close()
+    return engine
