@@ -29,6 +29,8 @@ from rules.model import SUN_EVENTS, Select
 log = logging.getLogger("citygrid.rules")
 STANDBY_W = 0.5
 LIGHTING_MEASUREMENT = "citygrid_lighting"
+RULES_MEASUREMENT = "citygrid_rules"
+BILLING_MEASUREMENT = "citygrid_billing"
 ACK_RULE = "missing-ack"
 _TEMPLATE = re.compile(r"\{(reading|device|light|sun|local|meter)\.([A-Za-z_][A-Za-z0-9_]*)\}")
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -174,6 +176,7 @@ class RuleEngine:
         for d in fleet.of_kind("streetlight"):
             self._lights_by_district[d.district].append(d)
         self._floor_on: bool | None = None
+        self._last_report_minute: int | None = None
         self._cmd_seq = 0
         self._last_tick = None
         self._energy: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -467,6 +470,13 @@ class RuleEngine:
         for s in self.billing.settle(device.device_id, now_ms, ended_periods_only=ended_only):
             topic = f"city/v1/{device.district}/meter/{device.device_id}/settlement"
             self.outbox.publish(topic, _json({**s.entry, "hash": s.hash}).encode(), 1, False)
+            from citygrid.store import Point
+
+            self.outbox.points([Point(BILLING_MEASUREMENT, {
+                "meter": device.device_id, "account": s.entry["account"],
+                "district": device.district, "tariff": s.entry["tariff"]}, {
+                "kwh": float(s.entry["kwh"]), "amount_minor": s.entry["amount_minor"],
+                "balance_minor": s.entry["balance_after_minor"]}, now_ms)])
             key = f"low-balance@{s.entry['account']}"
             if s.low_balance:
                 self._raise_alert_direct(key, "low-balance", "major",
@@ -558,6 +568,7 @@ class RuleEngine:
         self._absences(now_ms)
         self._ack_timeouts(now_ms)
         self._flush_energy(now_ms)
+        self._report(now_ms)
         self._settle(now_ms)
 
     def _pending_timers(self, now_ms: int) -> None:
@@ -688,6 +699,29 @@ class RuleEngine:
                 "energy_wh": used, "baseline_wh": baseline, "saved_wh": saved,
                 "saved_pct": (saved / baseline * 100) if baseline > 0 else 0.0,
                 "co2_avoided_g": saved / 1000 * g_per_kwh}, minute * 60_000))
+        self.outbox.points(points)
+
+    def _report(self, now_ms: int) -> None:
+        """Once a minute of event time: the engine's own figures, measurement citygrid_rules
+        (per rule: evaluations, fired, errors; and lights on/dimmed/off, commands, alerts)."""
+        from citygrid.store import Point
+
+        minute = now_ms // 60_000
+        if minute == self._last_report_minute:
+            return
+        self._last_report_minute = minute
+        ts = minute * 60_000
+        levels = [s.level for s in self.lights.values() if s.level is not None]
+        points = [Point(RULES_MEASUREMENT, {"rule": rule_id}, {
+            "evaluations": h.evaluations, "fired": h.fired, "errors": h.errors}, ts)
+            for rule_id, h in sorted(self.health.items())]
+        points.append(Point(RULES_MEASUREMENT, {}, {
+            "lights_on": sum(1 for v in levels if v >= 100),
+            "lights_dimmed": sum(1 for v in levels if 0 < v < 100),
+            "lights_off": sum(1 for v in levels if v == 0),
+            "commands_total": self.commands_sent,
+            "acks_pending": len(self.pending_acks),
+            "alerts_active": sum(1 for a in self.alerts.values() if a.active)}, ts))
         self.outbox.points(points)
 
     # ------------------------------------------------------------------ explain

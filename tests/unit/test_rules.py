@@ -320,8 +320,12 @@ rules:
         engine.on_reading("sl-1", light(power_w=20.0), NIGHT + 60_000)
         engine.advance(NIGHT + 120_000)
         assert box.published == [("city/v1/norrebro/events", b'{"who": "sl-1"}')]
-        [p] = box.pts
-        assert p.measurement == "citygrid_lighting" and p.tags == {"district": "norrebro"}
+        [p] = [p for p in box.pts if p.measurement == "citygrid_lighting"]
+        assert p.tags == {"district": "norrebro"}
+        report = [p for p in box.pts if p.measurement == "citygrid_rules" and not p.tags]
+        assert report and report[-1].fields["commands_total"] == engine.commands_sent
+        per_rule = [p for p in box.pts if p.tags.get("rule") == "tell"]
+        assert per_rule[-1].fields["fired"] == 1
         assert p.fields["energy_wh"] == pytest.approx(20 / 60)
         assert p.fields["baseline_wh"] == pytest.approx((50 * 1.08 + 0.5) / 60)
         assert p.fields["co2_avoided_g"] == pytest.approx(p.fields["saved_wh"] / 1000 * 200)
