@@ -103,3 +103,9 @@ def price(config: BillingConfig, tariff_name: str, tz: ZoneInfo, t0: int, t1: in
             segments.append(Segment(a, b, part, p, p * part / Decimal(1_000_000), period))
             used_in_period[period] = used_in_period.get(period, 0) + part
     return segments
+
+
+def price_now(config: BillingConfig, tariff_name: str, tz: ZoneInfo, ts_ms: int) -> Decimal:
+    """The tariff's price per kWh at a moment (a tiered tariff: its first band)."""
+    tariff = config.tariffs[tariff_name]
+    return tariff.tiers[0].price if tariff.tiers else _price_at(tariff, tz, ts_ms)

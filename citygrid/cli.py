@@ -99,6 +99,17 @@ def cmd_contract_asyncapi(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- dashboards
+
+
+def cmd_dashboards_build(args: argparse.Namespace) -> int:
+    from dashboards.build import build
+
+    for path in build():
+        print(f"wrote {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- up
 
 
@@ -148,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulator_parsers(sub, common)
     add_rules_parsers(sub, common)
     add_ledger_parsers(sub, common)
+    d = sub.add_parser("dashboards", help="Grafana dashboards built from code")
+    dsub = d.add_subparsers(dest="dashboards_command", required=True, metavar="SUBCOMMAND")
+    b = dsub.add_parser("build", help="regenerate dashboards/json from dashboards/build.py")
+    b.set_defaults(func=cmd_dashboards_build)
+
     from gateway.cli import add_parsers as add_gateway_parsers
 
     add_gateway_parsers(sub, common)

@@ -31,6 +31,7 @@ STANDBY_W = 0.5
 LIGHTING_MEASUREMENT = "citygrid_lighting"
 RULES_MEASUREMENT = "citygrid_rules"
 BILLING_MEASUREMENT = "citygrid_billing"
+TARIFF_MEASUREMENT = "citygrid_tariff"
 ACK_RULE = "missing-ack"
 _TEMPLATE = re.compile(r"\{(reading|device|light|sun|local|meter)\.([A-Za-z_][A-Za-z0-9_]*)\}")
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -722,6 +723,13 @@ class RuleEngine:
             "commands_total": self.commands_sent,
             "acks_pending": len(self.pending_acks),
             "alerts_active": sum(1 for a in self.alerts.values() if a.active)}, ts))
+        if self.billing is not None:  # the price bands, for the energy dashboard
+            from billing.tariffs import price_now
+
+            config = self.billing.config
+            points += [Point(TARIFF_MEASUREMENT, {"tariff": name}, {
+                "price": float(price_now(config, name, self.city.tz, ts)),
+                "currency": config.currency}, ts) for name in sorted(config.tariffs)]
         self.outbox.points(points)
 
     # ------------------------------------------------------------------ explain

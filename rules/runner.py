@@ -110,6 +110,11 @@ class RuleRunner:
         self.billing = BillingStore(Path(settings.data_dir) / "billing.sqlite",
                                     billing_config.load(settings.billing), fleet, city.tz)
         self.engine = RuleEngine(self.ruleset, fleet, city, self.outbox, billing=self.billing)
+        # Where every device stands, for maps (the Streetlights dashboard joins on device_id).
+        now = int(time.time() * 1000)
+        self.outbox.points([Point("citygrid_devices", {
+            "device_id": d.device_id, "district": d.district, "kind": d.kind},
+            {"lat": d.lat, "lon": d.lon}, now) for d in fleet])
         self.state.restore(self.engine)
         self.stopping = threading.Event()
         self.subscribed = threading.Event()

@@ -1,0 +1,243 @@
+"""CityGrid's Grafana dashboards, built from code with grafana-foundation-sdk.
+
+`citygrid dashboards build` writes them to dashboards/json/; a test fails when the
+committed JSON is stale, and another runs every panel's InfluxQL against a real
+InfluxDB filled by a simulated night.
+
+The SDK has no InfluxDB query builder, so `InfluxQL` below is one: a raw InfluxQL
+target, the form Grafana's InfluxDB datasource (InfluxQL mode) stores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from grafana_foundation_sdk.builders import dashboard, geomap, stat, table, timeseries
+from grafana_foundation_sdk.cog import builder as cogbuilder
+from grafana_foundation_sdk.cog import variants as cogvariants
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import (
+    DataSourceRef,
+    DataTransformerConfig,
+    VariableRefresh,
+)
+
+HERE = Path(__file__).parent
+OUT = HERE / "json"
+DATASOURCE = DataSourceRef(type_val="influxdb", uid="citygrid-influx")
+DISTRICT = "district =~ /^$district$/"
+
+
+class InfluxQLQuery(cogvariants.Dataquery):
+    def __init__(self, ref_id: str, query: str, alias: str | None = None,
+                 result_format: str = "time_series"):
+        self.ref_id, self.query, self.alias, self.result_format = (ref_id, query, alias,
+                                                                   result_format)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"refId": self.ref_id, "datasource": {"type": "influxdb", "uid": "citygrid-influx"},
+               "query": self.query, "rawQuery": True, "resultFormat": self.result_format}
+        if self.alias:
+            out["alias"] = self.alias
+        return out
+
+
+class InfluxQL(cogbuilder.Builder[InfluxQLQuery]):
+    def __init__(self, query: str, ref_id: str = "A", alias: str | None = None,
+                 result_format: str = "time_series"):
+        self._internal = InfluxQLQuery(ref_id, query, alias, result_format)
+
+    def build(self) -> InfluxQLQuery:
+        return self._internal
+
+
+def _variables(d: dashboard.Dashboard, device_kind: str | None = None) -> dashboard.Dashboard:
+    d = d.with_variable(
+        dashboard.QueryVariable("district").label("District").datasource(DATASOURCE)
+        .query('SHOW TAG VALUES FROM "streetlight" WITH KEY = "district"')
+        .multi(True).include_all(True).all_value(".*")
+        .refresh(VariableRefresh.ON_DASHBOARD_LOAD))
+    if device_kind:
+        d = d.with_variable(
+            dashboard.QueryVariable("device").label("Device").datasource(DATASOURCE)
+            .query(f'SHOW TAG VALUES FROM "{device_kind}" WITH KEY = "device_id" '
+                   f"WHERE {DISTRICT}")
+            .multi(True).include_all(True).all_value(".*")
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED))
+    return d
+
+
+def _ts(title: str, *queries: tuple[str, str], unit: str = "short",
+        width: int = 12, height: int = 8) -> timeseries.Panel:
+    p = (timeseries.Panel().title(title).datasource(DATASOURCE).unit(unit).height(height)
+         .span(width))
+    for i, (query, alias) in enumerate(queries):
+        p = p.with_target(InfluxQL(query, chr(ord("A") + i), alias))
+    return p
+
+
+def _stat(title: str, query: str, unit: str = "short", width: int = 4) -> stat.Panel:
+    return (stat.Panel().title(title).datasource(DATASOURCE).unit(unit).height(4).span(width)
+            .with_target(InfluxQL(query)))
+
+
+def city_overview() -> dashboard.Dashboard:
+    d = (dashboard.Dashboard("CityGrid — city overview").uid("citygrid-overview")
+         .tags(["citygrid"]).refresh("30s").time("now-24h", "now"))
+    d = _variables(d)
+    lights = 'FROM "citygrid_rules" WHERE "rule" = \'\' AND $timeFilter'
+    for title, field in (("Lights on (100 %)", "lights_on"), ("Lights dimmed", "lights_dimmed"),
+                         ("Lights off", "lights_off")):
+        d = d.with_panel(_stat(title, f'SELECT last("{field}") {lights}'))
+    d = d.with_panel(_stat("Active alerts", f'SELECT last("alerts_active") {lights}'))
+    d = d.with_panel(_stat(
+        "Lighting energy (kWh)",
+        f'SELECT sum("energy_wh") / 1000 FROM "citygrid_lighting" WHERE {DISTRICT} AND '
+        "$timeFilter", "kwatth"))
+    d = d.with_panel(_stat(
+        "Saved against 100 % all night",
+        f'SELECT (sum("baseline_wh") - sum("energy_wh")) / sum("baseline_wh") * 100 FROM '
+        f'"citygrid_lighting" WHERE {DISTRICT} AND $timeFilter', "percent"))
+    d = d.with_panel(_stat(
+        "CO₂ avoided (kg)",
+        f'SELECT sum("co2_avoided_g") / 1000 FROM "citygrid_lighting" WHERE {DISTRICT} AND '
+        "$timeFilter", "masskg"))
+    d = d.with_panel(_ts(
+        "Lighting energy against the all-night-full baseline",
+        (f'SELECT sum("energy_wh") FROM "citygrid_lighting" WHERE {DISTRICT} AND $timeFilter '
+         "GROUP BY time($__interval) fill(none)", "used (Wh)"),
+        (f'SELECT sum("baseline_wh") FROM "citygrid_lighting" WHERE {DISTRICT} AND '
+         "$timeFilter GROUP BY time($__interval) fill(none)", "100 % all night (Wh)"),
+        unit="watth"))
+    d = d.with_panel(_ts(
+        "Readings per second and dead letters",
+        ('SELECT mean("readings_per_s") FROM "citygrid_ingest" WHERE $timeFilter '
+         "GROUP BY time($__interval) fill(none)", "readings/s"),
+        ('SELECT max("dead_letters_total") FROM "citygrid_ingest" WHERE $timeFilter '
+         "GROUP BY time($__interval) fill(none)", "dead letters (total)")))
+    return d
+
+
+def streetlights() -> dashboard.Dashboard:
+    d = (dashboard.Dashboard("CityGrid — streetlights").uid("citygrid-streetlights")
+         .tags(["citygrid"]).refresh("30s").time("now-24h", "now"))
+    d = _variables(d, "streetlight")
+    where = f'{DISTRICT} AND device_id =~ /^$device$/ AND $timeFilter'
+    # Positions come from the fleet (the rule engine writes them as citygrid_devices when it
+    # starts), levels from the readings; Grafana joins the two tables by device_id.
+    d = d.with_panel(
+        geomap.Panel().title("Lights by level").datasource(DATASOURCE).height(12).span(24)
+        .with_target(InfluxQL(
+            'SELECT last("lat") AS "lat", last("lon") AS "lon" FROM "citygrid_devices" '
+            f'WHERE "kind" = \'streetlight\' AND {DISTRICT} GROUP BY "device_id"',
+            "A", result_format="table"))
+        .with_target(InfluxQL(
+            f'SELECT last("brightness_pct") AS "level" FROM "streetlight" WHERE {where} '
+            'GROUP BY "device_id"', "B", result_format="table"))
+        .with_transformation(DataTransformerConfig(
+            id_val="joinByField", options={"byField": "device_id", "mode": "inner"})))
+    for title, field, unit in (("Brightness by district", "brightness_pct", "percent"),
+                               ("Ambient light by district", "lux", "lux")):
+        d = d.with_panel(_ts(title, (
+            f'SELECT mean("{field}") FROM "streetlight" WHERE {where} '
+            'GROUP BY time($__interval), "district" fill(none)', "$tag_district"), unit=unit))
+    d = d.with_panel(_ts("Motion by district (share of readings)", (
+        f'SELECT mean("motion_count") FROM "streetlight" WHERE {where} '
+        'GROUP BY time($__interval), "district" fill(none)', "$tag_district")))
+    d = d.with_panel(
+        table.Panel().title("Lamp faults").datasource(DATASOURCE).height(8).span(12)
+        .with_target(InfluxQL(
+            f'SELECT last("power_w") AS "power_w", last("brightness_pct") AS "level" FROM '
+            f'"streetlight" WHERE {where} AND "fault" = \'lamp_failure\' GROUP BY "device_id"',
+            result_format="table")))
+    return d
+
+
+def energy_and_billing() -> dashboard.Dashboard:
+    d = (dashboard.Dashboard("CityGrid — energy and billing").uid("citygrid-billing")
+         .tags(["citygrid"]).refresh("1m").time("now-7d", "now"))
+    d = _variables(d, "meter")
+    where = f'{DISTRICT} AND device_id =~ /^$device$/ AND $timeFilter'
+    d = d.with_panel(_ts("Consumption by district (W)", (
+        f'SELECT sum("power_w") FROM (SELECT mean("power_w") AS "power_w" FROM "meter" WHERE '
+        f'{where} GROUP BY time($__interval), "device_id", "district") '
+        'GROUP BY time($__interval), "district" fill(none)', "$tag_district"), unit="watt"))
+    d = d.with_panel(_ts("Consumption by meter (W)", (
+        f'SELECT mean("power_w") FROM "meter" WHERE {where} '
+        'GROUP BY time($__interval), "device_id" fill(none)', "$tag_device_id"), unit="watt"))
+    d = d.with_panel(_ts("Settled (DKK) by district", (
+        f'SELECT sum("amount_minor") / 100 FROM "citygrid_billing" WHERE {DISTRICT} AND '
+        '$timeFilter GROUP BY time($__interval), "district" fill(none)', "$tag_district")))
+    d = d.with_panel(
+        table.Panel().title("Account balances (DKK)").datasource(DATASOURCE).height(8)
+        .span(12).with_target(InfluxQL(
+            f'SELECT last("balance_minor") / 100 AS "balance", sum("kwh") AS "kwh settled" '
+            f'FROM "citygrid_billing" WHERE {DISTRICT} AND $timeFilter GROUP BY "account"',
+            result_format="table")))
+    d = d.with_panel(_ts("Time-of-use price bands (per kWh)", (
+        'SELECT last("price") FROM "citygrid_tariff" WHERE $timeFilter '
+        'GROUP BY time($__interval), "tariff" fill(previous)', "$tag_tariff")))
+    return d
+
+
+def platform_health() -> dashboard.Dashboard:
+    d = (dashboard.Dashboard("CityGrid — platform health").uid("citygrid-health")
+         .tags(["citygrid"]).refresh("10s").time("now-6h", "now"))
+    ingest = 'FROM "citygrid_ingest" WHERE "reason" = \'\' AND $timeFilter'
+    d = d.with_panel(_ts("Ingest rate", (
+        f'SELECT mean("readings_per_s") {ingest} GROUP BY time($__interval), "worker" '
+        "fill(none)", "$tag_worker readings/s")))
+    d = d.with_panel(_ts("Batch latency and reading→stored lag", (
+        f'SELECT max("batch_latency_max_ms") {ingest} GROUP BY time($__interval) fill(none)',
+        "batch max (ms)"), (
+        f'SELECT max("lag_p99_ms") {ingest} GROUP BY time($__interval) fill(none)',
+        "lag p99 (ms)"), unit="ms"))
+    d = d.with_panel(_ts("Buffer and spool", (
+        f'SELECT max("buffered_messages") {ingest} GROUP BY time($__interval) fill(none)',
+        "unacknowledged messages"), (
+        f'SELECT max("spool_points") {ingest} GROUP BY time($__interval) fill(none)',
+        "spooled points")))
+    d = d.with_panel(_ts("Dead letters by reason", (
+        'SELECT max("dead_letters_total") FROM "citygrid_ingest" WHERE "reason" != \'\' AND '
+        '$timeFilter GROUP BY time($__interval), "reason" fill(none)', "$tag_reason")))
+    d = d.with_panel(_ts("Rule evaluations and errors", (
+        'SELECT non_negative_difference(last("evaluations")) FROM "citygrid_rules" WHERE '
+        '"rule" != \'\' AND $timeFilter GROUP BY time($__interval), "rule" fill(none)',
+        "$tag_rule"), (
+        'SELECT non_negative_difference(last("errors")) FROM "citygrid_rules" WHERE '
+        '"rule" != \'\' AND $timeFilter GROUP BY time($__interval), "rule" fill(none)',
+        "$tag_rule errors")))
+    d = d.with_panel(_ts("Commands and acknowledgements", (
+        'SELECT non_negative_difference(last("commands_total")) FROM "citygrid_rules" WHERE '
+        '"rule" = \'\' AND $timeFilter GROUP BY time($__interval) fill(none)', "commands"), (
+        'SELECT last("acks_pending") FROM "citygrid_rules" WHERE "rule" = \'\' AND '
+        "$timeFilter GROUP BY time($__interval) fill(none)", "awaiting an ack")))
+    return d
+
+
+DASHBOARDS = {"city-overview": city_overview, "streetlights": streetlights,
+              "energy-and-billing": energy_and_billing, "platform-health": platform_health}
+
+
+def render(name: str) -> str:
+    built = DASHBOARDS[name]().build()
+    return json.dumps(json.loads(json.dumps(built, cls=JSONEncoder)), indent=2,
+                      sort_keys=True) + "\n"
+
+
+def build(out: Path = OUT) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in DASHBOARDS:
+        path = out / f"{name}.json"
+        path.write_text(render(name))
+        paths.append(path)
+    return paths
+
+
+def panel_queries(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, InfluxQL) for every target of every panel."""
+    return [(p["title"], t["query"]) for p in doc.get("panels", [])
+            for t in p.get("targets", []) if t.get("rawQuery")]
