@@ -54,6 +54,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                         help="(re)create a platform service account; prints it once")
     acc.add_argument("name", help="citygrid-ingest, citygrid-rules, citygrid-gateway, "
                      "citygrid-simulator")
+    acc.add_argument("--host", default="HOST", help="the broker host for the URL")
+    acc.add_argument("--port", default="PORT", help="the broker port for the URL")
+    acc.add_argument("--write", help="write the URL to this file (mode 600) instead of printing")
     acc.set_defaults(func=cmd_account)
 
 
@@ -125,7 +128,19 @@ def cmd_account(args: argparse.Namespace) -> int:
     except ProvisioningError as e:
         print(f"citygrid broker account: {e}", file=sys.stderr)
         return 2
-    print(f"CITYGRID_MQTT_URL=mqtt://{creds.username}:{creds.password}@HOST:PORT  (shown once)")
+    url = f"mqtt://{creds.username}:{creds.password}@{args.host}:{args.port}"
+    if args.write:
+        import os
+        from pathlib import Path
+
+        path = Path(args.write)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        os.chmod(path, 0o600)
+        path.write_text(url + "\n")
+        print(f"wrote {args.name}'s MQTT URL to {path}")
+        return 0
+    print(f"CITYGRID_MQTT_URL={url}  (shown once)")
     return 0
 
 
