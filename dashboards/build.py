@@ -14,15 +14,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from grafana_foundation_sdk.builders import dashboard, geomap, stat, table, timeseries
+from grafana_foundation_sdk.builders import common, dashboard, geomap, stat, table, timeseries
 from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog import variants as cogvariants
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.common import FrameGeometrySourceMode
 from grafana_foundation_sdk.models.dashboard import (
     DataSourceRef,
     DataTransformerConfig,
+    FieldColorModeId,
     VariableRefresh,
 )
+from grafana_foundation_sdk.models.geomap import TooltipMode
 
 HERE = Path(__file__).parent
 OUT = HERE / "json"
@@ -137,7 +140,19 @@ def streetlights() -> dashboard.Dashboard:
             f'SELECT last("brightness_pct") AS "level" FROM "streetlight" WHERE {where} '
             'GROUP BY "device_id"', "B", result_format="table"))
         .with_transformation(DataTransformerConfig(
-            id_val="joinByField", options={"byField": "device_id", "mode": "inner"})))
+            id_val="joinByField", options={"byField": "device_id", "mode": "inner"}))
+        # Markers at each light's position, coloured by its level: dark blue → bright.
+        .layers([common.MapLayerOptions().type("markers").name("Lights by level")
+                 .location(common.FrameGeometrySource().mode(FrameGeometrySourceMode.COORDS)
+                           .latitude("lat").longitude("lon"))
+                 .config({"showLegend": True, "style": {
+                     "color": {"field": "level", "fixed": "dark-green"},
+                     "size": {"fixed": 5},
+                     "symbol": {"fixed": "img/icons/marker/circle.svg"}}})])
+        .view(geomap.MapViewConfig().id("coords").lat(55.68).lon(12.56).zoom(12))
+        .tooltip(geomap.TooltipOptions().mode(TooltipMode.DETAILS))
+        .color_scheme(dashboard.FieldColor().mode(FieldColorModeId.CONTINUOUS_BL_YL_RD))
+        .min(0).max(100).unit("percent"))
     for title, field, unit in (("Brightness by district", "brightness_pct", "percent"),
                                ("Ambient light by district", "lux", "lux")):
         d = d.with_panel(_ts(title, (

@@ -28,32 +28,28 @@ def datasource(influx_url: str, database: str, token: str | None = None) -> dict
 
 def push(url: str, token: str, influx_url: str, database: str,
          influx_token: str | None = None) -> list[str]:
-    from grafana_client import GrafanaApi
-    from grafana_client.client import GrafanaClientError
+    """Grafana's HTTP API directly (httpx): grafana-client would bring urllib3-future, which
+    replaces urllib3 under `requests` and breaks libraries that use it (schemathesis)."""
+    import httpx
 
-    grafana = GrafanaApi.from_url(url, credential=token)
     done = []
-    ds = datasource(influx_url, database, influx_token)
-    try:
-        grafana.datasource.get_datasource_by_uid(DATASOURCE_UID)
-        grafana.datasource.update_datasource_by_uid(DATASOURCE_UID, ds)
-        done.append("datasource updated")
-    except GrafanaClientError as e:
-        if e.status_code != 404:
-            raise
-        grafana.datasource.create_datasource(ds)
-        done.append("datasource created")
-    try:
-        grafana.folder.get_folder(FOLDER_UID)
-    except GrafanaClientError as e:
-        if e.status_code != 404:
-            raise
-        grafana.folder.create_folder("CityGrid", uid=FOLDER_UID)
-    for name in DASHBOARDS:
-        doc = json.loads(render(name))
-        doc.pop("id", None)
-        grafana.dashboard.update_dashboard({"dashboard": doc, "folderUid": FOLDER_UID,
-                                            "overwrite": True,
-                                            "message": "citygrid dashboards push"})
-        done.append(f"dashboard {doc['uid']}")
+    with httpx.Client(base_url=url.rstrip("/"), timeout=30,
+                      headers={"Authorization": f"Bearer {token}"}) as grafana:
+        ds = datasource(influx_url, database, influx_token)
+        if grafana.get(f"/api/datasources/uid/{DATASOURCE_UID}").status_code == 200:
+            grafana.put(f"/api/datasources/uid/{DATASOURCE_UID}", json=ds).raise_for_status()
+            done.append("datasource updated")
+        else:
+            grafana.post("/api/datasources", json=ds).raise_for_status()
+            done.append("datasource created")
+        if grafana.get(f"/api/folders/{FOLDER_UID}").status_code != 200:
+            grafana.post("/api/folders", json={"uid": FOLDER_UID, "title": "CityGrid"}
+                         ).raise_for_status()
+        for name in DASHBOARDS:
+            doc = json.loads(render(name))
+            doc.pop("id", None)
+            grafana.post("/api/dashboards/db", json={
+                "dashboard": doc, "folderUid": FOLDER_UID, "overwrite": True,
+                "message": "citygrid dashboards push"}).raise_for_status()
+            done.append(f"dashboard {doc['uid']}")
     return done
