@@ -31,6 +31,7 @@ HERE = Path(__file__).parent
 OUT = HERE / "json"
 DATASOURCE = DataSourceRef(type_val="influxdb", uid="citygrid-influx")
 DISTRICT = "district =~ /^$district$/"
+DEVICE_WHERE = f"{DISTRICT} AND device_id =~ /^$device$/ AND $timeFilter"
 
 
 class InfluxQLQuery(cogvariants.Dataquery):
@@ -86,9 +87,13 @@ def _stat(title: str, query: str, unit: str = "short", width: int = 4) -> stat.P
             .with_target(InfluxQL(query)))
 
 
+def _dashboard(title: str, uid: str, refresh: str, since: str) -> dashboard.Dashboard:
+    return (dashboard.Dashboard(f"CityGrid — {title}").uid(uid).tags(["citygrid"])
+            .refresh(refresh).time(since, "now"))
+
+
 def city_overview() -> dashboard.Dashboard:
-    d = (dashboard.Dashboard("CityGrid — city overview").uid("citygrid-overview")
-         .tags(["citygrid"]).refresh("30s").time("now-24h", "now"))
+    d = _dashboard("city overview", "citygrid-overview", "30s", "now-24h")
     d = _variables(d)
     lights = 'FROM "citygrid_rules" WHERE "rule" = \'\' AND $timeFilter'
     for title, field in (("Lights on (100 %)", "lights_on"), ("Lights dimmed", "lights_dimmed"),
@@ -124,10 +129,9 @@ def city_overview() -> dashboard.Dashboard:
 
 
 def streetlights() -> dashboard.Dashboard:
-    d = (dashboard.Dashboard("CityGrid — streetlights").uid("citygrid-streetlights")
-         .tags(["citygrid"]).refresh("30s").time("now-24h", "now"))
+    d = _dashboard("streetlights", "citygrid-streetlights", "30s", "now-24h")
     d = _variables(d, "streetlight")
-    where = f'{DISTRICT} AND device_id =~ /^$device$/ AND $timeFilter'
+    where = DEVICE_WHERE
     # Positions come from the fleet (the rule engine writes them as citygrid_devices when it
     # starts), levels from the readings; Grafana joins the two tables by device_id.
     d = d.with_panel(
@@ -171,10 +175,9 @@ def streetlights() -> dashboard.Dashboard:
 
 
 def energy_and_billing() -> dashboard.Dashboard:
-    d = (dashboard.Dashboard("CityGrid — energy and billing").uid("citygrid-billing")
-         .tags(["citygrid"]).refresh("1m").time("now-7d", "now"))
+    d = _dashboard("energy and billing", "citygrid-billing", "1m", "now-7d")
     d = _variables(d, "meter")
-    where = f'{DISTRICT} AND device_id =~ /^$device$/ AND $timeFilter'
+    where = DEVICE_WHERE
     d = d.with_panel(_ts("Consumption by district (W)", (
         f'SELECT sum("power_w") FROM (SELECT mean("power_w") AS "power_w" FROM "meter" WHERE '
         f'{where} GROUP BY time($__interval), "device_id", "district") '
@@ -198,8 +201,7 @@ def energy_and_billing() -> dashboard.Dashboard:
 
 
 def platform_health() -> dashboard.Dashboard:
-    d = (dashboard.Dashboard("CityGrid — platform health").uid("citygrid-health")
-         .tags(["citygrid"]).refresh("10s").time("now-6h", "now"))
+    d = _dashboard("platform health", "citygrid-health", "10s", "now-6h")
     ingest = 'FROM "citygrid_ingest" WHERE "reason" = \'\' AND $timeFilter'
     d = d.with_panel(_ts("Ingest rate", (
         f'SELECT mean("readings_per_s") {ingest} GROUP BY time($__interval), "worker" '
