@@ -256,8 +256,11 @@ class Engine:
         reported = 0
         while not self._stop.is_set():
             now_sim = self.clock.now_ms()
-            if self.end_ms is not None and now_sim >= self.end_ms:
-                break
+            # At the end, still send every reading due before it (at 3600× one loop can
+            # span minutes of simulated time): a run publishes exactly its schedule.
+            finishing = self.end_ms is not None and now_sim >= self.end_ms
+            if finishing:
+                now_sim = self.end_ms - 1
             burst = 0
             while self.schedule and self.schedule[0][0] <= now_sim:
                 due, i = heapq.heappop(self.schedule)
@@ -279,6 +282,8 @@ class Engine:
                     self._service_io(0)  # take the broker's acks as we go
                     if self._stop.is_set():  # behind schedule must not mean deaf to Ctrl-C
                         break
+            if finishing:
+                break
             wait = 0.05
             if self.schedule:
                 wait = min(wait, max(0.0, self.clock.wall_at(self.schedule[0][0])

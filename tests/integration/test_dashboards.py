@@ -72,7 +72,7 @@ def night(influxd, mosquitto, tmp_path_factory):
         wait_until(lambda: store.count("streetlight") + store.count("meter") >=
                    stats["readings"], timeout_s=60, message="the night stored")
         end_of_night = start_ms + 24 * 3_600_000 - 120_000
-        wait_until(lambda: (runner.engine.watermark or 0) >= end_of_night, timeout_s=120,
+        wait_until(lambda: (runner.engine.watermark or 0) >= end_of_night, timeout_s=240,
                    message="the rule engine through the night")
         time.sleep(2)  # last self-reports, lighting and billing points
     finally:
