@@ -557,8 +557,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     # ------------------------------------------------------------------ rules and alerts
 
-    def _rules_db() -> sqlite3.Connection | None:
-        path = Path(settings.data_dir) / "rules.sqlite"
+    def _state_db(name: str) -> sqlite3.Connection | None:
+        """A state database another service writes (rules, billing), if it exists yet."""
+        path = Path(settings.data_dir) / name
         return sqlite3.connect(path) if path.exists() else None
 
     @app.get("/api/v1/rules", response_model=list[RuleHealthOut], tags=["rules"],
@@ -569,7 +570,7 @@ def create_app(settings: Settings) -> FastAPI:
 
         ruleset = load(settings.rules or DEFAULT_RULES)
         health: dict[str, tuple] = {}
-        db = _rules_db()
+        db = _state_db("rules.sqlite")
         if db is not None:
             with contextlib.suppress(sqlite3.OperationalError):
                 health = {r[0]: r for r in db.execute("SELECT * FROM rule_health")}
@@ -601,7 +602,7 @@ def create_app(settings: Settings) -> FastAPI:
     def alerts(_: Annotated[str, Depends(role("viewer"))], active: bool | None = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AlertOut]:
         """Active and recent alerts, newest first."""
-        db = _rules_db()
+        db = _state_db("rules.sqlite")
         if db is None:
             return []
         with contextlib.suppress(sqlite3.OperationalError):
@@ -621,7 +622,7 @@ def create_app(settings: Settings) -> FastAPI:
     def ack_alert(key: Annotated[str, PathParam(max_length=200)],
                   _: Annotated[str, Depends(role("operator"))]) -> AlertAck:
         """Acknowledge an alert (it stays until its condition clears)."""
-        db = _rules_db()
+        db = _state_db("rules.sqlite")
         found = None
         if db is not None:
             with contextlib.suppress(sqlite3.OperationalError):
@@ -636,15 +637,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     # ------------------------------------------------------------------ billing, history
 
-    def _billing_db() -> sqlite3.Connection | None:
-        path = Path(settings.data_dir) / "billing.sqlite"
-        return sqlite3.connect(path) if path.exists() else None
-
     @app.get("/api/v1/billing/accounts", response_model=list[AccountOut], tags=["billing"],
              responses=errors)
     def accounts(_: Annotated[str, Depends(role("viewer"))]) -> list[AccountOut]:
         """Accounts with their balances (minor units)."""
-        db = _billing_db()
+        db = _state_db("billing.sqlite")
         if db is None:
             return []
         with contextlib.closing(db):
@@ -658,7 +655,7 @@ def create_app(settings: Settings) -> FastAPI:
                     account: Annotated[str | None, Query(max_length=64)] = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
         """Ledger entries, newest first, each with its hash."""
-        db = _billing_db()
+        db = _state_db("billing.sqlite")
         if db is None:
             return []
         with contextlib.closing(db):

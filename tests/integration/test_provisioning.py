@@ -11,7 +11,6 @@ import threading
 import time
 
 import orjson
-import paho.mqtt.client as paho
 import pytest
 
 from citygrid import mqtt
@@ -122,7 +121,6 @@ def test_revoked_and_anonymous_clients_cannot_connect_and_new_devices_need_no_re
     assert not c.refused, "a newly provisioned device connects without a broker restart"
     for client in (anonymous, wrong, b, c):
         client.close()
-    assert paho.MQTT_ERR_SUCCESS == 0
 
 
 def test_devices_cli_prints_credentials_once_and_refuses_bad_ids(tmp_path):
