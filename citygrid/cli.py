@@ -183,15 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_gateway_parsers(sub, common)
 
-    p = sub.add_parser("up", parents=[common], help="broker + ingest + simulator on this machine")
-    p.add_argument("--streetlights", type=int, default=60)
-    p.add_argument("--meters", type=int, default=20)
-    p.add_argument("--interval", type=float, default=60.0, help="simulated seconds between "
-                   "a device's readings (60)")
-    p.add_argument("--speed", type=float, default=60.0, help="simulated time speed-up (60)")
-    p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
-    p.add_argument("--no-simulator", action="store_true", help="the platform alone")
-    p.set_defaults(func=cmd_up)
+    from citygrid.up import add_parser as add_up_parser
+
+    add_up_parser(sub, common, cmd_up)
     return parser
 
 

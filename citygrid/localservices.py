@@ -5,6 +5,8 @@ Debian's ``mosquitto`` and ``influxdb`` packages provide the binaries.
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import signal
 import socket
@@ -106,6 +108,11 @@ class Mosquitto(_Service):
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        self._spawn(self.argv())
+        wait_for_port(self.port)
+
+    def argv(self) -> list[str]:
+        """Write the configuration; the command line that runs the broker with it."""
         binary = find_binary("mosquitto")
         conf = self.dir / "mosquitto.conf"
         conf.write_text(
@@ -113,12 +120,14 @@ class Mosquitto(_Service):
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.dir}/\n"
+            # Started as root, Mosquitto would drop to the `mosquitto` user, which cannot
+            # write its persistence file here: stay the user who started it.
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
             # Persistent sessions must hold a whole backlog (FIELD-NOTES: default 1000).
             "max_queued_messages 0\n"
             f"{self.extra_conf}\n"
         )
-        self._spawn([binary, "-c", str(conf)])
-        wait_for_port(self.port)
+        return [binary, "-c", str(conf)]
 
 
 class Influxd(_Service):

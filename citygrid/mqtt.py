@@ -1,4 +1,4 @@
-"""The one place CityGrid makes paho-mqtt clients: MQTT 5, settings-driven."""
+"""The one place CityGrid makes paho-mqtt clients: MQTT 5 (or 3.1.1), settings-driven."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ DEFAULT_SESSION_EXPIRY_S = 3600
 
 
 def make_client(url: MqttUrl, client_id: str = "", *, manual_ack: bool = False,
-                protocol: int = paho.MQTTv5) -> paho.Client:
+                protocol: int | None = None) -> paho.Client:
+    """A client speaking ``protocol`` (default: the settings' CITYGRID_MQTT_PROTOCOL)."""
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=protocol, manual_ack=manual_ack)
+                         protocol=protocol or url.protocol, manual_ack=manual_ack)
     if url.username:
         client.username_pw_set(url.username, url.password)
     if url.tls:
@@ -35,6 +36,9 @@ def connect(client: paho.Client, url: MqttUrl, *, clean_start: bool = True,
     starts before its broker); ``wait=True`` raises if the broker is not there.
     """
     if client.protocol != paho.MQTTv5:  # 3.1.1: no properties, clean session by flag
+        # paho takes clean_session in the constructor for 3.1.1; a persistent session
+        # (ingest) is one that is not clean. Session expiry does not exist in 3.1.1.
+        client._clean_session = clean_start  # noqa: SLF001 (paho 2.x, pinned)
         (client.connect if wait else client.connect_async)(url.host, url.port,
                                                            keepalive=keepalive)
         return
@@ -49,7 +53,10 @@ def connect(client: paho.Client, url: MqttUrl, *, clean_start: bool = True,
         url.host, url.port, keepalive=keepalive, clean_start=clean_start, properties=props)
 
 
-def message_expiry(seconds: int) -> Properties:
+def message_expiry(client: paho.Client, seconds: int) -> Properties | None:
+    """A PUBLISH's message expiry, for MQTT 5 clients (3.1.1 has none)."""
+    if client.protocol != paho.MQTTv5:
+        return None
     props = Properties(PacketTypes.PUBLISH)
     props.MessageExpiryInterval = seconds
     return props

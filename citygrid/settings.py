@@ -25,6 +25,7 @@ class MqttUrl:
     tls: bool = False
     username: str | None = None
     password: str | None = None
+    protocol: int = 5  # paho's numbers: 5 = MQTT 5, 4 = MQTT 3.1.1
 
     @classmethod
     def parse(cls, url: str, variable: str = "CITYGRID_MQTT_URL") -> MqttUrl:
@@ -53,6 +54,7 @@ def _env(name: str) -> str:
 @dataclass(frozen=True)
 class Settings:
     mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_protocol: str = "5"  # "3.1.1" for brokers without MQTT 5 (the embedded one)
     influx_url: str = ""
     influx_db: str = "citygrid"
     influx_token: str | None = None
@@ -66,7 +68,11 @@ class Settings:
     mqtt: MqttUrl = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mqtt", MqttUrl.parse(self.mqtt_url))
+        if self.mqtt_protocol not in ("5", "3.1.1"):
+            raise SettingsError("CITYGRID_MQTT_PROTOCOL",
+                                f"{self.mqtt_protocol!r} must be 5 or 3.1.1")
+        object.__setattr__(self, "mqtt", replace(MqttUrl.parse(self.mqtt_url),
+                                                 protocol=5 if self.mqtt_protocol == "5" else 4))
         if self.influx_url:
             parts = urlsplit(self.influx_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -1,103 +1,239 @@
-"""``citygrid up``: the platform on one machine, each service its own process.
+"""``citygrid up``: the whole city on one machine, each service its own supervised process.
 
-For now: a private Mosquitto, ``citygrid ingest`` into the configured store
-(embedded SQLite unless CITYGRID_INFLUX_URL is set) and ``citygrid simulate``.
+A broker (Mosquitto when installed, else the embedded amqtt broker), ingest into the
+configured store (embedded SQLite unless CITYGRID_INFLUX_URL is set), the rule engine with
+the shipped lighting and billing examples, the gateway with the status page, and a
+simulated fleet at 60× from yesterday's late afternoon. Everything lives in the data
+directory, so a second `citygrid up` goes on where the first one stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
-import subprocess
+import socket
 import sys
 import threading
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import httpx
 import orjson
 
-from citygrid.localservices import Mosquitto, free_port
+from citygrid.city import city as city_profile
+from citygrid.localservices import MissingBinary, Mosquitto, find_binary, free_port
 from citygrid.settings import Settings
-from citygrid.store import open_store
+from citygrid.supervisor import Supervisor
+from citygrid.upview import CityWatch, render
+
+# Readings per real second the demo offers each broker: Mosquitto carries tens of thousands
+# (FIELD-NOTES); amqtt about 1,200 QoS 1 messages/s, and each reading goes to four
+# subscribers (ingest, rules, gateway, this summary).
+BROKER_BUDGET = {"mosquitto": 400.0, "embedded": 60.0}
+STOP_ORDER = ["simulate", "gateway", "rules", "ingest", "broker"]
 
 
 def _port_free(port: int) -> bool:
-    import socket
-
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _port(wanted: int | None, default: int) -> int:
+    if wanted:
+        return wanted
+    for port in range(default, default + 10):
+        if _port_free(port):
+            return port
+    return free_port()
+
+
+def late_afternoon_yesterday(tz) -> int:
+    """16:00 yesterday in the city: dusk, the night and the morning play out at 60×."""
+    now = datetime.now(tz)
+    start = (now - timedelta(days=1)).replace(hour=16, minute=0, second=0, microsecond=0)
+    return int(start.timestamp() * 1000)
+
+
+def demo_token(registry, data: Path) -> str:
+    """The demo's operator token: kept (mode 600) so a resumed city keeps its address."""
+    from gateway.app import _digest, create_token
+
+    path = data / "demo-token"
+    if path.exists():
+        token = path.read_text().strip()
+        if registry.db.execute("SELECT 1 FROM tokens WHERE hash = ?",
+                               (_digest(token),)).fetchone():
+            return token
+    token = create_token(registry, "operator", "citygrid up")
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token
+
+
+def _choose_broker(kind: str) -> str:
+    if kind != "auto":
+        return kind
+    try:
+        find_binary("mosquitto")
+        return "mosquitto"
+    except MissingBinary:
+        return "embedded"
+
+
+def _wait_ready(url: str, watch: CityWatch, supervisor: Supervisor, need_readings: bool,
+                timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    gateway = False
+    while time.monotonic() < deadline:
+        supervisor.check()
+        if not gateway:
+            with contextlib.suppress(httpx.HTTPError):
+                gateway = httpx.get(f"{url}/health", timeout=1).status_code == 200
+        if gateway and (not need_readings or watch.readings > 0):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def run_up(settings: Settings, args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
     data = Path(settings.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
-    port = 1883 if _port_free(1883) else free_port()
-    broker = Mosquitto(data / "mosquitto", port)
-    broker.start()
-    settings = settings.with_(mqtt_url=broker.url, data_dir=str(data))
-    env = {**os.environ, **settings.as_env()}
-    python = [sys.executable, "-m", "citygrid"]
-    children: dict[str, subprocess.Popen] = {}
-    logs = data / "logs"
-    logs.mkdir(exist_ok=True)
+    profile = city_profile(settings.city)
+    broker_kind = _choose_broker(args.broker)
+    broker_port = _port(args.broker_port, 1883)
+    gateway_port = _port(args.port, 8000)
+    settings = settings.with_(mqtt_url=f"mqtt://127.0.0.1:{broker_port}", data_dir=str(data),
+                              mqtt_protocol="5" if broker_kind == "mosquitto" else "3.1.1")
 
-    def spawn(name: str, argv: list[str]) -> None:
-        with open(logs / f"{name}.log", "ab") as log:
-            children[name] = subprocess.Popen(python + argv, env=env, stdout=log,
-                                              stderr=subprocess.STDOUT)
-
-    fleet = Path(settings.fleet) if settings.fleet else data / "fleet.geojson"
-    if not fleet.exists():
-        from citygrid.city import city
+    fleet_path = Path(settings.fleet) if settings.fleet else data / "fleet.geojson"
+    if not fleet_path.exists():
         from simulators.fleetgen import generate
 
-        generate(city(settings.city), args.streetlights, args.meters).dump(fleet)
-    env["CITYGRID_FLEET"] = str(fleet)
-    spawn("ingest", ["ingest", "--report-interval", "5"])
-    spawn("rules", ["rules", "run"])
-    print(f"broker  {broker.url}  (Mosquitto, data in {broker.dir})")
-    print(f"store   {settings.influx_url or data / 'telemetry.sqlite'}")
-    print(f"logs    {logs}")
-    if args.no_simulator:
-        reading = orjson.dumps({"ts": int(time.time() * 1000), "seq": 1, "brightness_pct": 40,
-                                "power_w": 24, "energy_wh": 1, "lux": 3,
-                                "motion": False}).decode()
-        print(f"send a reading by hand:\n  mosquitto_pub -p {port} -q 1 -t "
-              f"city/v1/norrebro/streetlight/sl-1/telemetry -m '{reading}'")
-    else:
-        spawn("simulate", ["simulate", "--interval", f"{args.interval}s",
-                           "--speed", str(args.speed), "--mode", "per-device"])
+        generate(profile, args.streetlights, args.meters).dump(fleet_path)
+    settings = settings.with_(fleet=str(fleet_path))
+    from citygrid.fleet import Fleet
+    from gateway.provisioning import Registry
 
+    fleet = Fleet.load(fleet_path)
+    registry = Registry(data)
+    registry.import_fleet(fleet)  # the gateway's map and device list
+    token = demo_token(registry, data)
+    registry.db.close()
+
+    env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
+    python = [sys.executable, "-m", "citygrid"]
+    supervisor = Supervisor(data / "logs")
+    if broker_kind == "mosquitto":
+        supervisor.start("broker", Mosquitto(data / "mosquitto", broker_port).argv(), env)
+    else:
+        supervisor.start("broker", [sys.executable, "-m", "citygrid.embedded_broker",
+                                    str(broker_port)], env)
+    supervisor.start("ingest", python + ["ingest", "--report-interval", "5"], env)
+    supervisor.start("rules", python + ["rules", "run"], env)
+    supervisor.start("gateway", python + ["gateway", "--port", str(gateway_port)], env)
+    interval = args.interval or max(60.0, len(fleet) * args.speed / BROKER_BUDGET[broker_kind])
+    if not args.no_simulator:
+        sim = ["simulate", "--mode", "per-device", "--speed", str(args.speed),
+               "--interval", f"{interval:g}s", "--state", str(data / "simulator.json"),
+               "--report-every", "30"]
+        if not (data / "simulator.json").exists():
+            start = datetime.fromtimestamp(late_afternoon_yesterday(profile.tz) / 1000,
+                                           profile.tz)
+            sim += ["--start", start.isoformat(timespec="minutes")]
+        supervisor.start("simulate", python + sim, env)
+
+    watch = CityWatch(settings, profile.tz)
+    watch.start()
+    url = f"http://127.0.0.1:{gateway_port}"
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    lights = sum(1 for d in fleet if d.kind == "streetlight")
+    print(f"CityGrid — {profile.name}: {lights} streetlights, {len(fleet) - lights} meters "
+          f"(data in {data})")
+    print(f"broker   mqtt://127.0.0.1:{broker_port}  "
+          f"({'Mosquitto' if broker_kind == 'mosquitto' else 'embedded amqtt, MQTT 3.1.1'})")
+    print(f"store    {settings.influx_url or data / 'telemetry.sqlite'}")
+    print(f"status   {url}/#token={token}")
+    print(f"api      {url}/docs   (operator token in {data / 'demo-token'})")
+    print(f"logs     {data / 'logs'}")
+    if args.no_simulator:
+        reading = orjson.dumps({"ts": int(time.time() * 1000), "seq": 1, "brightness_pct": 40,
+                                "power_w": 24, "energy_wh": 1, "lux": 3,
+                                "motion": True}).decode()
+        light = next(d for d in fleet if d.kind == "streetlight")
+        print(f"send a reading as {light.device_id}:\n  mosquitto_pub -h 127.0.0.1 -p "
+              f"{broker_port} -q 1 -t city/v1/{light.district}/streetlight/{light.device_id}"
+              f"/telemetry -m '{reading}'")
+    else:
+        print(f"simulator {args.speed:g}× from "
+              f"{'where it stopped' if '--start' not in sim else sim[-1]}, "
+              f"a reading per device every {interval:g} simulated s")
+    sys.stdout.flush()
+    ready = _wait_ready(url, watch, supervisor, not args.no_simulator, args.ready_timeout)
+    elapsed = time.monotonic() - t0
+    print(f"{'ready' if ready else 'NOT READY'} in {elapsed:.1f} s"
+          + ("" if ready else f" — see the logs in {data / 'logs'}"), flush=True)
+
     deadline = time.monotonic() + args.duration if args.duration else None
-    store = open_store(settings)
+    live = None
+    if sys.stdout.isatty() and not args.plain:
+        from rich.live import Live
+
+        live = Live(render(watch, supervisor, f"CityGrid {url}"), refresh_per_second=1,
+                    screen=False)
+        live.start()
     try:
-        while not stop.wait(3.0):
-            for name, child in children.items():
-                if child.poll() is not None:
-                    print(f"{name} exited with {child.returncode}; see {logs / (name + '.log')}")
-                    stop.set()
-            try:
-                counts = {k: store.count(k) for k in ("streetlight", "meter")}
-                rules_log = (logs / "rules.log").read_text(errors="replace")
-                print(f"stored: {counts['streetlight']} streetlight and {counts['meter']} meter "
-                      f"readings; alerts so far: {rules_log.count('ALERT ')}", flush=True)
-            except Exception as e:  # the store may still be starting
-                print(f"store not answering yet: {e}")
+        next_line = time.monotonic()
+        while not stop.wait(1.0):
+            supervisor.check()
+            if live is not None:
+                live.update(render(watch, supervisor, f"CityGrid {url}"))
+            elif time.monotonic() >= next_line:
+                print(watch.line(), flush=True)
+                for _, message in list(supervisor.events):
+                    print("  " + message, flush=True)
+                supervisor.events.clear()
+                next_line = time.monotonic() + args.report_every
             if deadline and time.monotonic() > deadline:
                 break
     finally:
-        for child in children.values():
-            child.send_signal(signal.SIGTERM)
-        for child in children.values():
-            try:
-                child.wait(20)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        broker.stop()
-        store.close()
-    print("stopped; state kept in", data)
+        if live is not None:
+            live.stop()
+        print("stopping …", flush=True)
+        supervisor.stop(STOP_ORDER)
+        watch.stop()
+    print(f"stopped; the city's state is kept in {data} (run `citygrid up` again to go on)")
     return 0
+
+
+def add_parser(sub, common: argparse.ArgumentParser, handler) -> None:
+    p = sub.add_parser("up", parents=[common], help="the whole city on this machine",
+                       description="Broker, ingest, rules with billing, gateway with the status "
+                       "page, and a simulated fleet — each its own supervised process.")
+    p.add_argument("--streetlights", type=int, default=300, help="for a new fleet (300)")
+    p.add_argument("--meters", type=int, default=100, help="for a new fleet (100)")
+    p.add_argument("--speed", type=float, default=60.0, help="simulated time speed-up (60)")
+    p.add_argument("--interval", type=float, help="simulated seconds between a device's "
+                   "readings (default: what the broker carries comfortably)")
+    p.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto",
+                   help="Mosquitto when installed (auto), or the embedded amqtt broker")
+    p.add_argument("--broker-port", type=int, help="default 1883, or the next free port")
+    p.add_argument("--port", type=int, help="the gateway's port: 8000, or the next free one")
+    p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    p.add_argument("--no-simulator", action="store_true",
+                   help="the platform alone, ready for real devices")
+    p.add_argument("--plain", action="store_true", help="a line of figures now and then "
+                   "instead of the live view (automatic when not on a terminal)")
+    p.add_argument("--report-every", type=float, default=5.0, help="seconds between lines")
+    p.add_argument("--ready-timeout", type=float, default=60.0)
+    p.set_defaults(func=handler)

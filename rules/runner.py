@@ -46,8 +46,8 @@ class MqttOutbox:
 
     def command(self, device: FleetDevice, payload: dict[str, Any], expiry_s: float) -> None:
         topic = str(Topic(device.district, "streetlight", device.device_id, "cmd"))
-        self.client.publish(topic, orjson.dumps(payload), qos=1,
-                            properties=mqtt.message_expiry(max(1, int(expiry_s))))
+        expiry = mqtt.message_expiry(self.client, max(1, int(expiry_s)))
+        self.client.publish(topic, orjson.dumps(payload), qos=1, properties=expiry)
         self.commands += 1
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:

@@ -77,10 +77,12 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    help="one connection per device (own client id and Last Will), or many "
                    "devices per connection")
     s.add_argument("--devices-per-connection", type=int, default=1000)
-    s.add_argument("--protocol", choices=("5", "3.1.1"), default="5",
-                   help="the MQTT version the devices speak (5)")
+    s.add_argument("--protocol", choices=("5", "3.1.1"), default=None,
+                   help="the MQTT version the devices speak (CITYGRID_MQTT_PROTOCOL, 5)")
     s.add_argument("--fault", type=fault_rate, action="append", default=[],
                    metavar="NAME=RATE", help="inject a fault, e.g. --fault lamp_failure=0.001")
+    s.add_argument("--state", metavar="FILE", help="keep the clock and the devices' registers "
+                   "here and go on from them at the next start (as `citygrid up` does)")
     s.add_argument("--report-every", type=float, default=5.0, help="seconds between rate lines")
     s.set_defaults(func=cmd_simulate)
 
@@ -116,7 +118,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                        interval_s=args.interval, seed=args.seed, mode=args.mode,
                        devices_per_connection=args.devices_per_connection,
                        faults=dict(args.fault), report_every_s=args.report_every,
-                       protocol=args.protocol)
+                       protocol=args.protocol or settings.mqtt_protocol, state_path=args.state)
     engine = Engine(settings.mqtt, fleet, profile, config)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: engine.stop())

@@ -88,6 +88,17 @@ class SimDevice:
             return True
         return False
 
+    # What survives a restart of the simulator (a real device's registers and counters).
+    SAVED = ("seq",)
+
+    def saved(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.SAVED}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        for name in self.SAVED:
+            if isinstance(saved.get(name), int | float):
+                setattr(self, name, type(getattr(self, name))(saved[name]))
+
     def tick(self, ts_ms: int, interval_s: float, world: World) -> list[bytes]:
         """Payloads to publish for the reading due at ``ts_ms``."""
         if self.offline_for > 0:
@@ -116,6 +127,7 @@ class StreetlightSim(SimDevice):
     stuck: dict[str, Any] | None = None
     commands: int = 0
     rejected_commands: int = 0
+    SAVED = ("seq", "energy_wh", "level")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,6 +203,7 @@ class StreetlightSim(SimDevice):
 class MeterSim(SimDevice):
     register_kwh: float = 0.0
     held: bytes | None = None  # a reading kept back to arrive out of order
+    SAVED = ("seq", "register_kwh")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import os
 import random
 import selectors
 import socket
@@ -19,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 import paho.mqtt.client as paho
@@ -34,6 +36,17 @@ ONLINE, OFFLINE = b'{"online":true}', b'{"online":false}'
 MODES = ("multiplexed", "per-device")
 # Devices speak MQTT 5 or 3.1.1 (many in the field still do); 3.1.1 is also cheaper to drive.
 PROTOCOLS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
+
+
+def _load_state(path: str | None) -> dict | None:
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        state = orjson.loads(Path(path).read_bytes())
+        return state if isinstance(state.get("devices"), dict) and "clock_ms" in state else None
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        log.warning("ignoring unreadable simulator state %s", path)
+        return None
 
 
 class SimClock:
@@ -79,6 +92,7 @@ class SimConfig:
     report_every_s: float = 5.0
     client_prefix: str = "citygrid-sim"
     protocol: str = "5"
+    state_path: str | None = None  # where the fleet's registers and clock are kept
 
     def resolved_start_ms(self) -> int:
         if self.start_ms is not None:
@@ -178,7 +192,17 @@ class Engine:
         self.status_topics = [str(d.topic.with_channel("status")) for d in self.devices]
         self.cmd_topics = [str(d.topic.with_channel("cmd")) for d in self.devices]
         self.by_cmd_topic = {t: i for i, t in enumerate(self.cmd_topics)}
-        self.clock = SimClock(config.resolved_start_ms(), config.speed)
+        saved = _load_state(config.state_path)
+        start_ms = config.start_ms
+        if saved:
+            # Real meters keep their registers across a restart of the platform: so do ours,
+            # and the simulated clock goes on from where it stopped.
+            for device in self.devices:
+                device.restore(saved["devices"].get(device.spec.device_id) or {})
+            if start_ms is None:
+                start_ms = int(saved["clock_ms"])
+        self.clock = SimClock(start_ms if start_ms is not None else config.resolved_start_ms(),
+                              config.speed)
         self.end_ms = (self.clock.start_ms + config.duration_s * 1000
                        if config.duration_s else None)
         interval_ms = int(config.interval_s * 1000)
@@ -252,7 +276,7 @@ class Engine:
             self.connect()
         per_device = self.config.mode == "per-device"
         interval_s = self.config.interval_s
-        next_misc = next_report = time.monotonic()
+        next_misc = next_report = next_save = time.monotonic()
         reported = 0
         while not self._stop.is_set():
             now_sim = self.clock.now_ms()
@@ -295,6 +319,9 @@ class Engine:
                     if conn.sock is not None:
                         conn.client.loop_misc()
                 next_misc = now + 1.0
+            if now >= next_save and self.config.state_path:
+                self.save_state(now_sim)
+                next_save = now + 10.0
             if now >= next_report:
                 if reported or self.stats["readings"]:
                     rate = (self.stats["readings"] - reported) / self.config.report_every_s
@@ -311,9 +338,21 @@ class Engine:
             self.stats.update({f"fault_{k}": v for k, v in device.injected.items()})
         return self.stats
 
+    def save_state(self, clock_ms: int | None = None) -> None:
+        """Write the clock and every device's registers (atomically: a kill leaves the old)."""
+        path = Path(self.config.state_path)
+        if clock_ms is None:
+            clock_ms = min(self.clock.now_ms(), self.end_ms or 1 << 62)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps({"clock_ms": clock_ms, "devices": {
+            d.spec.device_id: d.saved() for d in self.devices}}))
+        os.replace(tmp, path)
+
     def close(self) -> None:
         """Say goodbye like a device switched off on purpose: offline status, DISCONNECT."""
         self.stopping = True
+        if self.config.state_path:
+            self.save_state()
         for conn in self.connections:
             if conn.up:
                 for i in conn.devices:

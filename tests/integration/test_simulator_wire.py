@@ -119,7 +119,7 @@ def test_a_command_is_acknowledged_and_shows_in_the_next_reading(mosquitto, uid,
 
     def send(payload: bytes) -> None:
         commander.publish(str(topic.with_channel("cmd")), payload, qos=1,
-                          properties=mqtt.message_expiry(30)).wait_for_publish(5)
+                          properties=mqtt.message_expiry(commander, 30)).wait_for_publish(5)
 
     def acks() -> list[dict]:
         return [orjson.loads(p) for _, p, _ in seen.on("ack")]
