@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 
-PACKAGES = {"mosquitto": "mosquitto", "influxd": "influxdb", "mosquitto_pub": "mosquitto-clients"}
+PACKAGES = {"mosquitto": "mosquitto", "influxd": "influxdb", "mosquitto_pub": "mosquitto-clients",
+            "chromium": "chromium"}
 
 
 class MissingBinary(RuntimeError):

@@ -11,7 +11,6 @@ import json
 import secrets
 import socket
 import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,6 +27,7 @@ from citygrid.contract import ContractError
 from citygrid.fleet import FleetDevice
 from citygrid.settings import Settings
 from citygrid.store import StoreError, open_store
+from gateway.feed import CityFeed
 from gateway.provisioning import ProvisioningError, Registry
 
 ROLES = {"viewer": 1, "operator": 2, "admin": 3}
@@ -54,63 +54,6 @@ def create_token(registry: Registry, role: str, name: str) -> str:
         registry.db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?)",
                             (_digest(token), name, role, int(time.time() * 1000)))
     return token
-
-
-class LatestReadings:
-    """The newest reading of every device, kept in memory (FIELD-NOTES: asking InfluxDB for
-    `last()` over 10,000 series takes ~0.5 s). Loaded from the store once, then kept fresh
-    from the telemetry topics (QoS 0: a missed reading is replaced by the next one)."""
-
-    def __init__(self, settings: Settings, store: Any):
-        self.settings, self.store = settings, store
-        self.latest: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-        self._client = None
-        self._loaded = False
-
-    def _start(self) -> None:
-        from citygrid import mqtt
-        from citygrid.contract import Topic, decode_readings, topic_filter
-
-        def on_message(client, userdata, message) -> None:
-            try:
-                t = Topic.parse(message.topic)
-                readings = decode_readings(t.kind, message.payload)
-            except ContractError:
-                return
-            r = max(readings, key=lambda r: r.ts)
-            with self._lock:
-                old = self.latest.get(t.device_id)
-                if old is None or old["ts"] <= r.ts:
-                    self.latest[t.device_id] = {"ts": r.ts, **r.fields()}
-
-        with contextlib.suppress(OSError):
-            client = mqtt.make_client(self.settings.mqtt, "", protocol=4)  # 3.1.1: lighter
-            client.on_message = on_message
-            client.on_connect = lambda c, *a: c.subscribe(topic_filter(), qos=0)
-            mqtt.connect(client, self.settings.mqtt, wait=False)
-            client.loop_start()
-            self._client = client
-        for kind in ("streetlight", "meter"):
-            with contextlib.suppress(StoreError):
-                points = self.store.latest(kind)
-                with self._lock:
-                    for device_id, p in points.items():
-                        old = self.latest.get(device_id)
-                        if old is None or old["ts"] < p.ts_ms:
-                            self.latest[device_id] = {"ts": p.ts_ms, **p.fields}
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        if not self._loaded:
-            self._loaded = True
-            self._start()
-        with self._lock:
-            return dict(self.latest)
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.loop_stop()
-            self._client.disconnect()
 
 
 class Problem(BaseModel):
@@ -267,12 +210,13 @@ def create_app(settings: Settings) -> FastAPI:
     store = open_store(settings)
     errors = {401: {"model": Problem, "description": "No or unknown bearer token"},
               403: {"model": Problem, "description": "The token's role is too low"}}
-    latest_readings = LatestReadings(settings, store)
+    feed = CityFeed(settings, store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        feed.start()  # from the first moment: the status page lists commands it saw
         yield
-        latest_readings.close()
+        feed.close()
 
     app = FastAPI(title="CityGrid gateway", version="1.0.0", lifespan=lifespan,
                   description="The operators' API: devices, provisioning, lights and their "
@@ -377,7 +321,7 @@ def create_app(settings: Settings) -> FastAPI:
                 sql += f" AND {column} = ?"
                 args.append(value)
         rows = registry.db.execute(sql + " ORDER BY device_id", args).fetchall()
-        latest = latest_readings.snapshot()
+        latest = feed.snapshot()
         keys = ("device_id", "kind", "district", "lat", "lon", "rated_w", "account_id",
                 "tariff", "status")
         # 10,000 devices: built as plain dicts and encoded by orjson (the response model
@@ -441,7 +385,7 @@ def create_app(settings: Settings) -> FastAPI:
             registry.write_broker_files()  # its topics moved with it
         row = registry.db.execute(f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?",
                                   (device_id,)).fetchone()
-        return _device(row, latest_readings.snapshot().get(device_id))
+        return _device(row, feed.snapshot().get(device_id))
 
     @app.delete("/api/v1/devices/{device_id}/credentials", status_code=204, tags=["devices"],
                 responses={**errors, 404: {"model": Problem, "description": "No such device"}})
@@ -696,4 +640,9 @@ def create_app(settings: Settings) -> FastAPI:
 
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    from gateway.status import add_status
+
+    add_status(app, settings, registry, store, feed, role, errors,
+               ledger_status=lambda: ledger_status("viewer"),
+               alerts=lambda **kw: alerts("viewer", **kw))
     return app

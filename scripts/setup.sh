@@ -22,7 +22,9 @@ citygrid_has() {
 }
 
 citygrid_setup() {
-  # $1: "services" to also install Mosquitto and InfluxDB
+  # $1: "services" to also install Mosquitto and InfluxDB; "test" adds Debian's chromium
+  # (the status page's browser tests drive it; no browser is ever downloaded); "demo" only
+  # tries Mosquitto (the demo stores in SQLite and has a broker of its own to fall back on)
   local missing=()
   if ! python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
     echo "!!! CityGrid needs Python 3.11 or newer as python3" >&2
@@ -35,12 +37,27 @@ citygrid_setup() {
       python3 -m venv .venv
     fi
   fi
-  if [ "${1:-}" = services ]; then
-    citygrid_has mosquitto || missing+=(mosquitto)
-    citygrid_has mosquitto_pub || missing+=(mosquitto-clients)
-    citygrid_has influxd || missing+=(influxdb)
-    citygrid_apt_install "${missing[@]}" || [ "${CI:-}" != true ] || return 1
-  fi
+  case "${1:-}" in
+    services|test)
+      citygrid_has mosquitto || missing+=(mosquitto)
+      citygrid_has mosquitto_pub || missing+=(mosquitto-clients)
+      citygrid_has influxd || missing+=(influxdb)
+      if [ "$1" = test ]; then
+        citygrid_has chromium || missing+=(chromium)
+      fi
+      citygrid_apt_install "${missing[@]}" || [ "${CI:-}" != true ] || return 1
+      ;;
+    demo)  # Mosquitto if it can be had; otherwise `citygrid up` runs its embedded broker
+      citygrid_has mosquitto || missing+=(mosquitto)
+      citygrid_has mosquitto_pub || missing+=(mosquitto-clients)
+      citygrid_apt_install "${missing[@]}" 2>/dev/null \
+        || echo "==> no Mosquitto: the demo runs the embedded broker (MQTT 3.1.1)"
+      ;;
+  esac
   echo "==> installing CityGrid and its Python dependencies into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  if [ "${1:-}" = demo ]; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+  else
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  fi
 }

@@ -152,3 +152,70 @@ def meter(ts_ms: int, seq: int, **extra) -> dict:
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+class CityUp:
+    """`citygrid up` in a subprocess, as a user runs it: its own ports, a data directory."""
+
+    def __init__(self, data_dir: Path, *args: str, name: str = "up"):
+        import subprocess
+        import sys
+
+        from citygrid.localservices import free_port
+
+        self.data_dir = Path(data_dir)
+        self.broker_port, self.port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.mqtt_url = f"mqtt://127.0.0.1:{self.broker_port}"
+        self.out = self.data_dir.parent / f"{name}.out"
+        n = 1
+        while self.out.exists():
+            n += 1
+            self.out = self.data_dir.parent / f"{name}-{n}.out"
+        with open(self.out, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "citygrid", "up", "--plain", "--report-every", "2",
+                 "--data-dir", str(self.data_dir), "--broker-port", str(self.broker_port),
+                 "--port", str(self.port), *args],
+                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def text(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout_s: float = 60.0):
+        import re
+
+        def found():
+            if self.process.poll() is not None:
+                raise AssertionError(f"citygrid up exited ({self.process.returncode}):\n"
+                                     + self.text()[-3000:])
+            return re.search(pattern, self.text())
+
+        return wait_until(found, timeout_s, message=f"{pattern!r} from citygrid up")
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "demo-token").read_text().strip()
+
+    def descendants(self) -> list:
+        import psutil
+
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+    def interrupt(self, timeout_s: float = 60.0) -> int:
+        """Ctrl-C, as at the terminal: SIGINT to `up` alone (its children have their own
+        session, and `up` stops them in order)."""
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout_s)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            children = self.descendants()
+            self.process.kill()
+            self.process.wait()
+            for child in children:
+                with contextlib.suppress(Exception):
+                    child.kill()

@@ -25,6 +25,11 @@ def test_every_route_answers_as_documented(tmp_path, mosquitto):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15
     for operation in operations:
+        if operation.path == "/api/v1/stream":
+            # An endless event stream never completes through an in-process ASGI transport;
+            # it has no parameters to fuzz, refuses without a token (test_gateway_api) and is
+            # read over real HTTP by the browser test (test_status_page).
+            continue
         _check(operation, {} if operation.path == "/health"
                else {"Authorization": f"Bearer {token}"})
 

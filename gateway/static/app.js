@@ -1,0 +1,387 @@
+// CityGrid status page: a map of every device from the registry, kept live by the gateway's
+// server-sent events; the figures from /api/v1/status. Everything needs the bearer token,
+// kept in sessionStorage (from the #token=… address `citygrid up` prints, or typed in).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+const state = { devices: new Map(), selected: null, tz: "UTC", charts: {}, summaryTimer: null };
+
+// ------------------------------------------------------------------ token and requests
+
+function token() { return sessionStorage.getItem("citygrid-token"); }
+
+function takeTokenFromAddress() {
+  const m = location.hash.match(/token=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem("citygrid-token", decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname);  // keep it out of the address bar
+  }
+}
+
+class ApiError extends Error {
+  constructor(status, problem) {
+    super((problem && (problem.detail || problem.title)) || `HTTP ${status}`);
+    this.status = status;
+  }
+}
+
+async function api(path, options = {}) {
+  const res = await fetch(path, {
+    ...options,
+    headers: { Authorization: `Bearer ${token()}`, "Content-Type": "application/json",
+               ...(options.headers || {}) },
+  });
+  if (res.status === 401) { showLogin("That token was not accepted."); throw new ApiError(401); }
+  const text = await res.text();
+  const body = text ? JSON.parse(text) : null;
+  if (!res.ok) throw new ApiError(res.status, body);
+  return body;
+}
+
+function showLogin(message) {
+  $("main").hidden = true;
+  $("login").hidden = false;
+  $("logout").hidden = true;
+  $("login-error").textContent = message || "";
+}
+
+// ------------------------------------------------------------------ formatting
+
+function fmtTime(ms, withDay) {
+  if (ms == null) return "–";
+  return new Intl.DateTimeFormat("en-GB", {
+    timeZone: state.tz, hour: "2-digit", minute: "2-digit",
+    ...(withDay ? { weekday: "short" } : {}),
+  }).format(new Date(ms));
+}
+
+function levelColour(level) {
+  if (level == null) return "#555b69";
+  if (level <= 0) return "var(--off)";
+  return `hsl(45 100% ${Math.round(16 + 0.44 * level)}%)`;
+}
+
+function cell(row, text, cls) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (cls) td.className = cls;
+  return td;
+}
+
+// ------------------------------------------------------------------ the map
+
+function drawMap(devices) {
+  const svg = $("map");
+  svg.replaceChildren();
+  const lats = devices.map((d) => d.lat), lons = devices.map((d) => d.lon);
+  const minLat = Math.min(...lats), maxLat = Math.max(...lats);
+  const minLon = Math.min(...lons), maxLon = Math.max(...lons);
+  const k = Math.cos(((minLat + maxLat) / 2) * Math.PI / 180);  // metres per degree, east vs north
+  const w = (maxLon - minLon) * k || 0.01, h = (maxLat - minLat) || 0.01;
+  const W = 1000, H = Math.max(300, Math.round(W * h / w)), pad = 20;
+  svg.setAttribute("viewBox", `${-pad} ${-pad} ${W + 2 * pad} ${H + 2 * pad}`);
+  const x = (lon) => (lon - minLon) * k / w * W;
+  const y = (lat) => (maxLat - lat) / h * H;
+
+  const districts = new Map();
+  for (const d of devices) {
+    const c = districts.get(d.district) || { x: 0, y: 0, n: 0 };
+    c.x += x(d.lon); c.y += y(d.lat); c.n += 1;
+    districts.set(d.district, c);
+  }
+  const labels = document.createElementNS(SVG, "g");
+  for (const [name, c] of districts) {
+    const t = document.createElementNS(SVG, "text");
+    t.setAttribute("class", "district");
+    t.setAttribute("x", (c.x / c.n).toFixed(1));
+    t.setAttribute("y", (c.y / c.n - 14).toFixed(1));
+    t.textContent = name;
+    labels.appendChild(t);
+  }
+  // Lights stand 25–40 m apart along their street: size the dots so neighbours do not overlap.
+  const ls = devices.filter((d) => d.kind === "streetlight").map((d) => [x(d.lon), y(d.lat)]);
+  const gaps = ls.slice(0, 200).map(([ax, ay]) => Math.min(...ls.map(([bx, by]) =>
+    (ax === bx && ay === by) ? Infinity : Math.hypot(ax - bx, ay - by)))).sort((a, b) => a - b);
+  const gap = gaps.length ? gaps[Math.floor(gaps.length / 2)] : 10;
+  const r = Math.max(1.5, Math.min(5, gap * 0.42)).toFixed(1);
+  const layer = document.createElementNS(SVG, "g");
+  for (const d of devices) {
+    let el;
+    if (d.kind === "streetlight") {
+      el = document.createElementNS(SVG, "circle");
+      el.setAttribute("r", r);
+      el.setAttribute("class", "light");
+      el.addEventListener("click", () => select(d.device_id));
+    } else {
+      el = document.createElementNS(SVG, "rect");
+      el.setAttribute("width", "6");
+      el.setAttribute("height", "6");
+      el.setAttribute("class", "meter");
+    }
+    el.id = `dev-${d.device_id}`;
+    el.dataset.device = d.device_id;
+    const cx = x(d.lon), cy = y(d.lat);
+    if (d.kind === "streetlight") { el.setAttribute("cx", cx.toFixed(1)); el.setAttribute("cy", cy.toFixed(1)); }
+    else { el.setAttribute("x", (cx - 3).toFixed(1)); el.setAttribute("y", (cy - 3).toFixed(1)); }
+    const title = document.createElementNS(SVG, "title");
+    el.appendChild(title);
+    layer.appendChild(el);
+    state.devices.set(d.device_id, { info: d, el, title, live: {} });
+  }
+  svg.append(labels, layer);
+  const lights = devices.filter((d) => d.kind === "streetlight").length;
+  $("map-count").textContent = `${lights} lights, ${devices.length - lights} meters`;
+}
+
+function paint(id) {
+  const dev = state.devices.get(id);
+  if (!dev) return;
+  const s = dev.live;
+  if (dev.info.kind === "streetlight") {
+    const level = s.level;
+    dev.el.setAttribute("fill", levelColour(level));
+    dev.el.dataset.level = level == null ? "" : String(level);
+    dev.el.classList.toggle("pending", !!s.pending);
+    dev.title.textContent = `${id} (${dev.info.district}): ${level == null ? "no reading yet" : level + " %"}`
+      + (s.reason ? ` — ${s.reason}` : "");
+  } else {
+    dev.title.textContent = `${id} (${dev.info.district}): ${s.power_w == null ? "–" : s.power_w + " W"}`;
+  }
+}
+
+// ------------------------------------------------------------------ live stream
+
+function applyChanges(msg) {
+  for (const [id, s] of Object.entries(msg.devices || {})) {
+    const dev = state.devices.get(id);
+    if (!dev) continue;
+    dev.live = s;
+    paint(id);
+    if (state.selected === id) showReading(id);
+  }
+  let newest = 0;
+  for (const s of Object.values(msg.devices || {})) newest = Math.max(newest, s.ts || 0);
+  if (newest) $("clock").textContent = `city time ${fmtTime(newest, true)}`;
+  const body = $("commands");
+  for (const c of msg.commands || []) {
+    const row = body.insertRow(0);
+    cell(row, fmtTime(c.ts));
+    cell(row, c.device_id);
+    cell(row, `${c.level} %`);
+    cell(row, c.reason || "");
+  }
+  while (body.rows.length > 12) body.deleteRow(-1);
+  if ((msg.settlements || []).length) loadSummary();
+}
+
+async function stream() {
+  for (;;) {
+    try {
+      const res = await fetch("/api/v1/stream", { headers: { Authorization: `Bearer ${token()}` } });
+      if (res.status === 401) { showLogin("That token was not accepted."); return; }
+      if (!res.ok) throw new Error(`stream: HTTP ${res.status}`);
+      $("live").className = "live on";
+      const reader = res.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          const event = buffer.slice(0, cut);
+          buffer = buffer.slice(cut + 2);
+          const data = event.split("\n").filter((l) => l.startsWith("data: "))
+            .map((l) => l.slice(6)).join("\n");
+          if (data) applyChanges(JSON.parse(data));
+        }
+      }
+    } catch (e) {
+      console.warn("live stream interrupted; reconnecting", e.message);
+    }
+    $("live").className = "live off";
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+}
+
+// ------------------------------------------------------------------ figures
+
+function chart(key, target, opts, data) {
+  const width = Math.max(200, target.clientWidth || 400);
+  if (state.charts[key]) state.charts[key].destroy();
+  state.charts[key] = new uPlot({ width, height: 150, ...opts }, data, target);
+}
+
+const axes = [{ stroke: "#8b97ad", grid: { stroke: "#2a3347" }, ticks: { stroke: "#2a3347" } },
+              { stroke: "#8b97ad", grid: { stroke: "#2a3347" }, ticks: { stroke: "#2a3347" } }];
+
+async function loadSummary() {
+  let s;
+  try { s = await api("/api/v1/status"); } catch (e) { return; }
+  state.tz = s.city.timezone;
+  $("city-name").textContent = `— ${s.city.name}`;
+  const l = s.lighting;
+  if (l) {
+    $("saved-pct").textContent = l.saved_pct == null ? "–" : `${l.saved_pct} %`;
+    $("used-kwh").textContent = `${l.actual_total_kwh.toFixed(1)} kWh`;
+    $("co2").textContent = `${l.co2_avoided_kg.toFixed(1)} kg`;
+    chart("energy", $("energy-chart"), {
+      scales: { x: { time: true } }, axes, tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), state.tz),
+      series: [{}, { label: "used kWh", stroke: "#ffd84a", fill: "#ffd84a33" },
+               { label: "all night at full", stroke: "#8b97ad", dash: [4, 4] }],
+    }, [l.hours_ms.map((t) => t / 1000), l.actual_kwh, l.baseline_kwh]);
+  }
+  const d = s.districts || [];
+  if (d.length) {
+    chart("districts", $("district-chart"), {
+      scales: { x: { time: false, range: [-0.5, d.length - 0.5] } },
+      axes: [{ ...axes[0], values: (u, ticks) => ticks.map((i) => (d[i] ? d[i].district.slice(0, 6) : "")),
+               splits: () => d.map((_, i) => i), rotate: -45, size: 50 }, axes[1]],
+      series: [{}, { label: "kWh", fill: "#5fb3ff99", stroke: "#5fb3ff",
+                     paths: uPlot.paths.bars({ size: [0.7, 40] }), points: { show: false } }],
+    }, [d.map((_, i) => i), d.map((x) => x.kwh)]);
+  }
+  const alerts = $("alerts");
+  alerts.replaceChildren();
+  for (const a of s.alerts) {
+    const li = document.createElement("li");
+    li.className = `sev-${a.severity}`;
+    li.textContent = `${fmtTime(a.since_ms)} [${a.severity}] ${a.message}`;
+    alerts.appendChild(li);
+  }
+  $("alert-count").textContent = String(s.alerts.length);
+  const ledger = $("ledger");
+  ledger.textContent = s.ledger.ok ? `ledger verified · ${s.ledger.entries} entries` : `ledger BROKEN: ${s.ledger.error}`;
+  ledger.className = `badge ${s.ledger.ok ? "ok" : "bad"}`;
+  const body = $("settlements");
+  body.replaceChildren();
+  for (const e of s.settlements) {
+    const row = body.insertRow();
+    cell(row, fmtTime(e.to_ms, true));
+    cell(row, e.meter);
+    cell(row, Number(e.kwh).toFixed(2));
+    cell(row, `${(e.amount_minor / 100).toFixed(2)} ${e.currency}`);
+  }
+}
+
+// ------------------------------------------------------------------ one light
+
+function showReading(id) {
+  const dev = state.devices.get(id);
+  const s = dev.live || {};
+  const rows = [["district", dev.info.district], ["rated", `${dev.info.rated_w} W`],
+    ["level", s.level == null ? "–" : `${s.level} %${s.pending ? " (commanded, not yet confirmed)" : ""}`],
+    ["reason", s.reason || "–"], ["power", s.power_w == null ? "–" : `${s.power_w} W`],
+    ["ambient", s.lux == null ? "–" : `${s.lux} lx`], ["motion", s.motion == null ? "–" : (s.motion ? "yes" : "no")],
+    ["last reading", fmtTime(s.ts, true)]];
+  const dl = $("detail-reading");
+  dl.replaceChildren();
+  for (const [k, v] of rows) {
+    const dt = document.createElement("dt"); dt.textContent = k;
+    const dd = document.createElement("dd"); dd.textContent = v;
+    dd.dataset.key = k;
+    dl.append(dt, dd);
+  }
+}
+
+async function select(id) {
+  if (state.selected) state.devices.get(state.selected).el.classList.remove("selected");
+  state.selected = id;
+  const dev = state.devices.get(id);
+  dev.el.classList.add("selected");
+  $("detail").hidden = false;
+  $("detail-title").textContent = id;
+  $("override-result").textContent = "";
+  showReading(id);
+  const explain = $("explain");
+  explain.textContent = "…";
+  try {
+    const e = await api(`/api/v1/lights/${encodeURIComponent(id)}/explain`);
+    explain.replaceChildren();
+    const head = document.createElement("div");
+    head.textContent = `${e.level} % because ${e.reason || "nothing asks for more"}`
+      + (e.safety_floor.applied ? ` (raised to the ${e.safety_floor.level} % safety floor)` : "");
+    explain.appendChild(head);
+    for (const w of e.wishes) {
+      const div = document.createElement("div");
+      const winner = e.winner && w.key === e.winner.key;
+      div.className = `wish${winner ? " winner" : ""}`;
+      div.textContent = `${winner ? "▶" : "·"} ${w.level} % ${w.class} — ${w.reason}`
+        + (w.expires_in_s == null ? "" : `, ${Math.round(w.expires_in_s)} s left`);
+      explain.appendChild(div);
+    }
+  } catch (err) { explain.textContent = `explain failed: ${err.message}`; }
+  const end = (dev.live && dev.live.ts) || Date.now();
+  const q = (field) => api(`/api/v1/devices/${encodeURIComponent(id)}/history?field=${field}`
+    + `&start_ms=${end - 6 * 3600e3}&end_ms=${end + 1}&every_s=300&fn=mean`);
+  try {
+    const [level, power] = await Promise.all([q("brightness_pct"), q("power_w")]);
+    const byTs = new Map(power.map((b) => [b.start_ms, b.value]));
+    chart("history", $("history-chart"), {
+      scales: { x: { time: true } }, axes, tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), state.tz),
+      series: [{}, { label: "level %", stroke: "#ffd84a" }, { label: "power W", stroke: "#5fb3ff" }],
+    }, [level.map((b) => b.start_ms / 1000), level.map((b) => b.value),
+        level.map((b) => byTs.get(b.start_ms) ?? null)]);
+  } catch (err) { $("history-chart").textContent = `history failed: ${err.message}`; }
+}
+
+async function override(clear) {
+  const id = state.selected;
+  const out = $("override-result");
+  out.className = "";
+  try {
+    if (clear) {
+      await api(`/api/v1/lights/${encodeURIComponent(id)}/override`, { method: "DELETE" });
+      out.textContent = `Override of ${id} cleared: the rules decide again.`;
+    } else {
+      const level = Number($("override-level").value);
+      const minutes = Number($("override-minutes").value);
+      await api(`/api/v1/lights/${encodeURIComponent(id)}/override`, {
+        method: "PUT", body: JSON.stringify({ level, expires_in_s: minutes * 60 }),
+      });
+      out.textContent = `Sent: ${id} held at ${level} % for ${minutes} min.`;
+    }
+  } catch (err) {
+    out.className = "error";
+    out.textContent = err.status === 403 ? "Overrides need an operator token." : `Refused: ${err.message}`;
+  }
+}
+
+// ------------------------------------------------------------------ start
+
+async function open() {
+  let devices;
+  try { devices = await api("/api/v1/devices"); } catch (e) {
+    if (e.status !== 401) showLogin(`The gateway did not answer: ${e.message}`);
+    return;
+  }
+  $("login").hidden = true;
+  $("main").hidden = false;
+  $("logout").hidden = false;
+  drawMap(devices);
+  for (const d of devices) {
+    if (d.latest) {
+      state.devices.get(d.device_id).live = { ...d.latest, level: d.latest.brightness_pct };
+      paint(d.device_id);
+    }
+  }
+  await loadSummary();
+  clearInterval(state.summaryTimer);
+  state.summaryTimer = setInterval(loadSummary, 15000);
+  stream();
+}
+
+$("login-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  sessionStorage.setItem("citygrid-token", $("token-input").value.trim());
+  open();
+});
+$("logout").addEventListener("click", () => { sessionStorage.removeItem("citygrid-token"); location.reload(); });
+$("detail-close").addEventListener("click", () => { $("detail").hidden = true; });
+$("override-form").addEventListener("submit", (ev) => { ev.preventDefault(); override(false); });
+$("override-clear").addEventListener("click", () => override(true));
+
+takeTokenFromAddress();
+if (token()) open(); else showLogin();

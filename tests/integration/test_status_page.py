@@ -1,0 +1,128 @@
+"""The status page in real headless Chromium (Debian's package; Playwright drives it, no
+browser download), against `citygrid up --no-simulator`: real broker, rules and gateway.
+Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timedelta
+
+import orjson
+import pytest
+
+from citygrid.city import city
+from citygrid.fleet import Fleet
+from tests.conftest import IN_CI, REPO, CityUp, Publisher, need, wait_until
+from tests.integration.test_up import Listener
+
+pytestmark = pytest.mark.integration
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--no-first-run", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = "Debian's chromium is not installed (apt-get install -y chromium)"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def city_up(tmp_path):
+    need("mosquitto")
+    up = CityUp(tmp_path / "city", "--broker", "mosquitto", "--no-simulator",
+                "--streetlights", "120", "--meters", "30")
+    try:
+        assert up.wait_for(r"(ready|NOT READY) in", 60)[1] == "ready"
+        yield up
+    finally:
+        up.close()
+
+
+@pytest.fixture
+def page(city_up):
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 950})
+        page.problems = []
+        page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
+        page.on("pageerror", lambda e: page.problems.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: page.problems.append(f"failed: {r.url}"))
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def _night_ms() -> int:
+    tz = city("copenhagen").tz
+    night = (datetime.now(tz) - timedelta(days=1)).replace(hour=23, minute=0, second=0,
+                                                          microsecond=0)
+    return int(night.timestamp() * 1000)
+
+
+def test_status_page_map_live_motion_and_override(city_up, page):
+    fleet = Fleet.load(city_up.data_dir / "fleet.geojson")
+    lights = fleet.of_kind("streetlight")
+    page.goto(f"{city_up.url}/#token={city_up.token}")
+
+    # The map draws every light (and meter) from the registry, offline, no tiles.
+    page.wait_for_function(f"document.querySelectorAll('circle.light').length === {len(lights)}",
+                           timeout=15_000)
+    assert page.locator("rect.meter").count() == len(fleet.of_kind("meter"))
+    assert "#token" not in page.url  # the token left the address bar
+    page.wait_for_selector("#live.on", timeout=10_000)
+
+    # A motion event at night, sent over MQTT as the light would: the light and its
+    # neighbours within 60 m turn to 100 % on the page within seconds.
+    target = next(d for d in lights if len(fleet.neighbours(d.device_id, 60)) >= 2)
+    group = [target.device_id] + [d.device_id for d in fleet.neighbours(target.device_id, 60)]
+    device = Publisher(city_up.mqtt_url, "test-device")
+    try:
+        device.send(f"city/v1/{target.district}/streetlight/{target.device_id}/telemetry",
+                    {"ts": _night_ms(), "seq": 1, "brightness_pct": 30.0, "power_w": 20.0,
+                     "energy_wh": 1000.0, "lux": 1.0, "motion": True}).wait_for_publish(5)
+    finally:
+        device.close()
+    ids = orjson.dumps(group).decode()
+    page.wait_for_function(
+        f"{ids}.every(id => document.getElementById('dev-' + id).dataset.level === '100')",
+        timeout=5_000)
+    page.screenshot(path=str(ARTIFACTS / "status-page-motion.png"))
+
+    # Click another light: its reading and why it is at its level; override it from there.
+    other = next(d for d in lights if d.device_id not in group
+                 and len(fleet.neighbours(d.device_id, 60)) < 4)
+    listener = Listener(city_up.mqtt_url)
+    try:
+        wait_until(lambda: listener.client.is_connected(), 10, message="listener connected")
+        page.click(f"#dev-{other.device_id}")
+        page.wait_for_selector("#detail:not([hidden])")
+        assert page.inner_text("#detail-title") == other.device_id
+        page.wait_for_function("!document.getElementById('explain').textContent.startsWith('…')")
+        assert "because" in page.inner_text("#explain")
+        page.fill("#override-level", "70")
+        page.fill("#override-minutes", "10")
+        page.click("#override-send")
+        command = wait_until(lambda: next(
+            (c for c in listener.commands if c["brightness_pct"] == 70.0), None), 10,
+            message=f"the override on {other.device_id}'s cmd topic")
+        assert command["reason"].startswith("override")
+        assert "Sent" in page.inner_text("#override-result")
+        page.wait_for_function(
+            f"document.getElementById('dev-{other.device_id}').dataset.level === '70'",
+            timeout=5_000)
+        # The latest commands list shows it with its reason.
+        assert other.device_id in page.inner_text("#commands")
+        page.screenshot(path=str(ARTIFACTS / "status-page-override.png"))
+    finally:
+        listener.close()
+    assert page.problems == [], page.problems
