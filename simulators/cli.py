@@ -122,9 +122,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     engine = Engine(settings.mqtt, fleet, profile, config)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: engine.stop())
-    log.info("simulating %d devices from %s at %g× (interval %gs)", len(fleet),
+    log.info("simulating %d devices from %s at %g× (interval %gs); clock: simulated %d ms "
+             "at wall %d ms", len(fleet),
              datetime.fromtimestamp(engine.clock.start_ms / 1000, profile.tz).isoformat(
-                 timespec="minutes"), config.speed, config.interval_s)
+                 timespec="minutes"), config.speed, config.interval_s,
+             engine.clock.start_ms, int(engine.clock.epoch0_ms))
     engine.connect()
     stats = engine.run()
     log.info("done: %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
