@@ -103,7 +103,7 @@ class Proc:
 
     def sample(self) -> None:
         """Keep the latest figures: /proc forgets a process once it is reaped."""
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, KeyError):
             self.last = proc_stat(self.process.pid)
 
     def usage(self) -> dict[str, float]:

@@ -90,6 +90,10 @@ class BillingStore:
         self.db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._states: dict[str, MeterState] = {}
+        # Per meter: unbilled (mwh, rows, oldest period, amount) — summed from the table once,
+        # then kept up to date, so the rules' `meter.unbilled_kwh` does not re-read every
+        # unbilled row on every reading (bench/pipeline.py's profile); settling drops it.
+        self._unbilled: dict[str, tuple[int, int, str | None, Decimal]] = {}
 
     # ------------------------------------------------------------------ readings
 
@@ -130,14 +134,26 @@ class BillingStore:
                      s.period) for s in segments])
                 self.db.executemany("INSERT OR REPLACE INTO period_usage VALUES (?,?,?)", [
                     (meter_id, p, m) for p, m in used.items() if before.get(p) != m])
+            cached = self._unbilled.get(meter_id)
+            if cached is not None and segments:
+                mwh, rows, oldest, amount = cached
+                periods = [s.period for s in segments] + ([oldest] if oldest else [])
+                self._unbilled[meter_id] = (
+                    mwh + sum(s.mwh for s in segments), rows + len(segments), min(periods),
+                    amount + sum((s.amount for s in segments), Decimal(0)))
         return outcome.events
 
     def unbilled(self, meter_id: str) -> dict[str, Any]:
-        row = self.db.execute("SELECT coalesce(sum(mwh), 0), count(*), min(period) FROM unbilled "
-                              "WHERE meter_id = ?", (meter_id,)).fetchone()
-        amount = sum((Decimal(a) for (a,) in self.db.execute(
-            "SELECT amount FROM unbilled WHERE meter_id = ?", (meter_id,))), Decimal(0))
-        return {"kwh": row[0] / 1_000_000, "amount": float(amount), "oldest_period": row[2]}
+        with self._lock:
+            cached = self._unbilled.get(meter_id)
+            if cached is None:
+                row = self.db.execute("SELECT coalesce(sum(mwh), 0), count(*), min(period) "
+                                      "FROM unbilled WHERE meter_id = ?", (meter_id,)).fetchone()
+                amount = sum((Decimal(a) for (a,) in self.db.execute(
+                    "SELECT amount FROM unbilled WHERE meter_id = ?", (meter_id,))), Decimal(0))
+                cached = self._unbilled[meter_id] = (row[0], row[1], row[2], amount)
+        mwh, _, oldest, amount = cached
+        return {"kwh": mwh / 1_000_000, "amount": float(amount), "oldest_period": oldest}
 
     # ------------------------------------------------------------------ settlement
 
@@ -194,6 +210,7 @@ class BillingStore:
                 # Settled before (a replay, or a crash after the commit): just tidy up.
                 self.db.execute("DELETE FROM unbilled WHERE meter_id = ? AND start_ms >= ? AND "
                                 "end_ms <= ?", (meter_id, first, last))
+                self._unbilled.pop(meter_id, None)
                 self.db.execute("COMMIT")
                 return None
             balance, low = self._account_row(account_id)
@@ -219,6 +236,7 @@ class BillingStore:
                                 (meter_id, period))
             self.db.execute("DELETE FROM unbilled WHERE meter_id = ? AND start_ms >= ? AND "
                             "end_ms <= ?", (meter_id, first, last))
+            self._unbilled.pop(meter_id, None)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")

@@ -386,3 +386,20 @@ def test_ledger_cli_verify_head_list(tmp_path):
     db.commit()
     bad = run("verify")
     assert bad.returncode == 1 and "entry 1 (m-2:" in bad.stdout and "edited" in bad.stdout
+
+
+def test_the_running_unbilled_total_equals_the_unbilled_rows(tmp_path):
+    """The store keeps each meter's unbilled total in memory (the rules ask for it on every
+    reading); it must always equal what a fresh store sums from the table."""
+    s = store(tmp_path)
+    t = ms(2026, 3, 2, 16)
+    s.on_reading("m-1", t, 100.0)
+    s.unbilled("m-1")  # now cached
+    for i in range(1, 40):
+        s.on_reading("m-1", t + i * 900_000, 100.0 + 0.7 * i)  # through the 17–21 peak
+        fresh = store(tmp_path).unbilled("m-1")
+        assert s.unbilled("m-1") == fresh
+    assert fresh["kwh"] == pytest.approx(0.7 * 39)
+    s.settle("m-1", t + 40 * 900_000)
+    assert s.unbilled("m-1") == store(tmp_path).unbilled("m-1") == {
+        "kwh": 0, "amount": 0.0, "oldest_period": None}
