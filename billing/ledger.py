@@ -88,6 +88,7 @@ class BillingStore:
         # simply settled again from the unbilled readings. Per-reading fsyncs cost more.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        self._checkpoints = statedb.checkpoint_in_background(self.db, self.path)
         self._lock = threading.Lock()
         self._states: dict[str, MeterState] = {}
         # Per meter: unbilled (mwh, rows, oldest period, amount) — summed from the table once,
@@ -255,6 +256,7 @@ class BillingStore:
         return balance
 
     def close(self) -> None:
+        self._checkpoints.set()
         self.db.close()
 
 

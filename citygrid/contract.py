@@ -25,6 +25,8 @@ _ID = re.compile(ID_PATTERN)
 TS_MIN_MS = 946_684_800_000
 TS_MAX_MS = 4_102_444_800_000
 MAX_PAYLOAD_BYTES = 16 * 1024
+# Readings from the future are clock faults too; ten minutes allow for devices' clock drift.
+MAX_AHEAD_MS = 10 * 60 * 1000
 
 # Dead-letter reasons: stable names, counted per reason.
 BAD_TOPIC = "bad_topic"
@@ -124,6 +126,11 @@ def _to_epoch_ms(value: int | str) -> int:
 _STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, frozen=True)
 NonNeg = Annotated[float, Field(ge=0)]
 Percent = Annotated[float, Field(ge=0, le=100)]
+# Plausibility bounds: beyond these a value is a device or decoding fault, not a measurement.
+INT64_MAX = 2**63 - 1  # InfluxDB's integers
+Power = Annotated[float, Field(ge=0, le=1_000_000)]  # 1 MW: more than any luminaire or meter
+Register = Annotated[float, Field(ge=0, le=1e12)]
+Lux = Annotated[float, Field(ge=0, le=200_000)]  # full sun is ~120,000 lx
 Timestamp = Annotated[
     int | str,
     Field(description="Measurement time: RFC 3339 UTC string or integer epoch milliseconds."),
@@ -138,7 +145,8 @@ class Reading(BaseModel):
     _optional: ClassVar[tuple[str, ...]] = ()
 
     ts: Timestamp
-    seq: Annotated[int, Field(ge=0, description="Increases by one per message per device.")]
+    seq: Annotated[int, Field(ge=0, le=INT64_MAX,
+                              description="Increases by one per message per device.")]
 
     @field_validator("ts")
     @classmethod
@@ -179,11 +187,11 @@ class StreetlightReading(Reading):
     """A streetlight's reading: its output, consumption and what its sensors see."""
 
     brightness_pct: Annotated[Percent, Field(description="Current light output, %.")]
-    power_w: Annotated[NonNeg, Field(description="Electrical power now, W.")]
-    energy_wh: Annotated[NonNeg, Field(description="Cumulative energy register, Wh.")]
-    lux: Annotated[NonNeg, Field(description="Ambient light, lx.")]
+    power_w: Annotated[Power, Field(description="Electrical power now, W.")]
+    energy_wh: Annotated[Register, Field(description="Cumulative energy register, Wh.")]
+    lux: Annotated[Lux, Field(description="Ambient light, lx.")]
     motion: Annotated[bool, Field(description="Presence detected during the interval.")]
-    motion_count: Annotated[int, Field(ge=0)] | None = None
+    motion_count: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
     temp_c: Annotated[float, Field(ge=-60, le=90)] | None = None
     no2_ugm3: NonNeg | None = None
     pm25_ugm3: NonNeg | None = None
@@ -194,8 +202,8 @@ class StreetlightReading(Reading):
 class MeterReading(Reading):
     """An electricity meter's reading."""
 
-    energy_kwh: Annotated[NonNeg, Field(description="Cumulative import register, kWh.")]
-    power_w: Annotated[NonNeg, Field(description="Import power now, W.")]
+    energy_kwh: Annotated[Register, Field(description="Cumulative import register, kWh.")]
+    power_w: Annotated[Power, Field(description="Import power now, W.")]
     voltage_v: Annotated[float, Field(ge=0, le=1000)] | None = None
 
 
@@ -290,8 +298,24 @@ def _error_from(e: ValidationError, topic: str | None, prefix: str = "") -> Cont
     return ContractError(reason, prefix + "; ".join(parts) + more, topic)
 
 
-def decode_readings(kind: str, payload: bytes, topic: str | None = None) -> list[Reading]:
-    """Decode one telemetry message: a JSON object or a SenML pack (RFC 8428)."""
+def decode_readings(kind: str, payload: bytes, topic: str | None = None, *,
+                    now_ms: int | None = None) -> list[Reading]:
+    """Decode one telemetry message: a JSON object or a SenML pack (RFC 8428).
+
+    With ``now_ms`` (the platform's clock: ingest and the rule engine pass it), a reading
+    more than MAX_AHEAD_MS ahead of it is refused as a clock fault.
+    """
+    readings = _decode(kind, payload, topic)
+    if now_ms is not None:
+        for r in readings:
+            if r.ts > now_ms + MAX_AHEAD_MS:
+                raise ContractError(OUT_OF_RANGE, f"ts: {(r.ts - now_ms) / 60_000:.0f} minutes "
+                                    "ahead of the platform's clock (a device clock fault?)",
+                                    topic)
+    return readings
+
+
+def _decode(kind: str, payload: bytes, topic: str | None) -> list[Reading]:
     model = KINDS.get(kind)
     if model is None:
         raise ContractError(UNKNOWN_KIND, f"kind {kind!r} is not one of {sorted(KINDS)}", topic)
@@ -317,6 +341,7 @@ def _decode_senml(model: type[Reading], payload: bytes, topic: str | None) -> li
         raise ContractError(BAD_SENML, "empty SenML pack", topic)
     by_time: dict[float, dict[str, Any]] = {}
     base_name, base_time = "", 0.0
+    first_device: str | None = None
     for i, record in enumerate(pack):
         if not isinstance(record, dict):
             raise ContractError(BAD_SENML, f"record {i} is not an object", topic)
@@ -329,11 +354,21 @@ def _decode_senml(model: type[Reading], payload: bytes, topic: str | None) -> li
         values = [record[k] for k in ("v", "vb", "vs") if k in record]
         if not values and "n" not in record and ("bn" in record or "bt" in record):
             continue  # a base-only record
+        if not isinstance(record.get("n", ""), str):
+            raise ContractError(BAD_SENML, f"record {i}: n must be a string", topic)
         name = base_name + record.get("n", "")
         # Names like "urn:dev:mac:0024befffe804ff1:power_w": the field is the last part.
         field = re.split(r"[:/;]", name)[-1]
         if not field:
             raise ContractError(BAD_SENML, f"record {i} has no name", topic)
+        # One pack, one device (the topic's): records naming two devices would mix their
+        # values into one reading.
+        device = name[:len(name) - len(field)]
+        if first_device is None:
+            first_device = device
+        elif device != first_device:
+            raise ContractError(BAD_SENML, f"record {i} names {device!r} but the pack began "
+                                f"with {first_device!r}: one pack carries one device", topic)
         if len(values) != 1:
             raise ContractError(BAD_SENML, f"record {i} ({field}) needs exactly one of v, vb, vs",
                                 topic)

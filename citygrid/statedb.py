@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import threading
 from pathlib import Path
 
 
@@ -14,3 +16,28 @@ def connect(path: str | Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     return db
+
+
+def checkpoint_in_background(db: sqlite3.Connection, path: str | Path,
+                             every_s: float = 2.0) -> threading.Event:
+    """Take WAL checkpoints (and their fsyncs) off ``db``'s thread.
+
+    SQLite checkpoints in whichever commit crosses 1,000 WAL pages: on a hot thread (the rule
+    engine settling bills) that is a stall of up to a second now and then. Here ``db`` stops
+    checkpointing itself and a daemon thread with its own connection does it every few
+    seconds. Set the returned event to stop it.
+    """
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    stop = threading.Event()
+
+    def run() -> None:
+        own = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        try:
+            while not stop.wait(every_s):
+                with contextlib.suppress(sqlite3.Error):
+                    own.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            own.close()
+
+    threading.Thread(target=run, name=f"checkpoint-{Path(path).name}", daemon=True).start()
+    return stop

@@ -54,7 +54,28 @@ class Marks:
 _SCALARS = yaml.SafeLoader("")  # YAML's own resolver types the scalars (ints, bools, nulls…)
 
 
-def _construct(node: yaml.Node, path: tuple, marks: Marks) -> Any:
+# Operator files are small: these bounds refuse a YAML bomb (aliases that expand a few
+# lines into billions of values) or a pathological nesting before they cost anything.
+MAX_BYTES = 1_000_000
+MAX_VALUES = 100_000
+MAX_DEPTH = 40
+
+
+class _TooBig(Exception):
+    def __init__(self, node: yaml.Node, message: str):
+        self.node, self.message = node, message
+
+
+def _construct(node: yaml.Node, path: tuple, marks: Marks, budget: list[int] | None = None
+               ) -> Any:
+    if budget is None:
+        budget = [MAX_VALUES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooBig(node, f"expands to more than {MAX_VALUES:,} values (aliases repeating "
+                      "aliases?): refused")
+    if len(path) > MAX_DEPTH:
+        raise _TooBig(node, f"nested deeper than {MAX_DEPTH} levels: refused")
     quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
     marks.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1, quoted)
     if isinstance(node, yaml.MappingNode):
@@ -63,17 +84,23 @@ def _construct(node: yaml.Node, path: tuple, marks: Marks) -> Any:
             key = _SCALARS.construct_object(key_node, deep=True)
             marks.keys[path + (key,)] = (key_node.start_mark.line + 1,
                                         key_node.start_mark.column + 1)
-            out[key] = _construct(value_node, path + (key,), marks)
+            out[key] = _construct(value_node, path + (key,), marks, budget)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(v, path + (i,), marks) for i, v in enumerate(node.value)]
+        return [_construct(v, path + (i,), marks, budget) for i, v in enumerate(node.value)]
     return _SCALARS.construct_object(node, deep=True)
 
 
 def parse(text: str, name: str) -> tuple[Any, Marks]:
     marks = Marks()
+    if len(text) > MAX_BYTES:
+        raise ConfigError([ConfigProblem(name, 1, 1, f"{len(text):,} characters; the limit is "
+                                         f"{MAX_BYTES:,}")])
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ConfigError([ConfigProblem(name, 1, 1, "nested too deeply to read: refused")]
+                          ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -81,7 +108,11 @@ def parse(text: str, name: str) -> tuple[Any, Marks]:
                                          f"{getattr(e, 'problem', e)}")]) from None
     if node is None:
         return {}, marks
-    return _construct(node, (), marks), marks
+    try:
+        return _construct(node, (), marks), marks
+    except _TooBig as e:
+        raise ConfigError([ConfigProblem(name, e.node.start_mark.line + 1,
+                                         e.node.start_mark.column + 1, e.message)]) from None
 
 
 def friendly(err: dict) -> str:

@@ -186,7 +186,8 @@ class IngestService:
         try:
             kind, tags, key = self._routes.get(topic) or self._route(topic)
             points = [Point(kind, tags, r.fields(), r.ts, key) for r in
-                      decode_readings(kind, message.payload, topic)]
+                      decode_readings(kind, message.payload, topic,
+                                      now_ms=int(time.time() * 1000))]
         except ContractError as e:
             dead = DeadLetter(int(time.time() * 1000), topic, e.reason, e.detail,
                               message.payload)

@@ -174,7 +174,7 @@ class RuleRunner:
                 self.engine.on_ack(t.device_id, orjson.loads(payload))
             return
         try:
-            readings = decode_readings(t.kind, payload, topic)
+            readings = decode_readings(t.kind, payload, topic, now_ms=int(time.time() * 1000))
         except ContractError:
             return  # ingest dead-letters it; the rules only act on valid readings
         for r in readings:

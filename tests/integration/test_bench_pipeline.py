@@ -21,7 +21,7 @@ def test_pipeline_benchmark_quick_runs(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     result = json.loads((tmp_path / "r.json").read_text())
-    step = result["ramps"]["citygrid x1"][0]
+    step = result["ramps"]["citygrid ingest+rules"][0]
     assert step["published"] > 0 and step["lost"] == 0 and step["stored"] == step["published"]
     assert step["command_samples"] > 0 and step["command_missed"] == 0
     assert result["bare_paho_drain_per_s"] > 0
