@@ -351,10 +351,7 @@ class Bench:
         return result
 
     def ok(self, r: dict) -> bool:
-        """Zero loss, the load really offered, caught up, and latency not running away."""
-        return (r["lost"] == 0 and r["achieved_offer_per_s"] >= 0.95 * r["offered_per_s"]
-                and r["catch_up_s"] < self.args.catch_up
-                and (r.get("stored_p99_ms") is None or r["stored_p99_ms"] < 5000))
+        return sustained(r, self.args.catch_up)
 
     def ramp(self, system: str, steps: list[int], workers: int = 1, rules: bool = True
              ) -> list[dict]:
@@ -364,6 +361,15 @@ class Bench:
             if not results[-1]["zero_loss"]:
                 break
         return results
+
+
+def sustained(r: dict, catch_up_s: float = 30.0) -> bool:
+    """Zero loss, the load really offered, caught up, and latency not running away: stored
+    p99 under 5 s and, with the rules, half the commands within a second."""
+    return (r["lost"] == 0 and r["achieved_offer_per_s"] >= 0.95 * r["offered_per_s"]
+            and r["catch_up_s"] < catch_up_s
+            and (r.get("stored_p99_ms") is None or r["stored_p99_ms"] < 5000)
+            and (r.get("command_p50_ms") is None or r["command_p50_ms"] < 1000))
 
 
 def bench_ingest_free_port() -> int:
@@ -389,14 +395,15 @@ def plot(results: dict, path: Path) -> None:
         if steps and "stored_p99_ms" in steps[0]:
             b.plot(xs, [r.get("stored_p99_ms") or float("nan") for r in steps], marker="o",
                    label=f"{name}: reading→stored p99")
-            b.plot(xs, [r.get("command_p99_ms") or float("nan") for r in steps], marker="x",
-                   linestyle="--", label=f"{name}: reading→command p99")
+            if any(r.get("command_p99_ms") for r in steps):
+                b.plot(xs, [r.get("command_p99_ms") or float("nan") for r in steps],
+                       marker="x", linestyle="--", label=f"{name}: reading→command p99")
     lim = max((r["offered_per_s"] for s in results["ramps"].values() for r in s), default=1)
     a.plot([0, lim], [0, lim], color="grey", linewidth=0.8, linestyle=":", label="stored = offered")
     a.axhline(results["bare_paho_drain_per_s"], color="red", linewidth=0.8, linestyle="--",
               label="bare paho drain (1×)")
     a.set(xlabel="offered readings/s", ylabel="stored readings/s",
-          title="Throughput (zero loss marked by the ramp's last point before loss)")
+          title="Throughput: stored vs offered (every ramp ends at its first failed step)")
     b.set(xlabel="offered readings/s", ylabel="ms", yscale="log", title="Latency")
     a.legend(fontsize=8)
     b.legend(fontsize=8)

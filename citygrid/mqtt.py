@@ -23,7 +23,11 @@ def make_client(url: MqttUrl, client_id: str = "", *, manual_ack: bool = False,
     if url.username:
         client.username_pw_set(url.username, url.password)
     if url.tls:
-        client.tls_set_context(ssl.create_default_context())
+        # The system's CAs, or the one CITYGRID_MQTT_CA names; hostname checked either way.
+        context = ssl.create_default_context(cafile=url.ca_file)
+        if url.cert_file:
+            context.load_cert_chain(url.cert_file, url.key_file)
+        client.tls_set_context(context)
     return client
 
 

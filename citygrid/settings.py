@@ -26,6 +26,9 @@ class MqttUrl:
     username: str | None = None
     password: str | None = None
     protocol: int = 5  # paho's numbers: 5 = MQTT 5, 4 = MQTT 3.1.1
+    ca_file: str | None = None  # mqtts://: the CA that signed the broker's certificate
+    cert_file: str | None = None  # client-certificate authentication (optional)
+    key_file: str | None = None
 
     @classmethod
     def parse(cls, url: str, variable: str = "CITYGRID_MQTT_URL") -> MqttUrl:
@@ -55,6 +58,9 @@ def _env(name: str) -> str:
 class Settings:
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     mqtt_protocol: str = "5"  # "3.1.1" for brokers without MQTT 5 (the embedded one)
+    mqtt_ca: str | None = None  # CA file for mqtts:// (default: the system's CAs)
+    mqtt_cert: str | None = None  # client certificate (PEM), for brokers that require one
+    mqtt_key: str | None = None
     influx_url: str = ""
     influx_db: str = "citygrid"
     influx_token: str | None = None
@@ -71,8 +77,15 @@ class Settings:
         if self.mqtt_protocol not in ("5", "3.1.1"):
             raise SettingsError("CITYGRID_MQTT_PROTOCOL",
                                 f"{self.mqtt_protocol!r} must be 5 or 3.1.1")
-        object.__setattr__(self, "mqtt", replace(MqttUrl.parse(self.mqtt_url),
-                                                 protocol=5 if self.mqtt_protocol == "5" else 4))
+        if bool(self.mqtt_cert) != bool(self.mqtt_key):
+            raise SettingsError("CITYGRID_MQTT_KEY", "CITYGRID_MQTT_CERT and _KEY go together")
+        for name in ("mqtt_ca", "mqtt_cert", "mqtt_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise SettingsError(_env(name), f"{path!r} is not a file")
+        object.__setattr__(self, "mqtt", replace(
+            MqttUrl.parse(self.mqtt_url), protocol=5 if self.mqtt_protocol == "5" else 4,
+            ca_file=self.mqtt_ca, cert_file=self.mqtt_cert, key_file=self.mqtt_key))
         if self.influx_url:
             parts = urlsplit(self.influx_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -11,7 +11,9 @@ import json
 import secrets
 import socket
 import sqlite3
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -54,6 +56,38 @@ def create_token(registry: Registry, role: str, name: str) -> str:
         registry.db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?)",
                             (_digest(token), name, role, int(time.time() * 1000)))
     return token
+
+
+class FailedTokenLimiter:
+    """Guessing tokens is slow: after ``limit`` unknown tokens from one address within
+    ``window_s``, that address gets 429 until the oldest failure leaves the window."""
+
+    def __init__(self, limit: int = 10, window_s: float = 60.0):
+        self.limit, self.window_s = limit, window_s
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> deque[float]:
+        q = self._failures.setdefault(client, deque())
+        while q and q[0] <= now - self.window_s:
+            q.popleft()
+        return q
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._recent(client, now).append(now)
+            if len(self._failures) > 10_000:  # forget quiet addresses, bound the memory
+                for k in [k for k, q in self._failures.items() if not self._recent(k, now)]:
+                    del self._failures[k]
+
+    def blocked_for(self, client: str) -> int:
+        now = time.monotonic()
+        with self._lock:
+            q = self._recent(client, now)
+            if len(q) < self.limit:
+                return 0
+            return max(1, int(q[-self.limit] + self.window_s - now + 0.999))
 
 
 class Problem(BaseModel):
@@ -209,7 +243,9 @@ def create_app(settings: Settings) -> FastAPI:
     registry.db.executescript(_TOKENS)
     store = open_store(settings)
     errors = {401: {"model": Problem, "description": "No or unknown bearer token"},
-              403: {"model": Problem, "description": "The token's role is too low"}}
+              403: {"model": Problem, "description": "The token's role is too low"},
+              429: {"model": Problem, "description": "Too many unknown tokens from this "
+                    "address lately (see Retry-After)"}}
     feed = CityFeed(settings, store)
 
     @contextlib.asynccontextmanager
@@ -254,14 +290,23 @@ def create_app(settings: Settings) -> FastAPI:
     # No `from __future__ import annotations` here: FastAPI must see the closures in the
     # route signatures' Annotated[…, Depends(role(...))] as objects, not strings.
 
+    limiter = FailedTokenLimiter()
+
     def role(minimum: str):
-        def check(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        def check(request: Request,
+                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
             if creds is None:
                 raise HTTPException(401, "a bearer token is required",
                                     headers={"WWW-Authenticate": "Bearer"})
+            client = request.client.host if request.client else "?"
+            wait_s = limiter.blocked_for(client)
+            if wait_s:
+                raise HTTPException(429, f"too many unknown tokens from {client}; try again in "
+                                    f"{wait_s} s", headers={"Retry-After": str(wait_s)})
             row = registry.db.execute("SELECT role FROM tokens WHERE hash = ?",
                                       (_digest(creds.credentials),)).fetchone()
             if row is None:
+                limiter.failed(client)
                 raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
             if ROLES[row[0]] < ROLES[minimum]:
                 raise HTTPException(403, f"this needs the {minimum} role; the token is {row[0]}")
@@ -272,7 +317,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_problem(request: Request, exc: HTTPException) -> JSONResponse:
         response = _problem(exc.status_code, {401: "Unauthorized", 403: "Forbidden",
-                                              404: "Not Found", 409: "Conflict"}.get(
+                                              404: "Not Found", 409: "Conflict",
+                                              429: "Too Many Requests"}.get(
             exc.status_code, "Error"), str(exc.detail), request)
         for k, v in (exc.headers or {}).items():
             response.headers[k] = v

@@ -49,6 +49,12 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     conf.add_argument("--port", type=int, default=1883)
     conf.add_argument("--host", default="0.0.0.0")
     conf.add_argument("--user", help="the user Mosquitto runs as (default: you)")
+    conf.add_argument("--tls-port", type=int, help="add a TLS listener here (e.g. 8883)")
+    conf.add_argument("--cafile", help="TLS: the CA clients' certificates are checked against")
+    conf.add_argument("--certfile", help="TLS: the broker's certificate (PEM)")
+    conf.add_argument("--keyfile", help="TLS: the broker's private key (PEM)")
+    conf.add_argument("--require-certificate", action="store_true",
+                      help="TLS: clients must present a certificate signed by --cafile")
     conf.set_defaults(func=cmd_broker_config)
     acc = bs.add_parser("account", parents=[common],
                         help="(re)create a platform service account; prints it once")
@@ -115,7 +121,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
-    conf = _registry(args).broker_config(args.port, args.host, args.user)
+    from gateway.provisioning import TlsListener
+
+    tls = None
+    if args.tls_port:
+        if not (args.cafile and args.certfile and args.keyfile):
+            print("citygrid broker config: --tls-port needs --cafile, --certfile and --keyfile",
+                  file=sys.stderr)
+            return 2
+        tls = TlsListener(args.tls_port, args.cafile, args.certfile, args.keyfile,
+                          args.require_certificate)
+    conf = _registry(args).broker_config(args.port, args.host, args.user, tls)
     print(f"wrote {conf}\nrun: mosquitto -c {conf}")
     return 0
 

@@ -73,6 +73,23 @@ class Credentials:
         return f"mqtt://{self.username}:{self.password}@{host}:{port}"
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """A TLS listener: the broker's certificate and key, the CA clients are checked against."""
+
+    port: int
+    cafile: str
+    certfile: str
+    keyfile: str
+    require_certificate: bool = False  # clients must present a certificate the CA signed
+
+    def conf(self) -> str:
+        return (f"listener {self.port}\n"
+                f"cafile {self.cafile}\ncertfile {self.certfile}\nkeyfile {self.keyfile}\n"
+                "tls_version tlsv1.2\n"
+                f"require_certificate {str(self.require_certificate).lower()}\n")
+
+
 class ProvisioningError(ValueError):
     pass
 
@@ -185,8 +202,9 @@ class Registry:
             return False
 
     def broker_config(self, port: int = 1883, host: str = "0.0.0.0",
-                      user: str | None = None) -> Path:
-        """A ready mosquitto.conf using these files; persistence on; size limits.
+                      user: str | None = None, tls: TlsListener | None = None) -> Path:
+        """A ready mosquitto.conf using these files; persistence on; size limits; optionally
+        a TLS listener (with client certificates required, if asked).
 
         The broker runs as ``user`` (default: whoever runs CityGrid, who owns the files it
         must reread on SIGHUP; Mosquitto started as root would otherwise drop to `mosquitto`).
@@ -208,10 +226,12 @@ class Registry:
             f"pid_file {self.pid_file}\n"
             "persistence true\n"
             f"persistence_location {conf.parent}/\n"
+            "autosave_interval 10\n"  # a crash loses at most 10 s of undelivered messages
             "max_packet_size 65536\n"  # readings are small; a 64 KiB packet is an attack
             "max_queued_messages 100000\n"
             "max_inflight_messages 1000\n"
-            "max_keepalive 300\n")
+            "max_keepalive 300\n"
+            + (tls.conf() if tls else ""))
         return conf
 
     def close(self) -> None:
@@ -226,4 +246,5 @@ def _atomic_write(path: Path, text: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["Credentials", "ProvisioningError", "Registry", "check_password", "hash_password"]
+__all__ = ["Credentials", "ProvisioningError", "Registry", "TlsListener", "check_password",
+           "hash_password"]

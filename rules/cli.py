@@ -227,6 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # ingest, the default thresholds suit the engine: raising them made each young-generation
     # collection scan ~1M objects, a 15–20 ms pause every second — bench/rules.py p99.)
     gc.freeze()
+    _watch_gc()
     log.info("rules running: %d rules from %s, %d devices", len(runner.ruleset.rules),
              config.rules_path, len(runner.fleet))
     try:
@@ -261,3 +262,21 @@ def cmd_backtest(args: argparse.Namespace) -> int:
           f"{report['co2_avoided_kg']:.2f} kg CO2 avoided")
     print(f"alerts raised: {report['alerts']}")
     return 0
+
+
+def _watch_gc(threshold_ms: float = 100.0) -> None:
+    """Log collections that hold the engine up for longer than ``threshold_ms``: a full
+    collection over a big fleet's state is the one pause the engine cannot avoid by design."""
+    import gc
+    import time
+
+    started: list[float] = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        elif (took := (time.perf_counter() - started[0]) * 1000) > threshold_ms:
+            log.warning("garbage collection of generation %d held the engine for %.0f ms "
+                        "(%d collected)", info["generation"], took, info["collected"])
+
+    gc.callbacks.append(callback)

@@ -123,6 +123,8 @@ class _Connection:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = engine._on_command
         self.sock: socket.socket | None = None
+        self.backoff = 0.5  # a lost broker is retried after 0.5 s, 1 s, 2 s … 30 s (±50 %)
+        self.retry_at = 0.0
 
     def connect(self) -> None:
         mqtt.connect(self.client, self.engine.url, keepalive=60)
@@ -134,6 +136,7 @@ class _Connection:
             log.error("%s refused: %s", self.client_id, reason_code)
             return
         self.up = True
+        self.backoff = 0.5
         engine = self.engine
         lights = [engine.cmd_topics[i] for i in self.devices
                   if isinstance(engine.devices[i], StreetlightSim)]
@@ -164,6 +167,17 @@ class _Connection:
                 sock.shutdown(socket.SHUT_RDWR)
         self.client.loop_read()  # paho notices the dead socket and cleans up
         self.up = False
+
+    def retry(self, now: float) -> None:
+        """Reconnect after the broker was lost, like a real device: with backoff and jitter."""
+        self.retry_at = now + self.backoff * random.uniform(0.5, 1.5)
+        self.backoff = min(30.0, self.backoff * 2)
+        try:
+            self.client.reconnect()
+        except OSError:
+            return
+        self.sock = self.client.socket()
+        self.engine.selector.register(self.sock, selectors.EVENT_READ, self)
 
     def revive(self) -> None:
         self.dropped = False
@@ -318,7 +332,9 @@ class Engine:
                 for conn in self.connections:
                     if conn.sock is not None:
                         conn.client.loop_misc()
-                next_misc = now + 1.0
+                    elif not conn.dropped and now >= conn.retry_at:
+                        conn.retry(now)
+                next_misc = now + 0.25
             if now >= next_save and self.config.state_path:
                 self.save_state(now_sim)
                 next_save = now + 10.0
