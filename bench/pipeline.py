@@ -171,8 +171,6 @@ class Probes:
             i += 1
             topic = str(Topic(p.district, "streetlight", p.device_id))
             self.pub.publish(topic, self._reading(False, self.sim_now()), qos=1)
-            # Past the last motion's 120 s hold (simulated time = real time here): the
-            # probes take turns, so each is dark again before its next motion reading.
             self._stop.wait(0.03)
             ts = self.sim_now()
             with self._cond:
@@ -186,7 +184,9 @@ class Probes:
                     self.latencies.append((self._received[p.device_id] - sent) * 1000)
                 else:
                     self.missed += 1
-            self._stop.wait(0.07)
+            # A probe comes round again only after its motion's 120 s hold has ended
+            # (simulated time = real time here), so each motion reading must command 100 %.
+            self._stop.wait(max(0.07, 125 / len(self.probes) - 0.03))
 
     def start(self) -> None:
         self.thread.start()
@@ -418,7 +418,8 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2,4", help="ingest workers to scale out over")
     ap.add_argument("--ingest-steps", default="6000,9000,12000,15000,18000,21000")
     ap.add_argument("--devices", type=int, default=10_000)
-    ap.add_argument("--probes", type=int, default=200)
+    ap.add_argument("--probes", type=int, default=1000, help="probe lights (one motion "
+                    "reading each per 125 s: 1,000 give 8 samples/s)")
     ap.add_argument("--backlog", type=int, default=100_000, help="for the bare paho drain")
     ap.add_argument("--catch-up", type=float, default=30.0)
     ap.add_argument("--no-nodered", action="store_true")
@@ -429,7 +430,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.steps, args.seconds, args.workers, args.devices = "1000", 5.0, "1", 1000
-        args.probes, args.backlog, args.no_nodered = 20, 10_000, True
+        args.probes, args.backlog, args.no_nodered = 200, 10_000, True
     steps = [int(s) for s in args.steps.split(",")]
     ingest_steps = [int(s) for s in args.ingest_steps.split(",")]
     workers = [int(w) for w in args.workers.split(",")]

@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    ns = argparse.Namespace(devices=args.devices, probes=100, seconds=args.minutes * 60,
+    ns = argparse.Namespace(devices=args.devices, probes=1000, seconds=args.minutes * 60,
                             catch_up=60.0)
     with tempfile.TemporaryDirectory(prefix="citygrid-soak-") as tmp:
         tmp = Path(tmp)
