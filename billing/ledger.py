@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import threading
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -262,7 +263,7 @@ class BillingStore:
 
 def verify(db_path: str | Path, head: str | None = None) -> tuple[int, str]:
     """Walk the chain; return (entries, head hash) or raise LedgerError naming the first bad one."""
-    db = statedb.connect(db_path)
+    db = sqlite3.connect(db_path, timeout=30)  # reads only: leaves the file as it is
     try:
         rows = db.execute("SELECT seq, key, entry, hash FROM ledger ORDER BY seq").fetchall()
     finally:

@@ -118,6 +118,29 @@ def cmd_dashboards_push(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- backup
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from citygrid import backup
+
+    settings = _settings(args)
+    try:
+        if args.backup_command == "create":
+            m = backup.create(settings.data_dir, args.dir)
+        else:
+            m = backup.restore(args.dir, settings.data_dir, force=args.force)
+    except backup.BackupError as e:
+        print(f"citygrid backup {args.backup_command}: {e}", file=sys.stderr)
+        return 1
+    ledger = m.get("ledger")
+    verb = "backed up" if args.backup_command == "create" else "restored"
+    print(f"{verb} {', '.join(m['files'])}"
+          + (f"; ledger ok: {ledger['entries']} entries, head {ledger['head']}" if ledger
+             else ""))
+    return 0
+
+
 # --------------------------------------------------------------------------- up
 
 
@@ -186,6 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
     from citygrid.up import add_parser as add_up_parser
 
     add_up_parser(sub, common, cmd_up)
+
+    b = sub.add_parser("backup", help="consistent copies of the state databases")
+    bsub = b.add_subparsers(dest="backup_command", required=True, metavar="SUBCOMMAND")
+    bc = bsub.add_parser("create", parents=[common], help="back up the state databases "
+                         "(registry, rule state, billing and ledger, ingest) into DIR")
+    bc.add_argument("dir")
+    bc.set_defaults(func=cmd_backup)
+    br = bsub.add_parser("restore", parents=[common], help="check a backup and restore it")
+    br.add_argument("dir")
+    br.add_argument("--force", action="store_true", help="replace existing databases (stop "
+                    "the services first)")
+    br.set_defaults(func=cmd_backup)
     return parser
 
 
