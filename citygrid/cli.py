@@ -141,6 +141,48 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- store
+
+
+def cmd_store_init(args: argparse.Namespace) -> int:
+    from citygrid.store import StoreError, open_store
+
+    settings = _settings(args)
+    store = open_store(settings)
+    try:
+        if hasattr(store, "ensure_lifecycle"):  # InfluxDB: say what changed
+            store.query(f'CREATE DATABASE "{store.database}"')
+            done = store.ensure_lifecycle()
+        else:
+            store.ensure_ready()
+            done = []
+        if hasattr(store, "maintain"):
+            done += [f"{k}: {v}" for k, v in store.maintain().items() if v]
+    except StoreError as e:
+        print(f"citygrid store init: {e}", file=sys.stderr)
+        return 1
+    lc = settings.lifecycle
+    print(f"{store}: raw readings {lc.raw_hours} h, hourly rollups {lc.rollup_hours} h, "
+          f"long view beyond {lc.horizon_hours} h")
+    for line in done or ["already as configured"]:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_store_rollup(args: argparse.Namespace) -> int:
+    from citygrid.store import open_store
+    from simulators.cli import iso_time
+
+    store = open_store(_settings(args))
+    if not hasattr(store, "rollup"):
+        print("citygrid store rollup: the embedded store rolls up in `store init` and ingest",
+              file=sys.stderr)
+        return 2
+    store.rollup(iso_time(args.start), iso_time(args.end))
+    print(f"rolled up {args.start} … {args.end}")
+    return 0
+
+
 # --------------------------------------------------------------------------- up
 
 
@@ -209,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     from citygrid.up import add_parser as add_up_parser
 
     add_up_parser(sub, common, cmd_up)
+
+    st = sub.add_parser("store", help="the telemetry store: retention and rollups")
+    stsub = st.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
+    si = stsub.add_parser("init", parents=[common], help="create the database, retention "
+                          "policies and continuous queries (idempotent; ingest does it too)")
+    si.set_defaults(func=cmd_store_init)
+    sr = stsub.add_parser("rollup", parents=[common], help="roll up a past range now (InfluxDB)")
+    sr.add_argument("--from", dest="start", required=True, help="ISO time with offset")
+    sr.add_argument("--to", dest="end", required=True, help="ISO time with offset")
+    sr.set_defaults(func=cmd_store_rollup)
 
     b = sub.add_parser("backup", help="consistent copies of the state databases")
     bsub = b.add_subparsers(dest="backup_command", required=True, metavar="SUBCOMMAND")

@@ -7,6 +7,7 @@ rejected with a :class:`ContractError` that says which field and why.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -376,6 +377,8 @@ def _decode_senml(model: type[Reading], payload: bytes, topic: str | None) -> li
         if not isinstance(t, int | float) or isinstance(t, bool):
             raise ContractError(BAD_SENML, f"record {i}: t must be a number", topic)
         when = base_time + t
+        if not math.isfinite(when * 1000):
+            raise ContractError(BAD_SENML, f"record {i}: its time is not a finite number", topic)
         if when < 2**28:  # RFC 8428 §4.5.3: a relative time; we need the device's clock
             raise ContractError(BAD_SENML, f"record {i}: relative time {when}s is not accepted; "
                                 "send absolute times (bt/t in epoch seconds)", topic)

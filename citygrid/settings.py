@@ -71,6 +71,9 @@ class Settings:
     fleet: str | None = None
     city: str = "copenhagen"
     billing: str | None = None
+    raw_retention: str = "30d"  # raw readings (InfluxDB: the default retention policy)
+    rollup_retention: str = "1825d"  # hourly rollups, five years
+    rollup_horizon: str = "7d"  # aggregates over longer ranges read the rollups
     mqtt: MqttUrl = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +94,13 @@ class Settings:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise SettingsError("CITYGRID_INFLUX_URL",
                                     f"{self.influx_url!r} must be http(s)://host:port")
+        from citygrid.store.lifecycle import hours
+
+        for name in ("raw_retention", "rollup_retention", "rollup_horizon"):
+            try:
+                hours(getattr(self, name))
+            except ValueError as e:
+                raise SettingsError(_env(name), str(e)) from None
         if not self.influx_db:
             raise SettingsError("CITYGRID_INFLUX_DB", "must not be empty")
         if bool(self.influx_user) != bool(self.influx_password):
@@ -115,3 +125,10 @@ class Settings:
         """The environment that gives a child process these settings."""
         return {_env(f.name): str(getattr(self, f.name)) for f in fields(self)
                 if f.init and getattr(self, f.name) is not None}
+
+    @property
+    def lifecycle(self):
+        """Retention and rollups (citygrid.store.lifecycle.Lifecycle)."""
+        from citygrid.store.lifecycle import Lifecycle
+
+        return Lifecycle.parse(self.raw_retention, self.rollup_retention, self.rollup_horizon)

@@ -72,6 +72,9 @@ class _Batch:
     opened: float = field(default_factory=time.monotonic)
 
 
+MAINTAIN_EVERY_S = 600.0  # rollups of the embedded store, retention
+
+
 class IngestService:
     def __init__(self, settings: Settings, store: TelemetryStore,
                  config: IngestConfig | None = None, *, data_dir: str | Path | None = None):
@@ -352,8 +355,25 @@ class IngestService:
     # ------------------------------------------------------------------ self-report
 
     def _reporter(self) -> None:
+        next_maintenance = time.monotonic() + 5
         while not self._stopping.wait(self.config.report_interval_s):
             self.report()
+            if time.monotonic() >= next_maintenance:
+                self._maintain()
+                next_maintenance = time.monotonic() + MAINTAIN_EVERY_S
+
+    def _maintain(self) -> None:
+        """The embedded store's rollups and retention (InfluxDB does its own, in CQs)."""
+        maintain = getattr(self.store, "maintain", None)
+        if maintain is None:
+            return
+        try:
+            done = maintain()
+        except Exception as e:  # the store being down is the writer's business, not ours
+            log.warning("store maintenance failed: %s", e)
+            return
+        if any(done.values()):
+            log.info("store maintenance: %s", ", ".join(f"{k} {v}" for k, v in done.items()))
 
     def report(self) -> None:
         """Put this worker's figures into the open batch, measurement ``citygrid_ingest``."""

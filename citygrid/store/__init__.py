@@ -34,14 +34,15 @@ def _influx(settings: Settings) -> TelemetryStore:
     from citygrid.store.influx import InfluxStore
 
     return InfluxStore(settings.influx_url, settings.influx_db, token=settings.influx_token,
-                       username=settings.influx_user, password=settings.influx_password)
+                       username=settings.influx_user, password=settings.influx_password,
+                       lifecycle=settings.lifecycle)
 
 
 @backend("sqlite")
 def _sqlite(settings: Settings) -> TelemetryStore:
     from citygrid.store.sqlite import SqliteStore
 
-    return SqliteStore(Path(settings.data_dir) / "telemetry.sqlite")
+    return SqliteStore(Path(settings.data_dir) / "telemetry.sqlite", lifecycle=settings.lifecycle)
 
 
 def open_store(settings: Settings) -> TelemetryStore:

@@ -21,6 +21,15 @@ from citygrid.store.base import (
     check_aggregate,
     latest_key,
 )
+from citygrid.store.lifecycle import (
+    HOUR_MS,
+    MEASUREMENTS,
+    ROLLUP_RP,
+    Lifecycle,
+    rollup_queries,
+    rollup_select,
+    with_range,
+)
 
 
 def quote_ident(name: str) -> str:
@@ -34,7 +43,9 @@ def quote_literal(value: str) -> str:
 class InfluxStore:
     def __init__(self, url: str, database: str = "citygrid", *, token: str | None = None,
                  username: str | None = None, password: str | None = None,
-                 timeout_s: float = 10.0, gzip_level: int = 1):
+                 timeout_s: float = 10.0, gzip_level: int = 1,
+                 lifecycle: Lifecycle | None = None):
+        self.lifecycle = lifecycle
         self.url = url.rstrip("/")
         self.database = database
         headers = {"Authorization": f"Token {token}"} if token else {}
@@ -75,6 +86,50 @@ class InfluxStore:
 
     def ensure_ready(self) -> None:
         self.query(f"CREATE DATABASE {quote_ident(self.database)}")
+        if self.lifecycle is not None:
+            self.ensure_lifecycle()
+
+    def ensure_lifecycle(self) -> list[str]:
+        """Retention policies and continuous queries as the settings say; only what differs
+        is changed, so this can run at every start. Returns what it did."""
+        lc = self.lifecycle or Lifecycle()
+        db = quote_ident(self.database)
+        done: list[str] = []
+        rps = {row[0]: row[1] for s in self.query(f"SHOW RETENTION POLICIES ON {db}")
+               for row in s.get("values", [])}
+        for name, hours, default in (("autogen", lc.raw_hours, True),
+                                     (ROLLUP_RP, lc.rollup_hours, False)):
+            # InfluxDB's advice: shards of 1 h under 2 days, 1 day up to 6 months, else 7 days.
+            shard = "1h" if hours < 48 else "24h" if hours <= 4392 else "168h"
+            clause = (f"DURATION {hours}h REPLICATION 1 SHARD DURATION {shard}"
+                      + (" DEFAULT" if default else ""))
+            if name not in rps:
+                self.query(f"CREATE RETENTION POLICY {quote_ident(name)} ON {db} {clause}")
+                done.append(f"created retention policy {name} ({hours}h)")
+            elif rps[name] != f"{hours}h0m0s":
+                self.query(f"ALTER RETENTION POLICY {quote_ident(name)} ON {db} {clause}")
+                done.append(f"set retention policy {name} to {hours}h (was {rps[name]})")
+        have = {row[0]: row[1] for s in self.query("SHOW CONTINUOUS QUERIES")
+                if s.get("name") == self.database for row in s.get("values", [])}
+        for name, (select, resample) in rollup_queries(self.database).items():
+            want = (f"CREATE CONTINUOUS QUERY {quote_ident(name)} ON {db} {resample} "
+                    f"BEGIN {select} END")
+            if name in have and _normal(have[name]) == _normal(want):
+                continue
+            if name in have:
+                self.query(f"DROP CONTINUOUS QUERY {quote_ident(name)} ON {db}")
+            self.query(want)
+            done.append(f"{'replaced' if name in have else 'created'} continuous query {name}")
+        return done
+
+    def maintain(self, now_ms: int | None = None) -> dict[str, int]:
+        """Nothing to do by hand: InfluxDB's continuous queries and retention do it."""
+        return {}
+
+    def rollup(self, start_ms: int, end_ms: int) -> None:
+        """Roll up a past range now, with the continuous queries' own statements."""
+        for select, _ in rollup_queries(self.database).values():
+            self.query(with_range(select, start_ms, end_ms))
 
     def drop(self) -> None:
         self.query(f"DROP DATABASE {quote_ident(self.database)}")
@@ -156,6 +211,15 @@ class InfluxStore:
                   device_id: str | None = None) -> list[Bucket]:
         check_aggregate(fn)
         where = self._where(start_ms, end_ms, district=district, device_id=device_id)
+        lc = self.lifecycle
+        if lc is not None and end_ms - start_ms > lc.horizon_hours * HOUR_MS \
+                and measurement in MEASUREMENTS:
+            # The long view: hourly rollups (buckets of whole hours), exact for every fn.
+            every = max(HOUR_MS, -(-int(every_ms) // HOUR_MS) * HOUR_MS)
+            series = self.query(f"SELECT {rollup_select(field, fn)} FROM "
+                                f"{quote_ident(ROLLUP_RP)}.{quote_ident(measurement)}{where} "
+                                f"GROUP BY time({every}ms) fill(none)")
+            return [Bucket(t, v) for s in series for t, v in s["values"]]
         series = self.query(f"SELECT {fn}({quote_ident(field)}) FROM {quote_ident(measurement)}"
                             f"{where} GROUP BY time({int(every_ms)}ms) fill(none)")
         return [Bucket(t, v) for s in series for t, v in s["values"]]
@@ -186,6 +250,11 @@ class InfluxStore:
 
     def close(self) -> None:
         self._http.close()
+
+
+def _normal(statement: str) -> str:
+    """A continuous query's text as InfluxDB stores it: no quotes, single spaces."""
+    return " ".join(statement.replace('"', "").split())
 
 
 def _error_text(response: httpx.Response) -> str:

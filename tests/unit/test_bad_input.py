@@ -100,6 +100,18 @@ def test_a_replayed_reading_is_the_same_point():
     assert (a.ts, a.fields()) == (b.ts, b.fields())
 
 
+@pytest.mark.parametrize("pack", [
+    [{"bt": 2**28, "t": 1e308, "n": "seq", "v": 1}, {"bt": 2**28, "t": 1e308, "n": "power_w",
+                                                     "v": 1}],  # bt + t overflows to inf
+    [{"bt": float("nan"), "n": "seq", "v": 1}],
+    [{"bt": float("inf"), "n": "seq", "v": 1}],
+])
+def test_a_senml_time_that_is_not_finite_is_refused(pack):
+    with pytest.raises(ContractError) as e:
+        decode_readings("meter", json.dumps(pack).encode())  # NaN/Infinity as JSON literals
+    assert e.value.reason == contract.BAD_SENML and "finite" in e.value.detail
+
+
 def test_a_senml_pack_naming_two_devices_is_refused():
     pack = [{"bn": "urn:dev:mac:aaaa:", "bt": NOW_MS / 1000 - 10, "n": "seq", "v": 1},
             {"n": "energy_kwh", "v": 10.5}, {"n": "power_w", "v": 230},
