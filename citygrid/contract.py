@@ -384,6 +384,8 @@ def _decode_senml(model: type[Reading], payload: bytes, topic: str | None) -> li
                                 "send absolute times (bt/t in epoch seconds)", topic)
         reading = by_time.setdefault(when, {"ts": round(when * 1000)})
         reading[field] = values[0]
+    if not by_time:
+        raise ContractError(BAD_SENML, "the pack has base records only, no values", topic)
     out = []
     for when, values in by_time.items():
         try:

@@ -112,6 +112,13 @@ def test_a_senml_time_that_is_not_finite_is_refused(pack):
     assert e.value.reason == contract.BAD_SENML and "finite" in e.value.detail
 
 
+def test_a_senml_pack_of_base_records_only_is_refused():
+    """Found by the fuzzer: it decoded to no reading at all, acknowledged and gone."""
+    with pytest.raises(ContractError) as e:
+        decode_readings("meter", b'[{"bn": "urn:dev:mac:aaaa:", "bt": 1795000000}]')
+    assert e.value.reason == contract.BAD_SENML
+
+
 def test_a_senml_pack_naming_two_devices_is_refused():
     pack = [{"bn": "urn:dev:mac:aaaa:", "bt": NOW_MS / 1000 - 10, "n": "seq", "v": 1},
             {"n": "energy_kwh", "v": 10.5}, {"n": "power_w", "v": 230},
