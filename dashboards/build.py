@@ -119,6 +119,15 @@ def city_overview() -> dashboard.Dashboard:
         (f'SELECT sum("baseline_wh") FROM "citygrid_lighting" WHERE {DISTRICT} AND '
          "$timeFilter GROUP BY time($__interval) fill(none)", "100 % all night (Wh)"),
         unit="watth"))
+    # The long view reads the hourly rollups (docs: data lifecycle): a year of lighting
+    # energy costs 8,760 points per district, not 500,000 raw minutes.
+    d = d.with_panel(_ts(
+        "Lighting energy per day, last 12 months (hourly rollups)",
+        (f'SELECT sum("energy_wh") / 1000 FROM "rollup_1h"."citygrid_lighting" WHERE {DISTRICT} '
+         "AND $timeFilter GROUP BY time(1d) fill(none)", "used (kWh)"),
+        (f'SELECT sum("baseline_wh") / 1000 FROM "rollup_1h"."citygrid_lighting" WHERE '
+         f"{DISTRICT} AND $timeFilter GROUP BY time(1d) fill(none)", "100 % all night (kWh)"),
+        unit="kwatth").time_from("365d"))
     d = d.with_panel(_ts(
         "Readings per second and dead letters",
         ('SELECT mean("readings_per_s") FROM "citygrid_ingest" WHERE $timeFilter '
@@ -185,6 +194,10 @@ def energy_and_billing() -> dashboard.Dashboard:
     d = d.with_panel(_ts("Consumption by meter (W)", (
         f'SELECT mean("power_w") FROM "meter" WHERE {where} '
         'GROUP BY time($__interval), "device_id" fill(none)', "$tag_device_id"), unit="watt"))
+    d = d.with_panel(_ts("Consumption per day by district, last 12 months (hourly rollups)", (
+        f'SELECT sum("energy_kwh_delta") FROM "rollup_1h"."meter" WHERE {DISTRICT} AND '
+        '$timeFilter GROUP BY time(1d), "district" fill(none)', "$tag_district"),
+        unit="kwatth").time_from("365d"))
     d = d.with_panel(_ts("Settled (DKK) by district", (
         f'SELECT sum("amount_minor") / 100 FROM "citygrid_billing" WHERE {DISTRICT} AND '
         '$timeFilter GROUP BY time($__interval), "district" fill(none)', "$tag_district")))
