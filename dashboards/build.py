@@ -195,8 +195,8 @@ def energy_and_billing() -> dashboard.Dashboard:
         f'SELECT mean("power_w") FROM "meter" WHERE {where} '
         'GROUP BY time($__interval), "device_id" fill(none)', "$tag_device_id"), unit="watt"))
     d = d.with_panel(_ts("Consumption per day by district, last 12 months (hourly rollups)", (
-        f'SELECT sum("energy_kwh_delta") FROM "rollup_1h"."meter" WHERE {DISTRICT} AND '
-        '$timeFilter GROUP BY time(1d), "district" fill(none)', "$tag_district"),
+        f'SELECT sum("energy_kwh_delta") FROM "rollup_1h"."meter_district" WHERE {DISTRICT} '
+        'AND $timeFilter GROUP BY time(1d), "district" fill(none)', "$tag_district"),
         unit="kwatth").time_from("365d"))
     d = d.with_panel(_ts("Settled (DKK) by district", (
         f'SELECT sum("amount_minor") / 100 FROM "citygrid_billing" WHERE {DISTRICT} AND '

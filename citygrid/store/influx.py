@@ -128,8 +128,10 @@ class InfluxStore:
 
     def rollup(self, start_ms: int, end_ms: int) -> None:
         """Roll up a past range now, with the continuous queries' own statements."""
-        for select, _ in rollup_queries(self.database).values():
-            self.query(with_range(select, start_ms, end_ms))
+        for select, resample in rollup_queries(self.database).values():
+            # As the CQ does: look back over its RESAMPLE window, for the differences.
+            back = int(resample.split()[-1].rstrip("h")) - 1 if resample else 0
+            self.query(with_range(select, start_ms - back * HOUR_MS, end_ms))
 
     def drop(self) -> None:
         self.query(f"DROP DATABASE {quote_ident(self.database)}")

@@ -5,10 +5,10 @@ duration set to CITYGRID_RAW_RETENTION, 30 days by default). Hourly rollups live
 `rollup_1h` (CITYGRID_ROLLUP_RETENTION, 5 years), under the same measurement names, filled by
 continuous queries: for every numeric field of every device `mean_`, `min_`, `max_`, `sum_`,
 `count_` and `last_` (so a long-range mean is exact: sum over count), and for each register
-its advance over the hour (`energy_wh_delta`, `energy_kwh_delta`) — a district's energy is
-the sum of its devices' deltas. `citygrid_lighting` (the rule engine's per-district minutes)
-is rolled up the same way. Aggregates over ranges longer than CITYGRID_ROLLUP_HORIZON (7 days)
-read the rollups.
+its advance over the hour (`energy_wh_delta`, `energy_kwh_delta`), and per district the sum
+of those (`streetlight_district`, `meter_district`). `citygrid_lighting` (the rule engine's
+per-district minutes) is rolled up the same way. Aggregates over ranges longer than
+CITYGRID_ROLLUP_HORIZON (7 days) read the rollups.
 """
 
 from __future__ import annotations
@@ -69,6 +69,12 @@ def rollup_queries(database: str, raw_rp: str = "autogen") -> dict[str, tuple[st
             out[f"cg_{m}_1h_delta"] = (
                 f'SELECT non_negative_difference(last("{r}")) AS "{r}_delta" INTO {dst} '
                 f"FROM {src} GROUP BY time(1h), *", "RESAMPLE FOR 2h")
+            # Per district: the sum of its devices' advances, from the rollup above (a CQ
+            # cannot nest queries); three hours back, so an hour summed before its devices'
+            # deltas were written is summed again once they are.
+            out[f"cg_{m}_1h_district"] = (
+                f'SELECT sum("{r}_delta") AS "{r}_delta" INTO {db}."{ROLLUP_RP}"."{m}_district" '
+                f'FROM {dst} GROUP BY time(1h), "district"', "RESAMPLE FOR 3h")
     return out
 
 

@@ -118,10 +118,13 @@ def test_rollups_equal_the_raw_aggregates_and_long_ranges_read_them(influxd, uid
         deltas = store.query(f'SELECT "energy_wh_delta" FROM "rollup_1h"."streetlight" WHERE '
                              f'"device_id" = \'sl-1\' AND time >= {hour0}ms')
         assert [v for _, v in deltas[0]["values"]] == [30.0, 30.0]  # 60 readings × 0.5 Wh
-        district = store.query(f'SELECT sum("energy_kwh_delta") FROM "rollup_1h"."meter" '
-                               f'WHERE "district" = \'valby\' AND time >= {hour0}ms '
-                               'GROUP BY time(1h) fill(none)')
+        district = store.query(f'SELECT "energy_kwh_delta" FROM "rollup_1h"."meter_district" '
+                               f'WHERE "district" = \'valby\' AND time >= {hour0}ms')
         assert [round(v, 6) for _, v in district[0]["values"]] == [0.6, 0.6]
+        lights = store.query('SELECT "energy_wh_delta" FROM "rollup_1h"."streetlight_district" '
+                             f'WHERE time >= {hour0}ms GROUP BY "district"')
+        assert {s["tags"]["district"]: [v for _, v in s["values"]] for s in lights} == {
+            "valby": [30.0, 30.0], "amager": [30.0, 30.0]}
     store.close()
 
 
