@@ -84,3 +84,18 @@ def ack_many(client: paho.Client, mids: list[int]) -> None:
             client.ack(mid, 1)
         return
     queue(0x40, b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids]), 0, 0)
+
+
+def watch_city(url: MqttUrl, on_message) -> paho.Client:
+    """A view-only client (the gateway's feed, `citygrid up`'s summary): telemetry, commands
+    and settlements at QoS 0 over MQTT 3.1.1, connecting in the background."""
+    from citygrid.contract import topic_filter
+
+    client = make_client(url, "", protocol=paho.MQTTv311)
+    client.on_message = on_message
+    client.on_connect = lambda c, *a: c.subscribe(
+        [(topic_filter(), 0), (topic_filter("cmd", kind="streetlight"), 0),
+         (topic_filter("settlement", kind="meter"), 0)])
+    connect(client, url, wait=False)
+    client.loop_start()
+    return client

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
+from citygrid.contract import ContractError, Topic, decode_readings
 from citygrid.settings import Settings
 from citygrid.supervisor import Supervisor
 
@@ -56,14 +56,7 @@ class CityWatch:
     def start(self) -> None:
         from citygrid import mqtt
 
-        client = mqtt.make_client(self.settings.mqtt, "", protocol=4)
-        client.on_message = self._on_message
-        client.on_connect = lambda c, *a: c.subscribe(
-            [(topic_filter(), 0), (topic_filter("cmd", kind="streetlight"), 0),
-             (topic_filter("settlement", kind="meter"), 0)])
-        mqtt.connect(client, self.settings.mqtt, wait=False)
-        client.loop_start()
-        self._client = client
+        self._client = mqtt.watch_city(self.settings.mqtt, self._on_message)
 
     def stop(self) -> None:
         if self._client is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
+from citygrid.contract import ContractError, Topic, decode_readings
 from citygrid.settings import Settings
 from citygrid.store import StoreError
 
@@ -51,14 +51,7 @@ class CityFeed:
         from citygrid import mqtt
 
         with contextlib.suppress(OSError):
-            client = mqtt.make_client(self.settings.mqtt, "", protocol=4)  # 3.1.1: lighter
-            client.on_message = self._on_message
-            client.on_connect = lambda c, *a: c.subscribe(
-                [(topic_filter(), 0), (topic_filter("cmd", kind="streetlight"), 0),
-                 (topic_filter("settlement", kind="meter"), 0)])
-            mqtt.connect(client, self.settings.mqtt, wait=False)
-            client.loop_start()
-            self._client = client
+            self._client = mqtt.watch_city(self.settings.mqtt, self._on_message)
         for kind in ("streetlight", "meter"):
             with contextlib.suppress(StoreError):
                 for device_id, p in self.store.latest(kind).items():

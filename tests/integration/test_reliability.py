@@ -68,6 +68,12 @@ def ingest(name: str, mqtt_url: str, store: InfluxStore, data: Path, logs: Path,
                           *extra], logs)
 
 
+def meter_readings(district: str, n: int, base_ms: int) -> list[tuple[str, dict]]:
+    """``n`` readings from ten meters of ``district``, a millisecond apart."""
+    return [(str(contract.Topic(district, "meter", f"{district}m-{i % 10}")),
+             meter(base_ms + i, i)) for i in range(n)]
+
+
 def spool_depth(data: Path) -> int:
     with sqlite3.connect(data / "ingest.sqlite") as db:
         return db.execute("SELECT coalesce(sum(points), 0) FROM spool").fetchone()[0]
@@ -132,8 +138,7 @@ def test_broker_stopped_and_crashed_under_devices_ingest_and_rules(influxd, tmp_
         ing.stop()
         base = int(time.time() * 1000) - 600_000
         sender = Publisher(broker.url, f"queued-{uid}")
-        sender.send_all([(str(contract.Topic("q", "meter", f"qm-{i % 10}")), meter(base + i, i))
-                         for i in range(500)])
+        sender.send_all(meter_readings("q", 500, base))
         sender.close()
         broker.stop()
         broker.start()
@@ -145,11 +150,9 @@ def test_broker_stopped_and_crashed_under_devices_ingest_and_rules(influxd, tmp_
         #    autosave interval (10 s) and had not delivered. Queued long enough ago: kept.
         ing.stop()
         sender = Publisher(broker.url, f"crash-{uid}")
-        sender.send_all([(str(contract.Topic("c", "meter", f"cm-{i % 10}")), meter(base + i, i))
-                         for i in range(300)])
+        sender.send_all(meter_readings("c", 300, base))
         time.sleep(12)  # > autosave_interval: on disk
-        sender.send_all([(str(contract.Topic("w", "meter", f"wm-{i % 10}")), meter(base + i, i))
-                         for i in range(300)])  # inside the window
+        sender.send_all(meter_readings("w", 300, base))  # inside the window
         sender.close()
         broker.kill()
         broker.start()
