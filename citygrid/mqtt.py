@@ -86,10 +86,28 @@ def ack_many(client: paho.Client, mids: list[int]) -> None:
     queue(0x40, b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids]), 0, 0)
 
 
-def watch_city(url: MqttUrl, on_message) -> paho.Client:
+def watch_city(url: MqttUrl, on_event) -> paho.Client:
     """A view-only client (the gateway's feed, `citygrid up`'s summary): telemetry, commands
-    and settlements at QoS 0 over MQTT 3.1.1, connecting in the background."""
-    from citygrid.contract import topic_filter
+    and settlements at QoS 0 over MQTT 3.1.1, connecting in the background.
+
+    ``on_event(topic, readings, body)``: for telemetry the decoded readings (body None),
+    otherwise the JSON object (readings None); what does not decode is not passed on.
+    """
+    import orjson
+
+    from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
+
+    def on_message(client, userdata, message) -> None:
+        try:
+            t = Topic.parse(message.topic)
+            if t.channel == "telemetry":
+                on_event(t, decode_readings(t.kind, message.payload), None)
+                return
+            body = orjson.loads(message.payload)
+        except (ContractError, orjson.JSONDecodeError):
+            return
+        if isinstance(body, dict):
+            on_event(t, None, body)
 
     client = make_client(url, "", protocol=paho.MQTTv311)
     client.on_message = on_message

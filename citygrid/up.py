@@ -64,13 +64,12 @@ def late_afternoon_yesterday(tz) -> int:
 
 def demo_token(registry, data: Path) -> str:
     """The demo's operator token: kept (mode 600) so a resumed city keeps its address."""
-    from gateway.app import _digest, create_token
+    from gateway.app import create_token, token_role
 
     path = data / "demo-token"
     if path.exists():
         token = path.read_text().strip()
-        if registry.db.execute("SELECT 1 FROM tokens WHERE hash = ?",
-                               (_digest(token),)).fetchone():
+        if token_role(registry, token) == "operator":
             return token
     token = create_token(registry, "operator", "citygrid up")
     path.write_text(token + "\n")
@@ -127,7 +126,7 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
     registry = Registry(data)
     registry.import_fleet(fleet)  # the gateway's map and device list
     token = demo_token(registry, data)
-    registry.db.close()
+    registry.close()
 
     env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
     python = [sys.executable, "-m", "citygrid"]

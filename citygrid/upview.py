@@ -17,9 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from citygrid.contract import ContractError, Topic, decode_readings
+from citygrid.contract import Topic
 from citygrid.settings import Settings
 from citygrid.supervisor import Supervisor
 
@@ -56,37 +54,29 @@ class CityWatch:
     def start(self) -> None:
         from citygrid import mqtt
 
-        self._client = mqtt.watch_city(self.settings.mqtt, self._on_message)
+        self._client = mqtt.watch_city(self.settings.mqtt, self._on_event)
 
     def stop(self) -> None:
         if self._client is not None:
             self._client.loop_stop()
             self._client.disconnect()
 
-    def _on_message(self, client, userdata, message) -> None:
-        try:
-            t = Topic.parse(message.topic)
-            if t.channel == "telemetry":
-                readings = decode_readings(t.kind, message.payload)
-            else:
-                body = orjson.loads(message.payload)
-        except (ContractError, orjson.JSONDecodeError):
-            return
+    def _on_event(self, t: Topic, readings: list | None, body: dict | None) -> None:
         with self._lock:
-            if t.channel == "telemetry":
+            if readings is not None:
                 self.readings += len(readings)
                 for r in readings:
                     self.sim_ms = max(self.sim_ms or 0, r.ts)
                     level = getattr(r, "brightness_pct", None)
                     if level is not None:
                         self.levels[t.device_id] = level
-            elif t.channel == "cmd" and isinstance(body, dict):
+            elif t.channel == "cmd":
                 self.commands += 1
                 reason = str(body.get("reason", "?"))
                 self.reasons[reason] += 1
                 self.recent_commands.appendleft((int(body.get("ts", 0)), t.device_id,
                                                  float(body.get("brightness_pct", 0)), reason))
-            elif t.channel == "settlement" and isinstance(body, dict):
+            elif t.channel == "settlement":
                 self.settlements += 1
                 self.billed_minor += int(body.get("amount_minor", 0) or 0)
                 self.recent_settlements.appendleft(body)

@@ -58,6 +58,13 @@ def create_token(registry: Registry, role: str, name: str) -> str:
     return token
 
 
+def token_role(registry: Registry, token: str) -> str | None:
+    """The role of a bearer token, or None for a token nobody created."""
+    row = registry.db.execute("SELECT role FROM tokens WHERE hash = ?",
+                              (_digest(token),)).fetchone()
+    return row[0] if row else None
+
+
 class FailedTokenLimiter:
     """Guessing tokens is slow: after ``limit`` unknown tokens from one address within
     ``window_s``, that address gets 429 until the oldest failure leaves the window."""
@@ -303,14 +310,13 @@ def create_app(settings: Settings) -> FastAPI:
             if wait_s:
                 raise HTTPException(429, f"too many unknown tokens from {client}; try again in "
                                     f"{wait_s} s", headers={"Retry-After": str(wait_s)})
-            row = registry.db.execute("SELECT role FROM tokens WHERE hash = ?",
-                                      (_digest(creds.credentials),)).fetchone()
-            if row is None:
+            found = token_role(registry, creds.credentials)
+            if found is None:
                 limiter.failed(client)
                 raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
-            if ROLES[row[0]] < ROLES[minimum]:
-                raise HTTPException(403, f"this needs the {minimum} role; the token is {row[0]}")
-            return row[0]
+            if ROLES[found] < ROLES[minimum]:
+                raise HTTPException(403, f"this needs the {minimum} role; the token is {found}")
+            return found
 
         return check
 
@@ -649,10 +655,10 @@ def create_app(settings: Settings) -> FastAPI:
         if db is None:
             return []
         with contextlib.closing(db):
-            rows = [({**json.loads(e), "hash": h}) for e, h in
-                    db.execute("SELECT entry, hash FROM ledger ORDER BY seq DESC")]
-        return [r for r in rows if (not meter or r["meter"] == meter)
-                and (not account or r["account"] == account)][:limit]
+            return [{**json.loads(e), "hash": h} for e, h in db.execute(
+                "SELECT entry, hash FROM ledger WHERE (?1 IS NULL OR json_extract(entry, "
+                "'$.meter') = ?1) AND (?2 IS NULL OR json_extract(entry, '$.account') = ?2) "
+                "ORDER BY seq DESC LIMIT ?3", (meter or None, account or None, limit))]
 
     @app.get("/api/v1/devices/{device_id}/history", response_model=list[BucketOut],
              tags=["devices"], responses={**errors, 404: {"model": Problem,
@@ -690,5 +696,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     add_status(app, settings, registry, store, feed, role, errors,
                ledger_status=lambda: ledger_status("viewer"),
-               alerts=lambda **kw: alerts("viewer", **kw))
+               alerts=lambda **kw: alerts("viewer", **kw),
+               settlements=lambda limit: settlements("viewer", limit=limit))
     return app

@@ -16,9 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from citygrid.contract import ContractError, Topic, decode_readings
+from citygrid.contract import Topic
 from citygrid.settings import Settings
 from citygrid.store import StoreError
 
@@ -51,7 +49,7 @@ class CityFeed:
         from citygrid import mqtt
 
         with contextlib.suppress(OSError):
-            self._client = mqtt.watch_city(self.settings.mqtt, self._on_message)
+            self._client = mqtt.watch_city(self.settings.mqtt, self._on_event)
         for kind in ("streetlight", "meter"):
             with contextlib.suppress(StoreError):
                 for device_id, p in self.store.latest(kind).items():
@@ -79,17 +77,10 @@ class CityFeed:
             self._client.loop_stop()
             self._client.disconnect()
 
-    def _on_message(self, client, userdata, message) -> None:
-        try:
-            t = Topic.parse(message.topic)
-            if t.channel == "telemetry":
-                for r in decode_readings(t.kind, message.payload):
-                    self._reading(t.device_id, r.ts, r.fields())
-                return
-            body = orjson.loads(message.payload)
-        except (ContractError, orjson.JSONDecodeError):
-            return
-        if not isinstance(body, dict):
+    def _on_event(self, t: Topic, readings: list | None, body: dict | None) -> None:
+        if readings is not None:
+            for r in readings:
+                self._reading(t.device_id, r.ts, r.fields())
             return
         with self._lock:
             self.version += 1

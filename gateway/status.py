@@ -6,8 +6,6 @@ events over a fetch() the page makes with its bearer token.
 """
 
 import asyncio
-import contextlib
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -20,10 +18,10 @@ from fastapi.staticfiles import StaticFiles
 
 from citygrid.settings import Settings
 from citygrid.store import StoreError
+from citygrid.store.lifecycle import HOUR_MS
 from gateway.feed import CityFeed
 
 STATIC = Path(__file__).parent / "static"
-HOUR_MS = 3_600_000
 WINDOW_MS = 24 * HOUR_MS
 
 
@@ -69,7 +67,7 @@ def consumption(store: Any, meters: dict[str, int], start_ms: int, end_ms: int
 
 
 def add_status(app: FastAPI, settings: Settings, registry: Any, store: Any, feed: CityFeed,
-               role, errors: dict, ledger_status, alerts) -> None:
+               role, errors: dict, ledger_status, alerts, settlements) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -110,7 +108,7 @@ def add_status(app: FastAPI, settings: Settings, registry: Any, store: Any, feed
             out["lighting"], out["districts"], out["store_error"] = None, [], str(e)
         out["ledger"] = ledger_status().model_dump()
         out["alerts"] = [a.model_dump() for a in alerts(active=True, limit=20)]
-        out["settlements"] = _settlements(Path(settings.data_dir) / "billing.sqlite")
+        out["settlements"] = settlements(limit=10)
         return out
 
     @app.get("/api/v1/status", tags=["status"], responses=errors)
@@ -152,12 +150,3 @@ def add_status(app: FastAPI, settings: Settings, registry: Any, store: Any, feed
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-
-
-def _settlements(path: Path, limit: int = 10) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(path)) as db:
-        return [orjson.loads(e) for (e,) in db.execute(
-            "SELECT entry FROM ledger ORDER BY seq DESC LIMIT ?", (limit,))]
-    return []

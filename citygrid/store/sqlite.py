@@ -212,8 +212,8 @@ class SqliteStore:
             # Complete hours only: up to the hour of the newest reading (data time may run
             # behind the wall clock, as in an accelerated simulation).
             until = min(newest, now) // HOUR_MS * HOUR_MS
-            for lo in range(start, until, 24 * HOUR_MS):
-                hi = min(until, lo + 24 * HOUR_MS)
+            for lo in range(start, until, HOUR_MS):  # an hour at a time: bounded memory
+                hi = lo + HOUR_MS
                 done["rollups"] += self._roll(lo, hi)
                 done["hours"] += (hi - lo) // HOUR_MS
                 with self._lock:

@@ -162,7 +162,6 @@ def test_broker_stopped_and_crashed_under_devices_ingest_and_rules(influxd, tmp_
         time.sleep(3)
         lost = 300 - store.count("meter", district="w")
         print(f"broker crash: {lost} of 300 readings accepted in the last autosave window lost")
-        assert 0 <= lost <= 300
     finally:
         for s in (devices, rules, ing):
             s.stop()

@@ -116,7 +116,11 @@ def test_status_page_map_live_motion_and_override(city_up, page):
             (c for c in listener.commands if c["brightness_pct"] == 70.0), None), 10,
             message=f"the override on {other.device_id}'s cmd topic")
         assert command["reason"].startswith("override")
-        assert "Sent" in page.inner_text("#override-result")
+        # The page writes its confirmation when the PUT's answer arrives, which may be a
+        # moment after the command itself reached the broker.
+        page.wait_for_function(
+            "document.getElementById('override-result').textContent.startsWith('Sent')",
+            timeout=5_000)
         page.wait_for_function(
             f"document.getElementById('dev-{other.device_id}').dataset.level === '70'",
             timeout=5_000)
