@@ -3,6 +3,7 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY cityctl/ cityctl/
 COPY citygrid/ citygrid/
 COPY ingest/ ingest/
 COPY rules/ rules/

@@ -22,12 +22,13 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cityctl.localservices import Influxd, free_port  # noqa: E402
 from citygrid.city import COPENHAGEN  # noqa: E402
-from citygrid.localservices import Influxd, free_port  # noqa: E402
+from citygrid.registry import Registry  # noqa: E402
 from citygrid.settings import Settings  # noqa: E402
 from citygrid.store import Point, open_store  # noqa: E402
-from gateway.app import create_app, create_token  # noqa: E402
-from gateway.provisioning import Registry  # noqa: E402
+from gateway.app import create_app  # noqa: E402
+from gateway.tokens import create_token  # noqa: E402
 from simulators.fleetgen import generate  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def main() -> None:
         fleet = generate(COPENHAGEN, args.devices * 3 // 4, args.devices - args.devices * 3 // 4)
         registry = Registry(tmp)
         registry.import_fleet(fleet)
-        token = create_token(registry, "viewer", "bench")
+        token = create_token(tmp, "viewer", "bench")
         store = open_store(settings)
         store.ensure_ready()
         t0 = 1_790_000_000_000

@@ -31,8 +31,8 @@ import paho.mqtt.client as paho
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cityctl.localservices import Influxd, Mosquitto  # noqa: E402
 from citygrid import mqtt  # noqa: E402
-from citygrid.localservices import Influxd, Mosquitto  # noqa: E402
 from citygrid.settings import MqttUrl  # noqa: E402
 from citygrid.store.influx import InfluxStore  # noqa: E402
 
@@ -170,7 +170,7 @@ class IngestProcess:
     def __init__(self, mqtt_url: str, influx: InfluxStore, data_dir: Path, client_id: str,
                  report_interval: float = 1.0):
         self.log_path = data_dir / f"{client_id}.log"
-        self.argv = [sys.executable, "-m", "citygrid", "ingest", "--mqtt-url", mqtt_url,
+        self.argv = [sys.executable, "-m", "cityctl", "ingest", "--mqtt-url", mqtt_url,
                      "--influx-url", influx.url, "--influx-db", influx.database,
                      "--data-dir", str(data_dir), "--client-id", client_id,
                      "--report-interval", str(report_interval)]

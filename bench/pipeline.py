@@ -43,11 +43,11 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cityctl.localservices import Influxd, Mosquitto  # noqa: E402
 from citygrid import mqtt  # noqa: E402
 from citygrid.city import COPENHAGEN  # noqa: E402
 from citygrid.contract import Topic  # noqa: E402
 from citygrid.fleet import Fleet, FleetDevice  # noqa: E402
-from citygrid.localservices import Influxd, Mosquitto  # noqa: E402
 from citygrid.settings import MqttUrl  # noqa: E402
 from citygrid.store.influx import InfluxStore  # noqa: E402
 from simulators.fleetgen import generate  # noqa: E402
@@ -231,7 +231,7 @@ class Bench:
                   "--influx-db", db, "--data-dir", str(data)]
         procs = []
         for w in range(workers):
-            argv = [sys.executable, "-m", "citygrid", "ingest", *common, "--client-id",
+            argv = [sys.executable, "-m", "cityctl", "ingest", *common, "--client-id",
                     f"bench-ingest-{self.step_no}-{w}", "--report-interval", "1"]
             if workers > 1:
                 argv += ["--group", f"bench{self.step_no}"]
@@ -240,7 +240,7 @@ class Bench:
             p.wait_log("subscribed to")
         if rules:
             procs.append(Proc(f"rules-{self.step_no}", [
-                sys.executable, "-m", "citygrid", "rules", "run", *common,
+                sys.executable, "-m", "cityctl", "rules", "run", *common,
                 "--fleet", str(self.tmp / "fleet.geojson")], self.logs))
             procs[-1].wait_log("rules running")
         return procs
@@ -273,7 +273,7 @@ class Bench:
         n_background = len(self.background)
         interval = n_background / rate
         sim = Proc(f"simulate-{self.step_no}", [
-            sys.executable, "-m", "citygrid", "simulate", "--mqtt-url", self.broker.url,
+            sys.executable, "-m", "cityctl", "simulate", "--mqtt-url", self.broker.url,
             "--fleet", str(self.tmp / "background.geojson"), "--start", self.night.isoformat(),
             "--interval", f"{interval}s", "--duration", f"{seconds}s", "--speed", "1",
             "--mode", "multiplexed", "--report-every", "2"], self.logs)
@@ -373,7 +373,7 @@ def sustained(r: dict, catch_up_s: float = 30.0) -> bool:
 
 
 def bench_ingest_free_port() -> int:
-    from citygrid.localservices import free_port
+    from cityctl.localservices import free_port
 
     return free_port()
 

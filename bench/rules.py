@@ -29,11 +29,11 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cityctl.localservices import Mosquitto  # noqa: E402
 from citygrid import mqtt  # noqa: E402
 from citygrid.city import COPENHAGEN  # noqa: E402
 from citygrid.contract import Topic  # noqa: E402
 from citygrid.fleet import Fleet, FleetDevice  # noqa: E402
-from citygrid.localservices import Mosquitto  # noqa: E402
 from citygrid.settings import MqttUrl  # noqa: E402
 from simulators.fleetgen import generate  # noqa: E402
 
@@ -68,7 +68,7 @@ def main() -> None:
         def spawn(name: str, argv: list[str]) -> subprocess.Popen:
             log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115
             logs.append(log)
-            return subprocess.Popen([sys.executable, "-m", "citygrid", *argv,
+            return subprocess.Popen([sys.executable, "-m", "cityctl", *argv,
                                      "--mqtt-url", broker.url, "--data-dir", str(tmp / "data")],
                                     env=env, stdout=log, stderr=subprocess.STDOUT)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cityctl.localservices import Mosquitto  # noqa: E402
 from citygrid.city import COPENHAGEN  # noqa: E402
-from citygrid.localservices import Mosquitto  # noqa: E402
 from citygrid.settings import MqttUrl  # noqa: E402
 from simulators.engine import Engine, SimConfig  # noqa: E402
 from simulators.fleetgen import generate  # noqa: E402

@@ -49,7 +49,7 @@ def main() -> None:
             store.ensure_ready()
             procs = bench.citygrid(1, "soak", tmp / "data")
             sim = pipeline.Proc("simulate", [
-                sys.executable, "-m", "citygrid", "simulate", "--mqtt-url", bench.broker.url,
+                sys.executable, "-m", "cityctl", "simulate", "--mqtt-url", bench.broker.url,
                 "--fleet", str(tmp / "background.geojson"), "--start", bench.night.isoformat(),
                 "--interval", f"{len(bench.background) / args.rate}s",
                 "--duration", f"{args.minutes * 60}s", "--speed", "1", "--mode", "multiplexed",

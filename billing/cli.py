@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
+from billing import read
 from citygrid.settings import Settings
 
 
@@ -26,48 +26,42 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     li.set_defaults(func=cmd_list)
 
 
-def _path(args: argparse.Namespace) -> Path:
-    settings = Settings.from_env(data_dir=args.data_dir)
-    path = Path(settings.data_dir) / "billing.sqlite"
-    if not path.exists():
-        raise SystemExit(f"citygrid ledger: no ledger at {path}")
-    return path
+def _data_dir(args: argparse.Namespace) -> str:
+    data_dir = Settings.from_env(data_dir=args.data_dir).data_dir
+    if not read.path(data_dir).exists():
+        raise SystemExit(f"citygrid ledger: no ledger at {read.path(data_dir)}")
+    return data_dir
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from billing.ledger import LedgerError, verify
-
-    try:
-        count, head = verify(_path(args), args.head)
-    except LedgerError as e:
-        print(f"ledger BROKEN: {e}")
+    status = read.ledger_status(_data_dir(args), args.head)
+    if not status.ok:
+        print(f"ledger BROKEN: {status.error}")
         return 1
-    print(f"ledger ok: {count} entries, head {head}")
+    print(f"ledger ok: {status.entries} entries, head {status.head}")
     return 0
 
 
 def cmd_head(args: argparse.Namespace) -> int:
-    from billing.ledger import verify
-
-    print(verify(_path(args))[1])
+    status = read.ledger_status(_data_dir(args))
+    if not status.ok:
+        print(f"ledger BROKEN: {status.error}", file=sys.stderr)
+        return 1
+    print(status.head)
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    import sqlite3
-
-    db = sqlite3.connect(_path(args))
-    rows = [(json.loads(e), h) for e, h in db.execute("SELECT entry, hash FROM ledger "
-                                                      "ORDER BY seq")]
-    rows = [(e, h) for e, h in rows if (not args.meter or e["meter"] == args.meter)
-            and (not args.account or e["account"] == args.account)]
+    entries = read.settlements(_data_dir(args), meter=args.meter, account=args.account,
+                               limit=-1, newest_first=False)
     if args.json:
-        print(json.dumps([{**e, "hash": h} for e, h in rows], indent=2))
+        print(json.dumps(entries, indent=2))
         return 0
-    for e, h in rows:
+    for e in entries:
+        h = e["hash"]
         when = datetime.fromtimestamp(e["settled_at_ms"] / 1000, UTC).isoformat(timespec="seconds")
         print(f"{e['seq']:>5} {when} {e['meter']:<10} {e['account']:<10} {e['kwh']:>12} kWh "
               f"{e['amount_minor'] / 100:>10.2f} {e['currency']} {e['period']} {e['key']} "
               f"{h[:16]}…")
-    print(f"{len(rows)} entries", file=sys.stderr)
+    print(f"{len(entries)} entries", file=sys.stderr)
     return 0

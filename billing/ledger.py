@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 import threading
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -263,7 +262,9 @@ class BillingStore:
 
 def verify(db_path: str | Path, head: str | None = None) -> tuple[int, str]:
     """Walk the chain; return (entries, head hash) or raise LedgerError naming the first bad one."""
-    db = sqlite3.connect(db_path, timeout=30)  # reads only: leaves the file as it is
+    db = statedb.connect_readonly(db_path)  # reads only: leaves the file as it is
+    if db is None:
+        raise LedgerError(None, None, f"no ledger at {db_path}")
     try:
         rows = db.execute("SELECT seq, key, entry, hash FROM ledger ORDER BY seq").fetchall()
     finally:

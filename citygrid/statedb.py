@@ -41,3 +41,13 @@ def checkpoint_in_background(db: sqlite3.Connection, path: str | Path,
 
     threading.Thread(target=run, name=f"checkpoint-{Path(path).name}", daemon=True).start()
     return stop
+
+
+def connect_readonly(path: str | Path) -> sqlite3.Connection | None:
+    """A read-only connection to a state database another process owns, or None while it
+    does not exist yet. Readers never create, migrate or lock a writer's file."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+                           timeout=30)

@@ -91,11 +91,46 @@ def _construct(node: yaml.Node, path: tuple, marks: Marks, budget: list[int] | N
     return _SCALARS.construct_object(node, deep=True)
 
 
+MAX_FLOW_DEPTH = 100
+
+
+def _flow_too_deep(text: str) -> tuple[int, int] | None:
+    """Where ``[``/``{`` nesting first passes MAX_FLOW_DEPTH (line, column), or None.
+
+    PyYAML's pure-Python composer takes seconds to reach its recursion limit on 10,000 open
+    brackets; one pass over the characters (quotes and comments skipped) refuses it at once.
+    """
+    depth, quote, line, col, prev = 0, "", 1, 0, " "
+    for ch in text:
+        col += 1
+        if ch == "\n":
+            line, col = line + 1, 0
+            if quote == "#":
+                quote = ""
+        elif quote:
+            if ch == quote and quote != "#":
+                quote = ""
+        elif ch in "'\"" or (ch == "#" and prev in " \t"):
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_FLOW_DEPTH:
+                return line, col
+        elif ch in "]}" and depth:
+            depth -= 1
+        prev = ch
+    return None
+
+
 def parse(text: str, name: str) -> tuple[Any, Marks]:
     marks = Marks()
     if len(text) > MAX_BYTES:
         raise ConfigError([ConfigProblem(name, 1, 1, f"{len(text):,} characters; the limit is "
                                          f"{MAX_BYTES:,}")])
+    deep = _flow_too_deep(text)
+    if deep:
+        raise ConfigError([ConfigProblem(name, *deep, f"brackets nested more than "
+                                         f"{MAX_FLOW_DEPTH} deep: refused")])
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except RecursionError:
@@ -113,6 +148,11 @@ def parse(text: str, name: str) -> tuple[Any, Marks]:
     except _TooBig as e:
         raise ConfigError([ConfigProblem(name, e.node.start_mark.line + 1,
                                          e.node.start_mark.column + 1, e.message)]) from None
+    except yaml.YAMLError as e:  # a scalar no safe constructor takes (e.g. a bare `=`)
+        mark = getattr(e, "problem_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise ConfigError([ConfigProblem(name, line, col, f"not valid here: "
+                                         f"{getattr(e, 'problem', e)}")]) from None
 
 
 def friendly(err: dict) -> str:

@@ -6,9 +6,7 @@ hashes and created with `citygrid tokens create --role R`; every route but
 """
 
 import contextlib
-import hashlib
 import json
-import secrets
 import socket
 import sqlite3
 import threading
@@ -27,42 +25,16 @@ from pydantic import BaseModel, Field
 
 from citygrid.contract import ContractError
 from citygrid.fleet import FleetDevice
+from citygrid.registry import Registry
 from citygrid.settings import Settings
 from citygrid.store import StoreError, open_store
 from gateway.feed import CityFeed
-from gateway.provisioning import ProvisioningError, Registry
+from gateway.provisioning import Provisioner, ProvisioningError
+from gateway.tokens import ROLES, Tokens
 
-ROLES = {"viewer": 1, "operator": 2, "admin": 3}
 PROBLEM = "application/problem+json"
 
-_TOKENS = """
-CREATE TABLE IF NOT EXISTS tokens (
-    hash TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, created_ms INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS alert_acks (key TEXT PRIMARY KEY, acked_ms INTEGER NOT NULL);
-"""
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def create_token(registry: Registry, role: str, name: str) -> str:
-    """A new bearer token; only its hash is kept, the token is shown once."""
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    token = "cg_" + secrets.token_urlsafe(32)
-    registry.db.executescript(_TOKENS)
-    with registry.db:
-        registry.db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?)",
-                            (_digest(token), name, role, int(time.time() * 1000)))
-    return token
-
-
-def token_role(registry: Registry, token: str) -> str | None:
-    """The role of a bearer token, or None for a token nobody created."""
-    row = registry.db.execute("SELECT role FROM tokens WHERE hash = ?",
-                              (_digest(token),)).fetchone()
-    return row[0] if row else None
+_ACKS = "CREATE TABLE IF NOT EXISTS alert_acks (key TEXT PRIMARY KEY, acked_ms INTEGER NOT NULL);"
 
 
 class FailedTokenLimiter:
@@ -247,7 +219,9 @@ def _problem(status: int, title: str, detail: str | None, request: Request) -> J
 
 def create_app(settings: Settings) -> FastAPI:
     registry = Registry(settings.data_dir)
-    registry.db.executescript(_TOKENS)
+    provisioner = Provisioner(settings.data_dir, registry)
+    tokens = Tokens(settings.data_dir)
+    registry.db.executescript(_ACKS)
     store = open_store(settings)
     errors = {401: {"model": Problem, "description": "No or unknown bearer token"},
               403: {"model": Problem, "description": "The token's role is too low"},
@@ -310,7 +284,7 @@ def create_app(settings: Settings) -> FastAPI:
             if wait_s:
                 raise HTTPException(429, f"too many unknown tokens from {client}; try again in "
                                     f"{wait_s} s", headers={"Retry-After": str(wait_s)})
-            found = token_role(registry, creds.credentials)
+            found = tokens.role(creds.credentials)
             if found is None:
                 limiter.failed(client)
                 raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
@@ -403,7 +377,7 @@ def create_app(settings: Settings) -> FastAPI:
                   ) -> NewCredentials:
         """Register a device and return its MQTT credentials — once."""
         try:
-            creds = registry.provision(FleetDevice(**device.model_dump()))
+            creds = provisioner.provision(FleetDevice(**device.model_dump()))
         except (ContractError, ProvisioningError) as e:
             raise HTTPException(409, str(e)) from None
         return NewCredentials(device_id=device.device_id, mqtt_username=creds.username,
@@ -434,7 +408,7 @@ def create_app(settings: Settings) -> FastAPI:
                 "UPDATE devices SET " + ", ".join(f"{k} = ?" for k in updates)
                 + " WHERE device_id = ?", (*updates.values(), device_id))
         if "district" in updates and row[8] == "provisioned":
-            registry.write_broker_files()  # its topics moved with it
+            provisioner.write_broker_files()  # its topics moved with it
         row = registry.db.execute(f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?",
                                   (device_id,)).fetchone()
         return _device(row, feed.snapshot().get(device_id))
@@ -445,7 +419,7 @@ def create_app(settings: Settings) -> FastAPI:
                _: Annotated[str, Depends(role("admin"))]) -> Response:
         """Revoke a device: its MQTT account is gone and the broker reloads at once."""
         try:
-            registry.revoke(device_id)
+            provisioner.revoke(device_id)
         except ProvisioningError as e:
             raise HTTPException(404, str(e)) from None
         return Response(status_code=204)

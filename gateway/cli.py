@@ -66,10 +66,20 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     acc.set_defaults(func=cmd_account)
 
 
-def _registry(args: argparse.Namespace):
-    from gateway.provisioning import Registry
+def _data_dir(args: argparse.Namespace) -> str:
+    return Settings.from_env(data_dir=args.data_dir).data_dir
 
-    return Registry(Settings.from_env(data_dir=args.data_dir).data_dir)
+
+def _registry(args: argparse.Namespace):
+    from citygrid.registry import Registry
+
+    return Registry(_data_dir(args))
+
+
+def _provisioner(args: argparse.Namespace):
+    from gateway.provisioning import Provisioner
+
+    return Provisioner(_data_dir(args))
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -93,7 +103,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     device = FleetDevice(args.device_id, args.kind, args.district, args.lat, args.lon,
                          rated_w=args.rated_w, account_id=args.account, tariff=args.tariff)
     try:
-        creds = _registry(args).provision(device)
+        creds = _provisioner(args).provision(device)
     except (ContractError, ProvisioningError) as e:
         print(f"citygrid devices add: {e}", file=sys.stderr)
         return 2
@@ -106,7 +116,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     from gateway.provisioning import ProvisioningError
 
     try:
-        _registry(args).revoke(args.device_id)
+        _provisioner(args).revoke(args.device_id)
     except ProvisioningError as e:
         print(f"citygrid devices revoke: {e}", file=sys.stderr)
         return 2
@@ -131,7 +141,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
             return 2
         tls = TlsListener(args.tls_port, args.cafile, args.certfile, args.keyfile,
                           args.require_certificate)
-    conf = _registry(args).broker_config(args.port, args.host, args.user, tls)
+    conf = _provisioner(args).broker_config(args.port, args.host, args.user, tls)
     print(f"wrote {conf}\nrun: mosquitto -c {conf}")
     return 0
 
@@ -140,7 +150,7 @@ def cmd_account(args: argparse.Namespace) -> int:
     from gateway.provisioning import ProvisioningError
 
     try:
-        creds = _registry(args).service_account(args.name)
+        creds = _provisioner(args).service_account(args.name)
     except ProvisioningError as e:
         print(f"citygrid broker account: {e}", file=sys.stderr)
         return 2
@@ -161,9 +171,9 @@ def cmd_account(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from gateway.app import create_token
+    from gateway.tokens import create_token
 
-    token = create_token(_registry(args), args.role, args.name)
+    token = create_token(_data_dir(args), args.role, args.name)
     print(f"{token}\n(a {args.role} token for {args.name}; shown once, only its hash is kept)")
     return 0
 

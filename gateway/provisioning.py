@@ -1,6 +1,6 @@
-"""The device registry and per-device MQTT credentials for Mosquitto.
+"""Per-device MQTT credentials for Mosquitto, beside the device registry.
 
-CityGrid keeps the registry in the state database and writes two files Mosquitto
+CityGrid keeps the accounts in the registry's state database and writes two files Mosquitto
 reads: a password file (hashes in mosquitto_passwd's ``$7$`` PBKDF2-SHA512 format)
 and an ACL file in which, by authenticated user name, each device may publish only
 to its own ``telemetry``, ``ack`` and ``status`` topics and subscribe only to its
@@ -21,7 +21,9 @@ from pathlib import Path
 
 from citygrid import statedb
 from citygrid.contract import Topic
-from citygrid.fleet import Fleet, FleetDevice
+from citygrid.fleet import FleetDevice
+from citygrid.registry import FILENAME as REGISTRY_FILE
+from citygrid.registry import Registry, RegistryError
 
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes
 SERVICES = {
@@ -29,8 +31,7 @@ SERVICES = {
     "citygrid-ingest": ["topic read city/v1/+/+/+/telemetry"],
     "citygrid-rules": ["topic read city/v1/+/+/+/telemetry", "topic read city/v1/+/+/+/ack",
                        "topic read city/v1/+/+/+/override",
-                       "topic write city/v1/+/+/+/cmd", "topic write city/v1/+/+/+/settlement",
-                       "topic write city/v1/+/events"],
+                       "topic write city/v1/+/+/+/cmd", "topic write city/v1/+/+/+/settlement"],
     "citygrid-gateway": ["topic read city/v1/#", "topic write city/v1/+/+/+/override"],
     "citygrid-simulator": ["topic write city/v1/+/+/+/telemetry",
                            "topic write city/v1/+/+/+/ack", "topic write city/v1/+/+/+/status",
@@ -38,11 +39,6 @@ SERVICES = {
 }
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY, kind TEXT NOT NULL, district TEXT NOT NULL,
-    lat REAL NOT NULL, lon REAL NOT NULL, rated_w REAL, account_id TEXT, tariff TEXT,
-    profile TEXT, max_power_w REAL, street TEXT,
-    status TEXT NOT NULL DEFAULT 'registered', created_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS credentials (
     username TEXT PRIMARY KEY, hash TEXT NOT NULL, kind TEXT NOT NULL, created_ms INTEGER);
 """
@@ -94,44 +90,18 @@ class ProvisioningError(ValueError):
     pass
 
 
-class Registry:
-    def __init__(self, data_dir: str | Path):
+class Provisioner:
+    """Per-device and per-service MQTT accounts, kept beside the registry (table
+    ``credentials`` in its database), and the broker files made from both."""
+
+    def __init__(self, data_dir: str | Path, registry: Registry | None = None):
         self.dir = Path(data_dir)
-        self.db = statedb.connect(self.dir / "registry.sqlite")
+        self.registry = registry if registry is not None else Registry(self.dir)
+        self.db = statedb.connect(self.dir / REGISTRY_FILE)
         self.db.executescript(_SCHEMA)
         self.password_file = self.dir / "mosquitto" / "passwords"
         self.acl_file = self.dir / "mosquitto" / "acl"
         self.pid_file = self.dir / "mosquitto" / "mosquitto.pid"
-
-    # ------------------------------------------------------------------ devices
-
-    def _insert(self, d: FleetDevice) -> None:
-        self.db.execute(
-            "INSERT INTO devices (device_id, kind, district, lat, lon, rated_w, account_id, "
-            "tariff, profile, max_power_w, street, created_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
-            "ON CONFLICT (device_id) DO UPDATE SET kind=excluded.kind, "
-            "district=excluded.district, lat=excluded.lat, lon=excluded.lon, "
-            "rated_w=excluded.rated_w, account_id=excluded.account_id, tariff=excluded.tariff, "
-            "profile=excluded.profile, max_power_w=excluded.max_power_w, street=excluded.street",
-            (d.device_id, d.kind, d.district, d.lat, d.lon, d.rated_w, d.account_id, d.tariff,
-             d.profile, d.max_power_w, d.street, int(time.time() * 1000)))
-
-    def import_fleet(self, fleet: Fleet) -> int:
-        with self.db:
-            for d in fleet:
-                self._insert(d)
-        return len(fleet)
-
-    def devices(self) -> list[tuple]:
-        return self.db.execute("SELECT device_id, kind, district, status FROM devices "
-                               "ORDER BY device_id").fetchall()
-
-    def fleet(self) -> Fleet:
-        columns = ("device_id", "kind", "district", "lat", "lon", "rated_w", "account_id",
-                   "tariff", "profile", "max_power_w", "street")
-        rows = self.db.execute(f"SELECT {', '.join(columns)} FROM devices "
-                               "WHERE status != 'revoked'").fetchall()
-        return Fleet(FleetDevice(**dict(zip(columns, r, strict=True))) for r in rows)
 
     def provision(self, device: FleetDevice) -> Credentials:
         """Register a device (or re-key one) and return its MQTT credentials — once."""
@@ -139,21 +109,20 @@ class Registry:
         if device.device_id in SERVICES:
             raise ProvisioningError(f"{device.device_id!r} is a platform account name")
         password = secrets.token_urlsafe(24)
+        self.registry.upsert(device, status="provisioned")
         with self.db:
-            self._insert(device)
-            self.db.execute("UPDATE devices SET status = 'provisioned' WHERE device_id = ?",
-                            (device.device_id,))
             self.db.execute("INSERT OR REPLACE INTO credentials VALUES (?, ?, 'device', ?)",
                             (device.device_id, hash_password(password), int(time.time() * 1000)))
         self.write_broker_files()
         return Credentials(device.device_id, password)
 
     def revoke(self, device_id: str) -> None:
+        """The device stays in the inventory as revoked; its account is gone."""
+        try:
+            self.registry.set_status(device_id, "revoked")
+        except RegistryError as e:
+            raise ProvisioningError(str(e)) from None
         with self.db:
-            cur = self.db.execute("UPDATE devices SET status = 'revoked' WHERE device_id = ?",
-                                  (device_id,))
-            if cur.rowcount == 0:
-                raise ProvisioningError(f"no device {device_id!r}")
             self.db.execute("DELETE FROM credentials WHERE username = ?", (device_id,))
         self.write_broker_files()
 
@@ -171,9 +140,11 @@ class Registry:
     # ------------------------------------------------------------------ broker files
 
     def write_broker_files(self) -> None:
-        rows = self.db.execute("SELECT c.username, c.hash, c.kind, d.kind, d.district FROM "
-                               "credentials c LEFT JOIN devices d ON d.device_id = c.username "
-                               "ORDER BY c.username").fetchall()
+        where = {device_id: (kind, district)
+                 for device_id, kind, district, _ in self.registry.devices()}
+        rows = [(user, h, kind, *where.get(user, (None, None))) for user, h, kind in
+                self.db.execute("SELECT username, hash, kind FROM credentials "
+                                "ORDER BY username")]
         passwords = "".join(f"{user}:{h}\n" for user, h, *_ in rows)
         acl = ["# Written by CityGrid (gateway/provisioning.py): edit the registry, not this.",
                "# Devices: each may write only its own telemetry/ack/status and read only its",
@@ -236,6 +207,7 @@ class Registry:
 
     def close(self) -> None:
         self.db.close()
+        self.registry.close()
 
 
 def _atomic_write(path: Path, text: str, mode: int) -> None:
@@ -246,5 +218,5 @@ def _atomic_write(path: Path, text: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["Credentials", "ProvisioningError", "Registry", "TlsListener", "check_password",
+__all__ = ["Credentials", "Provisioner", "ProvisioningError", "TlsListener", "check_password",
            "hash_password"]

@@ -1,0 +1,9 @@
+"""Ingest: MQTT → store. Validate, batch, write, acknowledge after the durable write, spool
+while the store is down, dead-letter what cannot be taken."""
+
+from ingest.cli import add_parsers
+from ingest.deadletter import DeadLetter, DeadLetterStore, read_dead_letter_counts
+from ingest.service import IngestConfig, IngestService
+
+__all__ = ["DeadLetter", "DeadLetterStore", "IngestConfig", "IngestService", "add_parsers",
+           "read_dead_letter_counts"]

@@ -1,1 +1,19 @@
-"""Rule engine: YAML rules that dim streetlights and raise alerts (issue 4)."""
+"""Rule engine: YAML rules that dim streetlights (arbitrated like TALQ), raise alerts and
+settle bills; tools for rule authors; read functions over the state `rules run` saves."""
+
+from rules.cli import add_parsers
+from rules.loader import DEFAULT_RULES, RuleFileError, RuleSet, load, parse_text
+from rules.state import (
+    AlertRow,
+    LightRow,
+    RuleHealthRow,
+    engine_from_state,
+    read_alerts,
+    read_health,
+    read_lights,
+    read_reload_error,
+)
+
+__all__ = ["DEFAULT_RULES", "AlertRow", "LightRow", "RuleFileError", "RuleHealthRow", "RuleSet",
+           "add_parsers", "engine_from_state", "load", "parse_text", "read_alerts",
+           "read_health", "read_lights", "read_reload_error"]

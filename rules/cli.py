@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from citygrid.clock import iso_time
 from citygrid.settings import Settings
 
 log = logging.getLogger("citygrid.rules")
@@ -55,8 +56,10 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
 
     bt = rs.add_parser("backtest", parents=[common],
                        help="replay stored history through the rules")
-    bt.add_argument("--from", dest="start", required=True, help="ISO time with offset")
-    bt.add_argument("--to", dest="end", required=True, help="ISO time with offset")
+    bt.add_argument("--from", dest="start", required=True, type=iso_time,
+                    help="ISO time with offset")
+    bt.add_argument("--to", dest="end", required=True, type=iso_time,
+                    help="ISO time with offset")
     bt.add_argument("--rules")
     bt.add_argument("--fleet")
     bt.add_argument("--json", action="store_true", help="the report as JSON")
@@ -237,14 +240,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+
+
 def cmd_backtest(args: argparse.Namespace) -> int:
     from citygrid.city import city
     from citygrid.store import open_store
     from rules.backtest import backtest
 
     settings = _settings(args)
-    start = int(datetime.fromisoformat(args.start).timestamp() * 1000)
-    end = int(datetime.fromisoformat(args.end).timestamp() * 1000)
+    start, end = args.start, args.end
     store = open_store(settings)
     started = time.monotonic()
     report = backtest(store, _rules_path(settings), _fleet(settings), city(settings.city),
@@ -252,7 +258,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"\nreplayed {report['readings']:,} readings from {args.start} to {args.end} "
+    print(f"\nreplayed {report['readings']:,} readings from {_iso(start)} to {_iso(end)} "
           f"in {time.monotonic() - started:.1f} s")
     print(f"commands the rules would have issued: {report['commands']:,}")
     for reason, n in sorted(report["commands_by_reason"].items(), key=lambda x: -x[1]):

@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any, Protocol
 
+from billing import period_of, price_now
 from citygrid import sun
 from citygrid.city import CityProfile
 from citygrid.fleet import Fleet, FleetDevice
@@ -459,8 +460,6 @@ class RuleEngine:
         if attr == "unbilled_amount":
             return info["amount"]
         if attr == "period_ended":
-            from billing.tariffs import period_of
-
             return info["oldest_period"] is not None and info["oldest_period"] < period_of(
                 ts_ms, self.city.tz)
         raise EvalError(f"meter has unbilled_kwh, unbilled_amount, period_ended — not {attr!r}")
@@ -724,8 +723,6 @@ class RuleEngine:
             "acks_pending": len(self.pending_acks),
             "alerts_active": sum(1 for a in self.alerts.values() if a.active)}, ts))
         if self.billing is not None:  # the price bands, for the energy dashboard
-            from billing.tariffs import price_now
-
             config = self.billing.config
             points += [Point(TARIFF_MEASUREMENT, {"tariff": name}, {
                 "price": float(price_now(config, name, self.city.tz, ts)),

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import paho.mqtt.client as paho
 
+from billing import BillingStore, load_config
 from citygrid import mqtt
 from citygrid.city import CityProfile
 from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
@@ -107,11 +108,9 @@ class RuleRunner:
         self.publisher.max_inflight_messages_set(1000)
         self.publisher.max_queued_messages_set(0)
         self.outbox = MqttOutbox(self.publisher, store)
-        from billing import config as billing_config
-        from billing.ledger import BillingStore
 
         self.billing = BillingStore(Path(settings.data_dir) / "billing.sqlite",
-                                    billing_config.load(settings.billing), fleet, city.tz)
+                                    load_config(settings.billing), fleet, city.tz)
         self.engine = RuleEngine(self.ruleset, fleet, city, self.outbox, billing=self.billing)
         # Where every device stands, for maps (the Streetlights dashboard joins on device_id).
         now = int(time.time() * 1000)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import heapq
 import json
 import queue
+import sqlite3
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +184,84 @@ def engine_from_state(ruleset: Any, fleet: Any, city: Any, path: str | Path) -> 
         finally:
             state.close()
     return engine
+
+
+# --------------------------------------------------------------------------- read functions
+# For other services (the gateway, `citygrid up`): what `rules run` saved, read over a
+# read-only connection; an absent database or table reads as empty (the engine has not run).
+
+FILENAME = "rules.sqlite"
+
+
+def _read(data_dir: str | Path, sql: str, params: tuple = ()) -> list[tuple]:
+    db = statedb.connect_readonly(Path(data_dir) / FILENAME)
+    if db is None:
+        return []
+    try:
+        return db.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return []
+        raise
+    finally:
+        db.close()
+
+
+@dataclass(frozen=True)
+class RuleHealthRow:
+    rule_id: str
+    evaluations: int
+    fired: int
+    last_fired_ms: int | None
+    errors: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class AlertRow:
+    key: str
+    rule_id: str
+    severity: str
+    message: str
+    scope: str
+    since_ms: int
+    active: bool
+    cleared_ms: int | None
+
+
+@dataclass(frozen=True)
+class LightRow:
+    device_id: str
+    level: float
+    reason: str | None
+
+
+def read_health(data_dir: str | Path) -> dict[str, RuleHealthRow]:
+    """Each rule's evaluations, firings and errors, by rule id."""
+    return {r[0]: RuleHealthRow(*r) for r in _read(
+        data_dir, "SELECT rule_id, evaluations, fired, last_fired_ms, errors, last_error "
+        "FROM rule_health")}
+
+
+def read_reload_error(data_dir: str | Path) -> str | None:
+    """Why the last reload of the rule files was refused, if it was."""
+    rows = _read(data_dir, "SELECT value FROM rule_meta WHERE key = 'reload_error'")
+    return rows[0][0] if rows else None
+
+
+def read_alerts(data_dir: str | Path, *, active: bool | None = None, limit: int = 100,
+                key: str | None = None) -> list[AlertRow]:
+    """Alerts, newest first; only active (or cleared) ones if asked; filtered in SQL."""
+    rows = _read(
+        data_dir, "SELECT key, rule_id, severity, message, scope, since_ms, active, cleared_ms "
+        "FROM rule_alerts WHERE (?1 IS NULL OR active = ?1) AND (?2 IS NULL OR key = ?2) "
+        "ORDER BY since_ms DESC LIMIT ?3",
+        (None if active is None else int(active), key, limit))
+    return [AlertRow(k, r, sev, m, sc, since, bool(a), c) for k, r, sev, m, sc, since, a, c
+            in rows]
+
+
+def read_lights(data_dir: str | Path) -> list[LightRow]:
+    """Each light's commanded level and the reason that won, as last saved."""
+    return [LightRow(*r) for r in _read(
+        data_dir, "SELECT device_id, level, reason FROM rule_lights WHERE level IS NOT NULL")]

@@ -9,6 +9,7 @@ import sys
 from datetime import datetime
 
 from citygrid.city import city as city_profile
+from citygrid.clock import iso_time
 from citygrid.fleet import Fleet, FleetError
 from citygrid.settings import Settings
 from simulators.devices import FAULTS
@@ -36,16 +37,6 @@ def fault_rate(text: str) -> tuple[str, float]:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r}: the rate is a probability, 0…1")
     return name, value
-
-
-def iso_time(text: str) -> int:
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO time") from None
-    if when.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} needs an offset, e.g. 2026-11-27T16:00+01:00")
-    return int(when.timestamp() * 1000)
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:

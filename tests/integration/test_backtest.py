@@ -13,8 +13,7 @@ from citygrid.city import COPENHAGEN
 from citygrid.store import Point
 from rules.backtest import backtest
 from rules.loader import DEFAULT_RULES
-from tests.conftest import REPO
-from tests.integration.test_rules_live import fleet_for
+from tests.helpers import REPO, rules_fleet
 
 EVENING = int(datetime(2026, 11, 27, 21, 0, tzinfo=COPENHAGEN.tz).timestamp() * 1000)
 
@@ -33,7 +32,7 @@ def night_of_readings(uid: str, hours: int = 3) -> list[Point]:
 
 def test_backtest_reports_commands_and_energy_against_all_night_full(store, uid):
     store.write(night_of_readings(uid))
-    report = backtest(store, DEFAULT_RULES, fleet_for(uid), COPENHAGEN, EVENING,
+    report = backtest(store, DEFAULT_RULES, rules_fleet(uid), COPENHAGEN, EVENING,
                       EVENING + 3 * 3_600_000)
     assert report["readings"] == 3 * 3 * 60
     # 6 motions at sl-1, each lifting sl-1 and sl-2 to 100 % and back to 30 %; the first one
@@ -49,9 +48,9 @@ def test_backtest_reports_commands_and_energy_against_all_night_full(store, uid)
 
 def test_backtest_command_prints_a_report(influx_store, uid, tmp_path):
     influx_store.write(night_of_readings(uid, hours=1))
-    fleet_for(uid).dump(tmp_path / "fleet.geojson")
+    rules_fleet(uid).dump(tmp_path / "fleet.geojson")
     result = subprocess.run(
-        [sys.executable, "-m", "citygrid", "rules", "backtest", "--from",
+        [sys.executable, "-m", "cityctl", "rules", "backtest", "--from",
          "2026-11-27T21:00:00+01:00", "--to", "2026-11-27T22:00:00+01:00", "--influx-url",
          influx_store.url, "--influx-db", influx_store.database, "--fleet",
          str(tmp_path / "fleet.geojson")],

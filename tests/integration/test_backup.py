@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from citygrid import backup
+from cityctl import backup
 from citygrid.contract import Topic
 from citygrid.fleet import Fleet, FleetDevice
-from tests.conftest import REPO, Publisher, meter, wait_until
+from tests.helpers import REPO, Publisher, meter, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def test_backups_taken_while_settling_restore_to_a_ledger_that_verifies(
     data = tmp_path / "data"
     log = open(tmp_path / "rules.log", "wb")  # noqa: SIM115 - the child keeps it
     rules = subprocess.Popen(
-        [sys.executable, "-m", "citygrid", "rules", "run", "--mqtt-url", mosquitto.url,
+        [sys.executable, "-m", "cityctl", "rules", "run", "--mqtt-url", mosquitto.url,
          "--data-dir", str(data), "--fleet", str(tmp_path / "fleet.geojson"),
          "--topic", f"city/v1/{uid}/+/+/telemetry", "--client-id", f"rules-{uid}"],
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT)
@@ -72,7 +72,7 @@ def test_backups_taken_while_settling_restore_to_a_ledger_that_verifies(
         restored = tmp_path / f"restored-{n}"
         again = backup.restore(target, restored)
         assert again["ledger"] == manifest["ledger"]
-        found = backup.ledger_check(restored / "billing.sqlite")  # verifies, balances match
+        found = backup.ledger_check(restored)  # verifies, balances match
         assert found == manifest["ledger"]
         with sqlite3.connect(restored / "billing.sqlite") as db:
             keys = [json.loads(e)["key"] for (e,) in db.execute("SELECT entry FROM ledger")]
@@ -107,7 +107,7 @@ def test_a_damaged_backup_is_refused_and_restore_does_not_overwrite_by_accident(
     with pytest.raises(backup.BackupError, match="differs from the manifest"):
         backup.restore(tmp_path / "b", tmp_path / "elsewhere")
 
-    out = subprocess.run([sys.executable, "-m", "citygrid", "backup", "create",
+    out = subprocess.run([sys.executable, "-m", "cityctl", "backup", "create",
                           str(tmp_path / "c"), "--data-dir", str(data)],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "ledger ok: 1 entries, head" in out.stdout

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, need
+from tests.helpers import REPO, need
 
 pytestmark = pytest.mark.integration
 

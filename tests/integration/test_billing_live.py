@@ -22,8 +22,7 @@ from rules.loader import DEFAULT_RULES
 from rules.runner import RuleRunner, RunnerConfig
 from simulators.engine import Engine, SimConfig
 from simulators.fleetgen import generate
-from tests.conftest import REPO, wait_until
-from tests.integration.test_simulator_wire import Collector
+from tests.helpers import REPO, Collector, wait_until
 
 T = int(datetime(2026, 11, 26, 8, 0, tzinfo=COPENHAGEN.tz).timestamp() * 1000)
 
@@ -38,7 +37,7 @@ def test_a_crash_between_debit_and_ledger_settles_exactly_once(mosquitto, uid, t
                                tariff="business-flat", max_power_w=17250.0)])
     fleet.dump(tmp_path / "fleet.geojson")
     topic = str(Topic(uid, "meter", "m-1"))
-    argv = [sys.executable, "-m", "citygrid", "rules", "run", "--mqtt-url", mosquitto.url,
+    argv = [sys.executable, "-m", "cityctl", "rules", "run", "--mqtt-url", mosquitto.url,
             "--data-dir", str(tmp_path / "data"), "--fleet", str(tmp_path / "fleet.geojson"),
             "--topic", f"city/v1/{uid}/+/+/telemetry", "--client-id", f"rules-{uid}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

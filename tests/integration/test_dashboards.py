@@ -26,7 +26,7 @@ from rules.loader import DEFAULT_RULES
 from rules.runner import RuleRunner, RunnerConfig
 from simulators.engine import Engine, SimConfig
 from simulators.fleetgen import generate
-from tests.conftest import Publisher, wait_until
+from tests.helpers import Publisher, wait_until
 
 
 def test_committed_dashboards_are_built_from_the_code():

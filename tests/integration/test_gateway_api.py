@@ -6,12 +6,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from citygrid.city import COPENHAGEN
+from citygrid.registry import Registry
 from citygrid.settings import Settings
 from citygrid.store import Point
 from citygrid.store.sqlite import SqliteStore
-from gateway.app import create_app, create_token
-from gateway.provisioning import Registry
+from gateway.app import create_app
+from gateway.tokens import create_token
 from simulators.fleetgen import generate
+from tests.helpers import NIGHT, Collector, light_reading, rules_fleet, wait_until
 
 
 @pytest.fixture
@@ -23,7 +25,7 @@ def api(tmp_path, mosquitto):
     store.ensure_ready()
     store.write([Point("streetlight", {"device_id": "sl-00000", "district": "indre-by"},
                        {"seq": 7, "brightness_pct": 30.0, "power_w": 16.7}, 1_790_000_000_000)])
-    tokens = {r: create_token(registry, r, f"test-{r}") for r in ("viewer", "operator", "admin")}
+    tokens = {r: create_token(tmp_path, r, f"test-{r}") for r in ("viewer", "operator", "admin")}
     client = TestClient(create_app(settings))
     yield client, tokens
     client.close()
@@ -116,22 +118,19 @@ def test_an_override_reaches_the_light_and_clearing_returns_it_to_the_rules(
     from citygrid.contract import Topic
     from rules.loader import DEFAULT_RULES
     from rules.runner import RuleRunner, RunnerConfig
-    from tests.conftest import wait_until
-    from tests.integration.test_rules_live import NIGHT, fleet_for, reading
-    from tests.integration.test_simulator_wire import Collector
 
-    fleet = fleet_for(uid)
+    fleet = rules_fleet(uid)
     settings = Settings(mqtt_url=mosquitto.url, data_dir=str(tmp_path))
     registry = Registry(tmp_path)
     registry.import_fleet(fleet)
-    token = create_token(registry, "operator", "test")
+    token = create_token(tmp_path, "operator", "test")
     runner = RuleRunner(settings, fleet, COPENHAGEN, None, RunnerConfig(
         DEFAULT_RULES, f"city/v1/{uid}/+/+/telemetry", client_id=f"rules-{uid}"))
     runner.start()
     commands = Collector(mosquitto.url, f"city/v1/{uid}/streetlight/+/cmd")
     client = TestClient(create_app(settings))
     try:
-        publisher.send(str(Topic(uid, "streetlight", "sl-1")), reading(1, NIGHT))
+        publisher.send(str(Topic(uid, "streetlight", "sl-1")), light_reading(1, NIGHT))
         wait_until(lambda: commands.messages, message="the baseline command")
         r = client.put("/api/v1/lights/sl-1/override", headers=auth(token),
                        json={"level": 80, "expires_in_s": 3600})
@@ -252,7 +251,6 @@ def test_no_route_but_health_answers_without_a_token_and_writes_need_more_than_v
 def test_the_device_list_follows_live_telemetry(api, publisher):
     import time
 
-    from tests.conftest import wait_until
 
     client, tokens = api
 

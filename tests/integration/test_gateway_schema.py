@@ -10,16 +10,17 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from citygrid.city import COPENHAGEN
+from citygrid.registry import Registry
 from citygrid.settings import Settings
-from gateway.app import create_app, create_token
-from gateway.provisioning import Registry
+from gateway.app import create_app
+from gateway.tokens import create_token
 from simulators.fleetgen import generate
 
 
 def test_every_route_answers_as_documented(tmp_path, mosquitto):
     registry = Registry(tmp_path)
     registry.import_fleet(generate(COPENHAGEN, 5, 2, seed=1))
-    token = create_token(registry, "admin", "schemathesis")
+    token = create_token(tmp_path, "admin", "schemathesis")
     app = create_app(Settings(mqtt_url=mosquitto.url, data_dir=str(tmp_path)))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]

@@ -15,12 +15,12 @@ import urllib.request
 import orjson
 import pytest
 
+from cityctl.localservices import Influxd, free_port
 from citygrid import contract
-from citygrid.localservices import Influxd, free_port
 from citygrid.store import Point
 from citygrid.store.influx import InfluxStore
 from ingest.service import IngestConfig, IngestService
-from tests.conftest import REPO, Publisher, light, meter, wait_until
+from tests.helpers import REPO, Publisher, light, meter, wait_until
 
 T0 = int(time.time() * 1000) - 3_600_000
 
@@ -157,7 +157,7 @@ def _spawn_ingest(settings, store, uid, data_dir) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = open(data_dir / "ingest.log", "ab")  # noqa: SIM115 - the child keeps it
     return subprocess.Popen(
-        [sys.executable, "-m", "citygrid", "ingest", "--mqtt-url", settings.mqtt_url,
+        [sys.executable, "-m", "cityctl", "ingest", "--mqtt-url", settings.mqtt_url,
          "--influx-url", store.url, "--influx-db", store.database, "--data-dir", str(data_dir),
          "--client-id", f"ingest-{uid}", "--topic", f"city/v1/{uid}/+/+/telemetry",
          "--batch-size", "500", "--flush-interval", "0.05"],
@@ -290,7 +290,7 @@ def test_dlq_command_shows_reasons(settings, influx_store, publisher, uid, tmp_p
         publisher.send_all([(topic(uid, "meter", "m-1"), meter(T0, 1, power_w=-1))])
         wait_until(lambda: service.dead_letter_counts()[contract.OUT_OF_RANGE] == 1)
     out = subprocess.run(
-        [sys.executable, "-m", "citygrid", "ingest", "dlq", "--data-dir", settings.data_dir],
+        [sys.executable, "-m", "cityctl", "ingest", "dlq", "--data-dir", settings.data_dir],
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     ).stdout
     assert "out_of_range=1" in out
@@ -301,7 +301,7 @@ def test_dlq_command_shows_reasons(settings, influx_store, publisher, uid, tmp_p
 
 @pytest.mark.parametrize("variable, value", [("CITYGRID_MQTT_URL", "http://x")])
 def test_bad_setting_is_named_at_startup(variable, value):
-    result = subprocess.run([sys.executable, "-m", "citygrid", "ingest"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "cityctl", "ingest"], capture_output=True,
                             text=True, env={**os.environ, variable: value,
                                             "PYTHONPATH": str(REPO)})
     assert result.returncode == 2
@@ -309,7 +309,7 @@ def test_bad_setting_is_named_at_startup(variable, value):
 
 
 def test_ingest_started_before_its_broker_waits_for_it(influx_store, uid, tmp_path):
-    from citygrid.localservices import Mosquitto
+    from cityctl.localservices import Mosquitto
     from citygrid.settings import Settings
 
     broker = Mosquitto(tmp_path / "late-broker")

@@ -13,7 +13,7 @@ from citygrid.store import Point
 from citygrid.store.influx import InfluxStore
 from citygrid.store.lifecycle import HOUR_MS, Lifecycle, rollup_queries
 from citygrid.store.sqlite import SqliteStore
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.integration
 FNS = ("mean", "min", "max", "sum", "count", "last")
@@ -48,7 +48,7 @@ def test_policies_and_continuous_queries_are_created_once_and_follow_the_setting
     assert continuous_queries(changed) == cqs
 
     # The command operators run does the same, from the settings.
-    out = subprocess.run([sys.executable, "-m", "citygrid", "store", "init", "--influx-url",
+    out = subprocess.run([sys.executable, "-m", "cityctl", "store", "init", "--influx-url",
                           influxd.url, "--influx-db", f"lc_{uid}"], cwd=REPO, text=True,
                          capture_output=True, env={"CITYGRID_RAW_RETENTION": "14d",
                                                    "PATH": "/usr/bin:/bin"})

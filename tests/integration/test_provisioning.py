@@ -13,12 +13,12 @@ import time
 import orjson
 import pytest
 
+from cityctl.localservices import find_binary, free_port, wait_for_port
 from citygrid import mqtt
 from citygrid.fleet import FleetDevice
-from citygrid.localservices import find_binary, free_port, wait_for_port
 from citygrid.settings import MqttUrl
-from gateway.provisioning import Registry, check_password, hash_password
-from tests.conftest import need, wait_until
+from gateway.provisioning import Provisioner, check_password, hash_password
+from tests.helpers import REPO, need, wait_until
 
 LIGHT_A = FleetDevice("sl-a", "streetlight", "norrebro", 55.69, 12.54, rated_w=50.0)
 LIGHT_B = FleetDevice("sl-b", "streetlight", "norrebro", 55.69, 12.55, rated_w=50.0)
@@ -27,7 +27,7 @@ LIGHT_B = FleetDevice("sl-b", "streetlight", "norrebro", 55.69, 12.55, rated_w=5
 @pytest.fixture
 def secured(tmp_path):
     need("mosquitto")
-    registry = Registry(tmp_path)
+    registry = Provisioner(tmp_path)
     port = free_port()
     conf = registry.broker_config(port, "127.0.0.1")
     creds = {"a": registry.provision(LIGHT_A), "b": registry.provision(LIGHT_B),
@@ -127,10 +127,9 @@ def test_devices_cli_prints_credentials_once_and_refuses_bad_ids(tmp_path):
     import os
     import sys
 
-    from tests.conftest import REPO
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "citygrid", *args, "--data-dir",
+        return subprocess.run([sys.executable, "-m", "cityctl", *args, "--data-dir",
                                str(tmp_path)], capture_output=True, text=True, cwd=REPO,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cityctl.localservices import Influxd, Mosquitto, free_port
 from citygrid import contract
 from citygrid.city import COPENHAGEN
-from citygrid.localservices import Influxd, Mosquitto, free_port
 from citygrid.store.influx import InfluxStore
 from simulators.fleetgen import generate
-from tests.conftest import REPO, Publisher, light, meter, need, wait_until
+from tests.helpers import REPO, Publisher, light, meter, need, wait_until
 
 pytestmark = pytest.mark.integration
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -37,7 +37,7 @@ class Service:
 
     def start(self) -> Service:
         with open(self.log, "ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "citygrid", *self.argv],
+            self.process = subprocess.Popen([sys.executable, "-m", "cityctl", *self.argv],
                                             env=ENV, stdout=out, stderr=subprocess.STDOUT)
         return self
 

@@ -7,39 +7,28 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
 
 import orjson
 import pytest
 
 from citygrid.city import COPENHAGEN
 from citygrid.contract import Topic
-from citygrid.fleet import Fleet, FleetDevice
 from citygrid.store.sqlite import SqliteStore
 from rules.loader import DEFAULT_RULES
-from tests.conftest import REPO, wait_until
-from tests.integration.test_simulator_wire import Collector
-
-NIGHT = int(datetime(2026, 11, 27, 22, 0, tzinfo=COPENHAGEN.tz).timestamp() * 1000)
-
-
-def fleet_for(uid: str) -> Fleet:
-    # sl-2 is 28 m from sl-1, sl-3 is 300 m away.
-    return Fleet([
-        FleetDevice("sl-1", "streetlight", uid, 55.696000, 12.544, rated_w=50),
-        FleetDevice("sl-2", "streetlight", uid, 55.696252, 12.544, rated_w=50),
-        FleetDevice("sl-3", "streetlight", uid, 55.698700, 12.544, rated_w=50),
-    ])
-
-
-def reading(seq: int, ts: int, **fields) -> dict:
-    return {"ts": ts, "seq": seq, "brightness_pct": 30.0, "power_w": 16.7, "energy_wh": seq,
-            "lux": 0.5, "motion": False, **fields}
+from tests.helpers import (
+    NIGHT,
+    REPO,
+    Collector,
+    light_reading,
+    rules_fleet,
+    run_in_thread,
+    wait_until,
+)
 
 
 class RulesProcess:
     def __init__(self, mosquitto, uid, tmp_path, rules_path=DEFAULT_RULES):
-        self.argv = [sys.executable, "-m", "citygrid", "rules", "run", "--mqtt-url",
+        self.argv = [sys.executable, "-m", "cityctl", "rules", "run", "--mqtt-url",
                      mosquitto.url, "--data-dir", str(tmp_path / "data"), "--fleet",
                      str(tmp_path / "fleet.geojson"), "--rules", str(rules_path),
                      "--topic", f"city/v1/{uid}/+/+/telemetry", "--client-id", f"rules-{uid}"]
@@ -63,7 +52,7 @@ class RulesProcess:
             self.process.wait(20)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "citygrid", "rules", *args,
+        return subprocess.run([sys.executable, "-m", "cityctl", "rules", *args,
                                "--data-dir", str(self.tmp_path / "data"), "--fleet",
                                str(self.tmp_path / "fleet.geojson")],
                               env=self.env, capture_output=True, text=True)
@@ -71,7 +60,7 @@ class RulesProcess:
 
 @pytest.fixture
 def rules_env(mosquitto, uid, tmp_path, publisher):
-    fleet_for(uid).dump(tmp_path / "fleet.geojson")
+    rules_fleet(uid).dump(tmp_path / "fleet.geojson")
     commands = Collector(mosquitto.url, f"city/v1/{uid}/streetlight/+/cmd")
     process = RulesProcess(mosquitto, uid, tmp_path)
     yield process, commands, publisher
@@ -93,18 +82,18 @@ def test_motion_commands_the_light_and_its_neighbours_then_the_baseline_returns(
     process.start()
     t = lambda d: str(Topic(uid, "streetlight", d))  # noqa: E731
     for d in ("sl-1", "sl-2", "sl-3"):
-        pub.send(t(d), reading(1, NIGHT))
+        pub.send(t(d), light_reading(1, NIGHT))
     wait_until(lambda: len(sent(commands)) == 3, message="three baseline commands")
     assert sorted(sent(commands)) == [(d, 30.0, "rule:dark-baseline")
                                       for d in ("sl-1", "sl-2", "sl-3")]
-    pub.send(t("sl-1"), reading(2, NIGHT + 60_000, motion=True))
+    pub.send(t("sl-1"), light_reading(2, NIGHT + 60_000, motion=True))
     wait_until(lambda: len(sent(commands)) == 5, message="motion commands")
     assert sorted(sent(commands)[3:]) == [("sl-1", 100.0, "rule:motion-boost"),
                                           ("sl-2", 100.0, "rule:motion-boost")]
     body = orjson.loads(commands.messages[3][1])
     assert body["hold_s"] == 120.0 and body["ts"] == NIGHT + 60_000
     # Event time: 130 s later by the readings' clock, the hold is over.
-    pub.send(t("sl-3"), reading(2, NIGHT + 190_000))
+    pub.send(t("sl-3"), light_reading(2, NIGHT + 190_000))
     wait_until(lambda: len(sent(commands)) == 7, message="back to baseline")
     assert sorted(sent(commands)[5:]) == [("sl-1", 30.0, "rule:dark-baseline"),
                                           ("sl-2", 30.0, "rule:dark-baseline")]
@@ -117,8 +106,8 @@ def test_a_hold_survives_killing_the_engine(rules_env, uid):
     process, commands, pub = rules_env
     t = lambda d: str(Topic(uid, "streetlight", d))  # noqa: E731
     process.start()
-    pub.send(t("sl-1"), reading(1, NIGHT))
-    pub.send(t("sl-1"), reading(2, NIGHT + 10_000, motion=True))
+    pub.send(t("sl-1"), light_reading(1, NIGHT))
+    pub.send(t("sl-1"), light_reading(2, NIGHT + 10_000, motion=True))
     wait_until(lambda: ("sl-1", 100.0, "rule:motion-boost") in sent(commands))
     time.sleep(0.6)  # the state is saved every 0.2 s
     process.stop(signal.SIGKILL)
@@ -126,10 +115,10 @@ def test_a_hold_survives_killing_the_engine(rules_env, uid):
     explained = process.cli("explain", "sl-1", "--json")
     assert orjson.loads(explained.stdout)["winner"]["reason"] == "rule:motion-boost"
     n = len(sent(commands))
-    pub.send(t("sl-1"), reading(3, NIGHT + 60_000))  # still inside the hold
+    pub.send(t("sl-1"), light_reading(3, NIGHT + 60_000))  # still inside the hold
     time.sleep(1.0)
     assert len(sent(commands)) == n, "the restarted engine forgot the hold"
-    pub.send(t("sl-1"), reading(4, NIGHT + 140_000))
+    pub.send(t("sl-1"), light_reading(4, NIGHT + 140_000))
     wait_until(lambda: ("sl-1", 30.0, "rule:dark-baseline") in sent(commands)[n:])
     text = process.cli("explain", "sl-1").stdout
     assert "sl-1 is at 30 % (rule:dark-baseline)" in text
@@ -137,7 +126,7 @@ def test_a_hold_survives_killing_the_engine(rules_env, uid):
 
 def test_editing_the_rules_reloads_them_and_a_broken_file_is_refused(
         mosquitto, uid, tmp_path, publisher):
-    fleet_for(uid).dump(tmp_path / "fleet.geojson")
+    rules_fleet(uid).dump(tmp_path / "fleet.geojson")
     rules = tmp_path / "city.yaml"
     rules.write_text(DEFAULT_RULES.read_text())
     commands = Collector(mosquitto.url, f"city/v1/{uid}/streetlight/+/cmd")
@@ -145,17 +134,17 @@ def test_editing_the_rules_reloads_them_and_a_broken_file_is_refused(
     t = str(Topic(uid, "streetlight", "sl-1"))
     try:
         process.start()
-        publisher.send(t, reading(1, NIGHT))
+        publisher.send(t, light_reading(1, NIGHT))
         wait_until(lambda: ("sl-1", 30.0, "rule:dark-baseline") in sent(commands))
         rules.write_text(DEFAULT_RULES.read_text().replace("level: 30", "level: 45"))
         wait_until(lambda: "rules reloaded" in process.log.read_text(), message="reload")
-        publisher.send(t, reading(2, NIGHT + 60_000))
+        publisher.send(t, light_reading(2, NIGHT + 60_000))
         wait_until(lambda: ("sl-1", 45.0, "rule:dark-baseline") in sent(commands))
         rules.write_text("rules:\n  - id: broken\n    when: {reading: {kind: toaster}}\n")
         wait_until(lambda: "rule file refused" in process.log.read_text(), message="refusal")
         status = process.cli("status", "--rules", str(rules))
         assert "LAST RELOAD REFUSED" in status.stdout or status.returncode != 0
-        publisher.send(t, reading(3, NIGHT + 120_000, motion=True))  # old rules still run
+        publisher.send(t, light_reading(3, NIGHT + 120_000, motion=True))  # old rules still run
         wait_until(lambda: ("sl-1", 100.0, "rule:motion-boost") in sent(commands))
         log = process.log.read_text()
         assert f"{rules}:3:" in log and "toaster" in log
@@ -169,7 +158,7 @@ def test_lighting_energy_is_written_per_district(rules_env, uid, tmp_path):
     process.start()
     t = str(Topic(uid, "streetlight", "sl-1"))
     for i in range(4):
-        pub.send(t, reading(i + 1, NIGHT + i * 60_000, power_w=16.7))
+        pub.send(t, light_reading(i + 1, NIGHT + i * 60_000, power_w=16.7))
     wait_until(lambda: len(sent(commands)) >= 1)
     time.sleep(0.5)
     process.stop()
@@ -185,7 +174,7 @@ def test_lighting_energy_is_written_per_district(rules_env, uid, tmp_path):
 
 def test_rules_run_needs_a_fleet(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CITYGRID_FLEET"}
-    result = subprocess.run([sys.executable, "-m", "citygrid", "rules", "run", "--data-dir",
+    result = subprocess.run([sys.executable, "-m", "cityctl", "rules", "run", "--data-dir",
                              str(tmp_path)], env={**env, "PYTHONPATH": str(REPO)},
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "CITYGRID_FLEET" in result.stderr
@@ -195,9 +184,8 @@ def test_the_command_reaches_a_simulated_light(mosquitto, uid, tmp_path):
     """End to end: a per-device simulated light takes the rules' command and acks it."""
     from citygrid.settings import MqttUrl
     from simulators.engine import Engine, SimConfig
-    from tests.integration.test_simulator_wire import run_in_thread
 
-    fleet = fleet_for(uid)
+    fleet = rules_fleet(uid)
     fleet.dump(tmp_path / "fleet.geojson")
     seen = Collector(mosquitto.url, f"city/v1/{uid}/streetlight/+/+")
     process = RulesProcess(mosquitto, uid, tmp_path)

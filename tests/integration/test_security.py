@@ -16,17 +16,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cityctl.localservices import Mosquitto, free_port
 from citygrid import mqtt
 from citygrid.city import COPENHAGEN
 from citygrid.contract import Topic
-from citygrid.localservices import Mosquitto, free_port
+from citygrid.registry import Registry
 from citygrid.settings import Settings
 from citygrid.store.sqlite import SqliteStore
-from gateway.app import create_token
-from gateway.provisioning import Registry
+from gateway.tokens import create_token
 from ingest.service import IngestConfig, IngestService
 from simulators.fleetgen import generate
-from tests.conftest import REPO, light, need, wait_until
+from tests.helpers import REPO, light, need, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +148,7 @@ def gateway(mosquitto, tmp_path):
     """`citygrid gateway` as its own process, its log in a file."""
     registry = Registry(tmp_path)
     registry.import_fleet(generate(COPENHAGEN, 4, 1, seed=2))
-    tokens = {r: create_token(registry, r, f"test-{r}") for r in ("viewer", "admin")}
+    tokens = {r: create_token(tmp_path, r, f"test-{r}") for r in ("viewer", "admin")}
     registry.close()
     port = free_port()
     log = tmp_path / "gateway.log"
@@ -157,7 +157,7 @@ def gateway(mosquitto, tmp_path):
            "CITYGRID_INFLUX_PASSWORD": secret}
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "citygrid", "gateway", "--port", str(port), "--mqtt-url",
+            [sys.executable, "-m", "cityctl", "gateway", "--port", str(port), "--mqtt-url",
              mosquitto.url, "--data-dir", str(tmp_path), "--log-level", "DEBUG"],
             env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

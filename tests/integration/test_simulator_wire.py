@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 
@@ -22,7 +21,7 @@ from citygrid.settings import MqttUrl
 from simulators.devices import DRIVER_LOSS, STANDBY_W
 from simulators.engine import Engine, SimConfig
 from simulators.fleetgen import generate
-from tests.conftest import REPO, wait_until
+from tests.helpers import REPO, Collector, run_in_thread, wait_until
 
 
 def fleet_for(uid: str, lights: int, meters: int, seed: int = 1) -> Fleet:
@@ -31,33 +30,6 @@ def fleet_for(uid: str, lights: int, meters: int, seed: int = 1) -> Fleet:
                  for d in generate(COPENHAGEN, lights, meters, seed))
 
 
-class Collector:
-    """Everything published under a filter, with its retain flag."""
-
-    def __init__(self, url: str, topic_filter: str):
-        u = MqttUrl.parse(url)
-        self.messages: list[tuple[str, bytes, bool]] = []
-        self.expiries: list[int | None] = []  # MQTT 5 message expiry left, per message
-        self.client = mqtt.make_client(u)
-
-        def on_message(client, userdata, m) -> None:
-            self.expiries.append(getattr(m.properties, "MessageExpiryInterval", None))
-            self.messages.append((m.topic, m.payload, m.retain))
-
-        self.client.on_message = on_message
-        done = threading.Event()
-        self.client.on_subscribe = lambda *a: done.set()
-        self.client.on_connect = lambda c, *a: c.subscribe(topic_filter, qos=1)
-        mqtt.connect(self.client, u)
-        self.client.loop_start()
-        assert done.wait(10)
-
-    def on(self, channel: str) -> list[tuple[str, bytes, bool]]:
-        return [m for m in self.messages if m[0].endswith("/" + channel)]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 @pytest.fixture
@@ -74,11 +46,6 @@ def collect(mosquitto, uid):
         c.close()
 
 
-def run_in_thread(engine: Engine) -> threading.Thread:
-    engine.connect()
-    thread = threading.Thread(target=engine.run, daemon=True)
-    thread.start()
-    return thread
 
 
 def test_every_message_obeys_the_contract(mosquitto, uid, collect):
@@ -157,7 +124,7 @@ def test_last_will_fires_when_the_device_process_dies(mosquitto, uid, collect, t
     fleet.dump(tmp_path / "fleet.geojson")
     seen = collect(f"city/v1/{uid}/+/+/status")
     process = subprocess.Popen(
-        [sys.executable, "-m", "citygrid", "simulate", "--mqtt-url", mosquitto.url,
+        [sys.executable, "-m", "cityctl", "simulate", "--mqtt-url", mosquitto.url,
          "--fleet", str(tmp_path / "fleet.geojson"), "--mode", "per-device",
          "--interval", "1s"],
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,

@@ -12,8 +12,7 @@ import pytest
 
 from citygrid.city import city
 from citygrid.fleet import Fleet
-from tests.conftest import IN_CI, REPO, CityUp, Publisher, need, wait_until
-from tests.integration.test_up import Listener
+from tests.helpers import IN_CI, REPO, CityUp, Listener, Publisher, need, wait_until
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = REPO / "test-artifacts"

@@ -100,7 +100,7 @@ def test_influx_400_rejects_only_the_bad_points(influx_store):
 
 
 def test_influx_down_is_unavailable_not_rejected(tmp_path):
-    from citygrid.localservices import free_port
+    from cityctl.localservices import free_port
 
     store = InfluxStore(f"http://127.0.0.1:{free_port()}", "x", timeout_s=1)
     with pytest.raises(StoreUnavailable):

@@ -15,32 +15,11 @@ import pytest
 from billing.ledger import verify
 from citygrid.settings import Settings
 from citygrid.store import open_store
-from tests.conftest import CityUp, need, wait_until
+from tests.helpers import CityUp, Listener, need, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-class Listener:
-    """Commands and settlements on the city's broker, counted by a client of our own."""
-
-    def __init__(self, url: str, protocol: int = paho.MQTTv5):
-        self.commands: list[dict] = []
-        self.settlements: list[dict] = []
-        settings = Settings(mqtt_url=url)
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=protocol)
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, *a: c.subscribe(
-            [("city/v1/+/streetlight/+/cmd", 1), ("city/v1/+/meter/+/settlement", 1)])
-        self.client.connect(settings.mqtt.host, settings.mqtt.port)
-        self.client.loop_start()
-
-    def _on_message(self, client, userdata, message) -> None:
-        body = orjson.loads(message.payload)
-        (self.commands if message.topic.endswith("/cmd") else self.settlements).append(body)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def _alive(processes) -> list:

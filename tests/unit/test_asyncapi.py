@@ -3,7 +3,7 @@
 import yaml
 
 from citygrid import asyncapi
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_committed_document_matches_the_models():

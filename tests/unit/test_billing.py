@@ -18,6 +18,7 @@ from billing.ledger import BillingStore, LedgerError, canonical, entry_hash, ver
 from citygrid.city import COPENHAGEN
 from citygrid.fleet import Fleet, FleetDevice
 from citygrid.yamlconf import ConfigError
+from tests.helpers import REPO, Box
 
 TZ = COPENHAGEN.tz
 CONFIG = billing_config.load()
@@ -294,7 +295,6 @@ class TestThroughTheRules:
     def engine(self, tmp_path, cfg_text: str | None = None):
         from rules.engine import RuleEngine
         from rules.loader import load
-        from tests.unit.test_rules import Box
 
         cfg = billing_config.parse_text(cfg_text) if cfg_text else CONFIG
         box = Box()
@@ -363,7 +363,6 @@ def test_ledger_cli_verify_head_list(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
 
     s = store(tmp_path)
     s.on_reading("m-2", ms(2026, 11, 2, 9), 100.0)
@@ -372,7 +371,7 @@ def test_ledger_cli_verify_head_list(tmp_path):
     s.close()
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "citygrid", "ledger", *args, "--data-dir",
+        return subprocess.run([sys.executable, "-m", "cityctl", "ledger", *args, "--data-dir",
                                str(tmp_path)], capture_output=True, text=True, cwd=REPO)
 
     head = run("head").stdout.strip()

@@ -13,9 +13,9 @@ import jsonschema
 import pytest
 import yaml
 
-from citygrid.cli import build_parser
+from cityctl.cli import build_parser
 from citygrid.settings import Settings
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]

@@ -19,7 +19,7 @@ from rules.expr import ExprError, compile_expression
 from rules.loader import DEFAULT_RULES, EXAMPLES, RuleFileError, parse_text, schema
 from rules.state import RuleStateStore
 from rules.testing import run_file
-from tests.conftest import REPO
+from tests.helpers import REPO, Box
 
 TZ = COPENHAGEN.tz
 NIGHT = int(datetime(2026, 11, 27, 22, 0, tzinfo=TZ).timestamp() * 1000)
@@ -30,22 +30,6 @@ FLEET = Fleet([
 ])
 
 
-class Box:
-    def __init__(self):
-        self.commands, self.alerts, self.published, self.pts = [], [], [], []
-
-    def command(self, device, payload, expiry_s):
-        self.commands.append((device.device_id, payload["brightness_pct"], payload["reason"],
-                              payload["ts"]))
-
-    def publish(self, topic, payload, qos, retain):
-        self.published.append((topic, payload))
-
-    def alert(self, alert, raised):
-        self.alerts.append((alert.key, raised, alert.message))
-
-    def points(self, points):
-        self.pts += points
 
 
 def engine_for(text: str, *, acks: bool = False) -> tuple[RuleEngine, Box]:
@@ -137,7 +121,7 @@ rules:
     def test_check_command_exit_codes(self, tmp_path):
         bad = tmp_path / "bad.yaml"
         bad.write_text(self.BAD)
-        run = [sys.executable, "-m", "citygrid", "rules", "check"]
+        run = [sys.executable, "-m", "cityctl", "rules", "check"]
         result = subprocess.run([*run, str(bad)], capture_output=True, text=True, cwd=REPO)
         assert result.returncode == 1
         assert f"{bad}:5:31:" in result.stdout and "8 errors" in result.stderr
@@ -381,7 +365,7 @@ def test_a_failing_rule_test_prints_a_diff(tmp_path):
     doc["tests"][0]["expect"]["commands"][0]["level"] = 35
     path = tmp_path / "wrong_test.yaml"
     path.write_text(yaml.safe_dump(doc, allow_unicode=True))
-    result = subprocess.run([sys.executable, "-m", "citygrid", "rules", "test", str(path)],
+    result = subprocess.run([sys.executable, "-m", "cityctl", "rules", "test", str(path)],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1
     assert "FAIL" in result.stdout and "0 passed, 1 failed" in result.stdout
@@ -390,6 +374,6 @@ def test_a_failing_rule_test_prints_a_diff(tmp_path):
 
 
 def test_schema_command_prints_json():
-    out = subprocess.run([sys.executable, "-m", "citygrid", "rules", "schema"],
+    out = subprocess.run([sys.executable, "-m", "cityctl", "rules", "schema"],
                          capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert json.loads(out)["title"] == "CityGrid rule file"

@@ -17,9 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cityctl.supervisor import Supervisor
 from citygrid.contract import Topic
 from citygrid.settings import Settings
-from citygrid.supervisor import Supervisor
 
 
 def level_band(level: float) -> str:

@@ -4,7 +4,7 @@ amqtt, pure Python, MQTT 3.1.1 only (no MQTT 5, no shared subscriptions), about 
 QoS 1 messages/s on the 2-core machine (FIELD-NOTES): enough for the demo at a longer
 reporting interval, not for production. Anonymous, bound to 127.0.0.1 only.
 
-    python -m citygrid.embedded_broker PORT
+    python -m cityctl.embedded_broker PORT
 """
 
 from __future__ import annotations

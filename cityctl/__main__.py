@@ -1,5 +1,5 @@
 import sys
 
-from citygrid.cli import main
+from cityctl.cli import main
 
 sys.exit(main())

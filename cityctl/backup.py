@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from billing import LedgerError, check_balances
+
 # registry (devices, credentials hashes, tokens), rule state (holds, timers, alerts),
 # billing (meters, unbilled, accounts, ledger), ingest (spool, dead letters).
 DATABASES = ("registry.sqlite", "rules.sqlite", "billing.sqlite", "ingest.sqlite")
@@ -48,25 +50,13 @@ def _copy(source: Path, target: Path) -> None:
         src.close()
 
 
-def ledger_check(path: Path) -> dict[str, Any]:
-    """The ledger verifies, and every account's balance is the one its newest entry left:
-    a settlement was never half written."""
-    from billing.ledger import verify
-
-    entries, head = verify(path)
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+def ledger_check(data_dir: Path) -> dict[str, Any]:
+    """The ledger in ``data_dir`` verifies and no account's balance disagrees with its newest
+    entry (billing's own check, through its read API)."""
     try:
-        balances = dict(db.execute("SELECT account_id, balance_minor FROM accounts"))
-        last: dict[str, int] = {}
-        for (text,) in db.execute("SELECT entry FROM ledger ORDER BY seq"):
-            entry = json.loads(text)
-            last[entry["account"]] = entry["balance_after_minor"]
-    finally:
-        db.close()
-    for account, after in last.items():
-        if balances.get(account) != after:
-            raise BackupError(f"account {account}: balance {balances.get(account)} but its "
-                              f"newest ledger entry left {after} (a half-written settlement)")
+        entries, head = check_balances(data_dir)
+    except LedgerError as e:
+        raise BackupError(str(e)) from None
     return {"entries": entries, "head": head}
 
 
@@ -83,7 +73,7 @@ def create(data_dir: str | Path, target: str | Path) -> dict[str, Any]:
     for name in present:
         _copy(data / name, out / name)
     if "billing.sqlite" in present:
-        manifest["ledger"] = ledger_check(out / "billing.sqlite")
+        manifest["ledger"] = ledger_check(out)
     for name in present:
         manifest["files"][name] = {"sha256": _sha256(out / name),
                                    "bytes": (out / name).stat().st_size}
@@ -104,7 +94,7 @@ def check(source: str | Path) -> dict[str, Any]:
         if not (src / name).exists() or _sha256(src / name) != meta["sha256"]:
             raise BackupError(f"{name} is missing or differs from the manifest")
     if "ledger" in manifest:
-        found = ledger_check(src / "billing.sqlite")
+        found = ledger_check(src)
         if found["head"] != manifest["ledger"]["head"]:
             raise BackupError(f"ledger head {found['head']} is not the recorded "
                               f"{manifest['ledger']['head']}")
@@ -128,7 +118,7 @@ def restore(source: str | Path, data_dir: str | Path, *, force: bool = False
         shutil.copyfile(src / name, tmp)
         tmp.replace(data / name)
     if "ledger" in manifest:
-        found = ledger_check(data / "billing.sqlite")
+        found = ledger_check(data)
         if found["head"] != manifest["ledger"]["head"]:
             raise BackupError("the restored ledger's head differs from the backup's")
     return manifest

@@ -23,11 +23,15 @@ from pathlib import Path
 import httpx
 import orjson
 
+from cityctl.localservices import MissingBinary, Mosquitto, find_binary, free_port
+from cityctl.supervisor import Supervisor
+from cityctl.upview import CityWatch, render
 from citygrid.city import city as city_profile
-from citygrid.localservices import MissingBinary, Mosquitto, find_binary, free_port
+from citygrid.fleet import Fleet
+from citygrid.registry import Registry
 from citygrid.settings import Settings
-from citygrid.supervisor import Supervisor
-from citygrid.upview import CityWatch, render
+from gateway import create_token, token_role
+from simulators import generate
 
 # Readings per real second the demo offers each broker: Mosquitto carries tens of thousands
 # (FIELD-NOTES); amqtt about 1,200 QoS 1 messages/s, and each reading goes to four
@@ -62,16 +66,14 @@ def late_afternoon_yesterday(tz) -> int:
     return int(start.timestamp() * 1000)
 
 
-def demo_token(registry, data: Path) -> str:
+def demo_token(data: Path) -> str:
     """The demo's operator token: kept (mode 600) so a resumed city keeps its address."""
-    from gateway.app import create_token, token_role
-
     path = data / "demo-token"
     if path.exists():
         token = path.read_text().strip()
-        if token_role(registry, token) == "operator":
+        if token_role(data, token) == "operator":
             return token
-    token = create_token(registry, "operator", "citygrid up")
+    token = create_token(data, "operator", "citygrid up")
     path.write_text(token + "\n")
     path.chmod(0o600)
     return token
@@ -115,26 +117,21 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
 
     fleet_path = Path(settings.fleet) if settings.fleet else data / "fleet.geojson"
     if not fleet_path.exists():
-        from simulators.fleetgen import generate
-
         generate(profile, args.streetlights, args.meters).dump(fleet_path)
     settings = settings.with_(fleet=str(fleet_path))
-    from citygrid.fleet import Fleet
-    from gateway.provisioning import Registry
-
     fleet = Fleet.load(fleet_path)
     registry = Registry(data)
     registry.import_fleet(fleet)  # the gateway's map and device list
-    token = demo_token(registry, data)
     registry.close()
+    token = demo_token(data)
 
     env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
-    python = [sys.executable, "-m", "citygrid"]
+    python = [sys.executable, "-m", "cityctl"]
     supervisor = Supervisor(data / "logs")
     if broker_kind == "mosquitto":
         supervisor.start("broker", Mosquitto(data / "mosquitto", broker_port).argv(), env)
     else:
-        supervisor.start("broker", [sys.executable, "-m", "citygrid.embedded_broker",
+        supervisor.start("broker", [sys.executable, "-m", "cityctl.embedded_broker",
                                     str(broker_port)], env)
     supervisor.start("ingest", python + ["ingest", "--report-interval", "5"], env)
     supervisor.start("rules", python + ["rules", "run"], env)
