@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -29,7 +28,6 @@ from citygrid import statedb
 from citygrid.fleet import Fleet
 
 GENESIS = "0" * 64
-CRASH_AFTER_DEBIT = "CITYGRID_BILLING_CRASH_AFTER_DEBIT"  # fault injection for the crash test
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meters (
@@ -218,8 +216,6 @@ class BillingStore:
             balance -= minor
             self.db.execute("UPDATE accounts SET balance_minor = ? WHERE account_id = ?",
                             (balance, account_id))
-            if os.environ.get(CRASH_AFTER_DEBIT):
-                os._exit(9)  # the crash test: debited, not yet in the ledger
             head = self.db.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1"
                                    ).fetchone()
             seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)

@@ -1,8 +1,8 @@
 """The embedded MQTT broker `citygrid up` falls back to when Mosquitto is not installed.
 
 amqtt, pure Python, MQTT 3.1.1 only (no MQTT 5, no shared subscriptions), about 1,200
-QoS 1 messages/s on the 2-core machine (FIELD-NOTES): enough for the demo at a longer
-reporting interval, not for production. Anonymous, bound to 127.0.0.1 only.
+QoS 1 messages/s on the 2-core reference machine (docs/platform-facts.md): enough for the
+demo at a longer reporting interval, not for production. Anonymous, bound to 127.0.0.1 only.
 
     python -m cityctl.embedded_broker PORT
 """

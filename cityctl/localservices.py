@@ -127,7 +127,7 @@ class Mosquitto(_Service):
             # Started as root, Mosquitto would drop to the `mosquitto` user, which cannot
             # write its persistence file here: stay the user who started it.
             f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
-            # Persistent sessions must hold a whole backlog (FIELD-NOTES: default 1000).
+            # Persistent sessions must hold a whole backlog (docs/platform-facts.md: default 1000).
             "max_queued_messages 0\n"
             f"{self.extra_conf}\n"
         )

@@ -34,7 +34,7 @@ from gateway import create_token, token_role
 from simulators import generate
 
 # Readings per real second the demo offers each broker: Mosquitto carries tens of thousands
-# (FIELD-NOTES); amqtt about 1,200 QoS 1 messages/s, and each reading goes to four
+# (docs/platform-facts.md); amqtt about 1,200 QoS 1 messages/s, and each reading goes to four
 # subscribers (ingest, rules, gateway, this summary).
 BROKER_BUDGET = {"mosquitto": 400.0, "embedded": 60.0}
 STOP_ORDER = ["simulate", "gateway", "rules", "ingest", "broker"]

@@ -20,6 +20,8 @@ from typing import Any
 from cityctl.supervisor import Supervisor
 from citygrid.contract import Topic
 from citygrid.settings import Settings
+from ingest import read_dead_letter_counts
+from rules import read_alerts
 
 
 def level_band(level: float) -> str:
@@ -83,21 +85,17 @@ class CityWatch:
 
     # ------------------------------------------------------------------ state files
 
-    def _query(self, name: str, sql: str) -> list[tuple]:
-        path = self.data / name
-        if not path.exists():
-            return []
-        with contextlib.suppress(sqlite3.Error), contextlib.closing(
-                sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)) as db:
-            return db.execute(sql).fetchall()
+    def alerts(self) -> list[tuple[str, str]]:
+        """(severity, message) of the active alerts, newest first (the rules' read API)."""
+        with contextlib.suppress(sqlite3.Error):
+            return [(a.severity, a.message) for a in
+                    read_alerts(self.data, active=True, limit=1000)]
         return []
 
-    def alerts(self) -> list[tuple[str, str]]:
-        return self._query("rules.sqlite", "SELECT severity, message FROM rule_alerts "
-                           "WHERE active = 1 ORDER BY since_ms DESC")
-
     def dead_letters(self) -> dict[str, int]:
-        return dict(self._query("ingest.sqlite", "SELECT reason, count FROM dead_letter_counts"))
+        with contextlib.suppress(sqlite3.Error):
+            return read_dead_letter_counts(self.data)
+        return {}
 
     # ------------------------------------------------------------------ figures
 

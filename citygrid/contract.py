@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, ClassVar
 
 import pydantic_core
@@ -401,6 +401,3 @@ def validate_command(payload: bytes) -> Command:
     except ValidationError as e:
         raise _error_from(e, None) from None
 
-
-def utc_now_ms() -> int:
-    return int(datetime.now(UTC).timestamp() * 1000)

@@ -89,3 +89,11 @@ def publisher(mosquitto, uid) -> Iterator[Publisher]:
 
 
 
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Everything under tests/integration needs the real services: marked by path, so a new
+    module cannot forget it (`-m "not integration"` runs the fast tier alone)."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)

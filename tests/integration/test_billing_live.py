@@ -11,7 +11,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from billing import config as billing_config
-from billing.ledger import CRASH_AFTER_DEBIT, BillingStore, verify
+from billing.ledger import BillingStore, verify
 from citygrid.city import COPENHAGEN
 from citygrid.contract import Settlement, Topic
 from citygrid.fleet import Fleet, FleetDevice
@@ -37,28 +37,30 @@ def test_a_crash_between_debit_and_ledger_settles_exactly_once(mosquitto, uid, t
                                tariff="business-flat", max_power_w=17250.0)])
     fleet.dump(tmp_path / "fleet.geojson")
     topic = str(Topic(uid, "meter", "m-1"))
-    argv = [sys.executable, "-m", "cityctl", "rules", "run", "--mqtt-url", mosquitto.url,
+    args = ["rules", "run", "--mqtt-url", mosquitto.url,
             "--data-dir", str(tmp_path / "data"), "--fleet", str(tmp_path / "fleet.geojson"),
             "--topic", f"city/v1/{uid}/+/+/telemetry", "--client-id", f"rules-{uid}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = tmp_path / "rules.log"
 
-    def start(extra_env: dict) -> subprocess.Popen:
+    def start(crash: bool) -> subprocess.Popen:
         before = log.read_text().count("rules running") if log.exists() else 0
+        command = ([str(REPO / "tests" / "crash_after_debit.py")] if crash
+                   else ["-m", "cityctl"])
         with open(log, "ab") as f:
-            p = subprocess.Popen(argv, env={**env, **extra_env}, stdout=f,
+            p = subprocess.Popen([sys.executable, *command, *args], env=env, stdout=f,
                                  stderr=subprocess.STDOUT)
         wait_until(lambda: log.read_text().count("rules running") > before)
         time.sleep(0.3)
         return p
 
-    process = start({CRASH_AFTER_DEBIT: "1"})
+    process = start(crash=True)
     publisher.send(topic, meter_reading(1, T, 100.0))
     publisher.send(topic, meter_reading(2, T + 3_600_000, 111.0))  # 11 kWh: settle
     assert process.wait(20) == 9, "the engine should have died inside the settlement"
     db = tmp_path / "data" / "billing.sqlite"
     assert verify(db)[0] == 0  # nothing in the ledger…
-    process = start({})
+    process = start(crash=False)
     try:
         publisher.send(topic, meter_reading(3, T + 3_660_000, 111.05))
         wait_until(lambda: verify(db)[0] == 1, message="one settlement after the restart")
