@@ -1,8 +1,8 @@
 """What the gateway learns from the wire, kept in memory for the API and the status page.
 
-Each device's newest reading (FIELD-NOTES: asking InfluxDB for `last()` over 10,000 series
-takes ~0.5 s, so it is loaded from the store once and then kept fresh from the telemetry
-topics), each light's newest command with its reason, and the latest commands and
+Each device's newest reading (asking InfluxDB for `last()` over 10,000 series takes ~0.5 s,
+docs/platform-facts.md, so it is loaded from the store once and then kept fresh from the
+telemetry topics), each light's newest command with its reason, and the latest commands and
 settlements. A version number counts changes, so the status page's stream sends only
 what changed since it last looked.
 """
@@ -13,15 +13,29 @@ import contextlib
 import sqlite3
 import threading
 from collections import deque
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from citygrid.contract import Topic
 from citygrid.settings import Settings
 from citygrid.store import StoreError
+from rules import read_lights
 
 LIGHT_FIELDS = ("brightness_pct", "power_w", "motion", "lux", "fault")
 METER_FIELDS = ("power_w", "energy_kwh")
+
+
+class Feed(Protocol):
+    """What the API and the status page ask of the live feed (``create_app`` takes any)."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def snapshot(self) -> dict[str, dict[str, Any]]: ...
+
+    def changes(self, since: int) -> dict[str, Any]: ...
+
+    def newest_ts(self) -> int | None: ...
 
 
 class CityFeed:
@@ -58,19 +72,17 @@ class CityFeed:
 
     def _load_commanded(self) -> None:
         """Each light's commanded level and reason as the rule engine last saved them."""
-        path = Path(self.settings.data_dir) / "rules.sqlite"
-        if not path.exists():
+        try:
+            rows = read_lights(self.settings.data_dir)
+        except sqlite3.Error:
             return
-        with contextlib.suppress(sqlite3.Error), contextlib.closing(
-                sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)) as db:
-            rows = db.execute("SELECT device_id, level, reason FROM rule_lights "
-                              "WHERE level IS NOT NULL").fetchall()
-            with self._lock:
-                for device_id, level, reason in rows:
-                    self.commanded.setdefault(device_id, {"v": 0, "ts": None,
-                                                          "device_id": device_id,
-                                                          "level": level, "reason": reason})
-                    self.changed.setdefault(device_id, 1)
+        with self._lock:
+            for row in rows:
+                self.commanded.setdefault(row.device_id, {"v": 0, "ts": None,
+                                                          "device_id": row.device_id,
+                                                          "level": row.level,
+                                                          "reason": row.reason})
+                self.changed.setdefault(row.device_id, 1)
 
     def close(self) -> None:
         if self._client is not None:

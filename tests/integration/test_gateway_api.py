@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -186,6 +188,9 @@ def test_rules_validation_alerts_billing_history_metrics(api, tmp_path):
     assert bad_range.status_code == 422
     m = client.get("/metrics", headers=auth(tokens["viewer"]))
     assert m.status_code == 200 and "python_info" in m.text
+    assert re.search(r'citygrid_gateway_requests_total\{[^}]*route="/api/v1/devices/\{device_id\}'
+                     r'/history"[^}]*status="200"\} 1\.0', m.text)  # the gateway's own
+    assert 'citygrid_registry_devices{kind="streetlight"} 5.0' in m.text
 
 
 def test_billing_accounts_settlements_and_ledger_status(api, tmp_path):

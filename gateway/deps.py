@@ -1,0 +1,165 @@
+"""What routes are handed: the caller's role and the app's services.
+
+Roles as types (``_: Viewer`` in a route's signature lets a viewer, operator or admin token
+in; ``Operator``, ``Admin`` ask more): a request without a bearer token gets 401, one with an
+unknown token 401 (and after too many of those from one address, 429 with Retry-After), one
+whose role is too low 403. The services (store, registry, provisioner, tokens, feed,
+publisher, settings, …) are the ones ``create_app`` put on ``app.state``.
+
+No ``from __future__ import annotations`` here: FastAPI must see the dependencies in the
+``Annotated[…, Depends(…)]`` types as objects, not strings.
+"""
+
+import threading
+import time
+from collections import deque
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from citygrid.registry import Registry
+from citygrid.settings import Settings
+from citygrid.store import TelemetryStore
+from gateway.acks import Acks
+from gateway.feed import Feed
+from gateway.metrics import Metrics
+from gateway.problems import documented
+from gateway.provisioning import Provisioner
+from gateway.publisher import Publisher
+from gateway.tokens import ROLES, Tokens
+
+# What every route with a role documents besides its own answers.
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: documented("No or unknown bearer token"),
+    403: documented("The token's role is too low"),
+    429: documented("Too many unknown tokens from this address lately (see Retry-After)"),
+}
+
+
+class FailedTokenLimiter:
+    """Guessing tokens is slow: after ``limit`` unknown tokens from one address within
+    ``window_s``, that address gets 429 until the oldest failure leaves the window."""
+
+    def __init__(self, limit: int = 10, window_s: float = 60.0):
+        self.limit, self.window_s = limit, window_s
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> deque[float]:
+        q = self._failures.setdefault(client, deque())
+        while q and q[0] <= now - self.window_s:
+            q.popleft()
+        return q
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._recent(client, now).append(now)
+            if len(self._failures) > 10_000:  # forget quiet addresses, bound the memory
+                for k in [k for k, q in self._failures.items() if not self._recent(k, now)]:
+                    del self._failures[k]
+
+    def blocked_for(self, client: str) -> int:
+        now = time.monotonic()
+        with self._lock:
+            q = self._recent(client, now)
+            if len(q) < self.limit:
+                return 0
+            return max(1, int(q[-self.limit] + self.window_s - now + 0.999))
+
+
+# ------------------------------------------------------------------ services
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> TelemetryStore:
+    return request.app.state.store
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def get_provisioner(request: Request) -> Provisioner:
+    return request.app.state.provisioner
+
+
+def get_tokens(request: Request) -> Tokens:
+    return request.app.state.tokens
+
+
+def get_feed(request: Request) -> Feed:
+    return request.app.state.feed
+
+
+def get_publisher(request: Request) -> Publisher:
+    return request.app.state.publisher
+
+
+def get_acks(request: Request) -> Acks:
+    return request.app.state.acks
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_limiter(request: Request) -> FailedTokenLimiter:
+    return request.app.state.limiter
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[TelemetryStore, Depends(get_store)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+ProvisionerDep = Annotated[Provisioner, Depends(get_provisioner)]
+TokensDep = Annotated[Tokens, Depends(get_tokens)]
+FeedDep = Annotated[Feed, Depends(get_feed)]
+PublisherDep = Annotated[Publisher, Depends(get_publisher)]
+AcksDep = Annotated[Acks, Depends(get_acks)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+LimiterDep = Annotated[FailedTokenLimiter, Depends(get_limiter)]
+
+# ------------------------------------------------------------------ roles
+
+bearer = HTTPBearer(auto_error=False)
+
+
+def require(minimum: str):
+    """A dependency that lets in tokens of role ``minimum`` or higher; it returns the role."""
+    if minimum not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+
+    def check(request: Request,
+              creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+              tokens: TokensDep, limiter: LimiterDep) -> str:
+        if creds is None:
+            raise HTTPException(401, "a bearer token is required",
+                                headers={"WWW-Authenticate": "Bearer"})
+        client = request.client.host if request.client else "?"
+        wait_s = limiter.blocked_for(client)
+        if wait_s:
+            raise HTTPException(429, f"too many unknown tokens from {client}; try again in "
+                                f"{wait_s} s", headers={"Retry-After": str(wait_s)})
+        found = tokens.role(creds.credentials)
+        if found is None:
+            limiter.failed(client)
+            raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+        if ROLES[found] < ROLES[minimum]:
+            raise HTTPException(403, f"this needs the {minimum} role; the token is {found}")
+        return found
+
+    check.__name__ = f"require_{minimum}"
+    return check
+
+
+Viewer = Annotated[str, Depends(require("viewer"))]
+Operator = Annotated[str, Depends(require("operator"))]
+Admin = Annotated[str, Depends(require("admin"))]
+
+__all__ = ["AUTH_ERRORS", "AcksDep", "Admin", "FailedTokenLimiter", "FeedDep", "MetricsDep",
+           "Operator", "ProvisionerDep", "PublisherDep", "RegistryDep", "SettingsDep",
+           "StoreDep", "TokensDep", "Viewer", "bearer", "require"]

@@ -1,0 +1,139 @@
+"""The gateway API's request and response bodies (pydantic), as its OpenAPI documents them.
+
+Problem details (the error body) live with their handlers in :mod:`gateway.problems`.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+# What the API shows of a registry record, in this order (the registry keeps more).
+DEVICE_KEYS = ("device_id", "kind", "district", "lat", "lon", "rated_w", "account_id",
+               "tariff", "status")
+
+
+class Device(BaseModel):
+    device_id: str
+    kind: Literal["streetlight", "meter"]
+    district: str
+    lat: float
+    lon: float
+    status: str = "registered"
+    rated_w: float | None = None
+    account_id: str | None = None
+    tariff: str | None = None
+    latest: dict[str, Any] | None = Field(None, description="The newest stored reading.")
+
+
+class NewDevice(BaseModel):
+    device_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", examples=["sl-10001"])]
+    kind: Literal["streetlight", "meter"]
+    district: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", examples=["norrebro"])]
+    lat: Annotated[float, Field(ge=-90, le=90)]
+    lon: Annotated[float, Field(ge=-180, le=180)]
+    rated_w: Annotated[float, Field(gt=0, le=2000)] | None = None
+    account_id: str | None = None
+    tariff: str | None = None
+
+
+class DeviceChange(BaseModel):
+    district: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    lat: Annotated[float, Field(ge=-90, le=90)] | None = None
+    lon: Annotated[float, Field(ge=-180, le=180)] | None = None
+    rated_w: Annotated[float, Field(gt=0, le=2000)] | None = None
+    account_id: Annotated[str, Field(max_length=64)] | None = None
+    tariff: Annotated[str, Field(max_length=64)] | None = None
+
+    model_config = {"extra": "forbid", "json_schema_extra": {"examples": [{"rated_w": 55}]}}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _required_fields_are_not_cleared(cls, data: Any) -> Any:
+        # rated power, account and tariff may be cleared with null; a device always has a
+        # district and a position (the registry's NOT NULL columns: a 500 before).
+        if isinstance(data, dict):
+            cleared = [k for k in ("district", "lat", "lon") if k in data and data[k] is None]
+            if cleared:
+                raise ValueError(f"{', '.join(cleared)} cannot be null: a device always has "
+                                 "a district and a position")
+        return data
+
+
+class NewCredentials(BaseModel):
+    device_id: str
+    mqtt_username: str
+    mqtt_password: str = Field(description="Shown once; only its hash is kept.")
+
+
+class OverrideBody(BaseModel):
+    level: Annotated[float, Field(ge=0, le=100, examples=[80])]
+    expires_in_s: Annotated[float, Field(gt=0, le=31 * 86_400, examples=[3600])] | None = None
+
+
+class OverrideAccepted(BaseModel):
+    accepted: bool = True
+    lights: list[str]
+
+
+class RuleHealthOut(BaseModel):
+    id: str
+    description: str | None
+    evaluations: int
+    fired: int
+    last_fired_ms: int | None
+    errors: int
+    last_error: str | None
+
+
+class RuleText(BaseModel):
+    name: str = "uploaded.yaml"
+    text: Annotated[str, Field(max_length=1_000_000)]
+
+
+class RuleValidation(BaseModel):
+    ok: bool
+    rules: list[str] = []
+    problems: list[str] = []
+
+
+class AlertOut(BaseModel):
+    key: str
+    rule: str
+    severity: str
+    message: str
+    scope: str
+    since_ms: int
+    active: bool
+    cleared_ms: int | None
+    acknowledged_ms: int | None
+
+
+class AlertAck(BaseModel):
+    key: str
+    acknowledged_ms: int
+
+
+class AccountOut(BaseModel):
+    account_id: str
+    balance_minor: int
+    low_balance_minor: int
+    currency: str
+    low: bool
+
+
+class BucketOut(BaseModel):
+    start_ms: int
+    value: float | None
+
+
+class Health(BaseModel):
+    ok: bool
+    broker: bool
+    store: bool
+
+
+class LedgerStatus(BaseModel):
+    ok: bool
+    entries: int
+    head: str | None
+    error: str | None = None

@@ -1,0 +1,39 @@
+"""Health (no token: whether the broker and the store answer) and the gateway's metrics."""
+
+import socket
+
+from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
+
+from citygrid.store import StoreError
+from gateway.deps import AUTH_ERRORS, MetricsDep, SettingsDep, StoreDep, Viewer
+from gateway.models import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=Health)
+def health(settings: SettingsDep, store: StoreDep, metrics: MetricsDep) -> Health:
+    """Whether the broker and the store answer (no token needed)."""
+    broker = False
+    try:
+        with socket.create_connection((settings.mqtt.host, settings.mqtt.port), timeout=1):
+            broker = True
+    except OSError:
+        pass
+    try:
+        store.count("streetlight")
+        store_ok = True
+    except StoreError:
+        metrics.store_error("count")
+        store_ok = False
+    return Health(ok=broker and store_ok, broker=broker, store=store_ok)
+
+
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={**AUTH_ERRORS, 200: {"content": {"text/plain": {}},
+                                            "description": "Prometheus text format"}})
+def metrics(_: Viewer, metrics: MetricsDep) -> Response:
+    """Prometheus metrics of the gateway."""
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
