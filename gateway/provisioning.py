@@ -24,6 +24,7 @@ from citygrid.contract import Topic
 from citygrid.fleet import FleetDevice
 from citygrid.registry import FILENAME as REGISTRY_FILE
 from citygrid.registry import Registry, RegistryError
+from rules import PUBLISH_FILTERS
 
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes
 SERVICES = {
@@ -31,7 +32,9 @@ SERVICES = {
     "citygrid-ingest": ["topic read city/v1/+/+/+/telemetry"],
     "citygrid-rules": ["topic read city/v1/+/+/+/telemetry", "topic read city/v1/+/+/+/ack",
                        "topic read city/v1/+/+/+/override",
-                       "topic write city/v1/+/+/+/cmd", "topic write city/v1/+/+/+/settlement"],
+                       # what the rules may publish is theirs to say (`rules check` holds
+                       # every publish action to it)
+                       *(f"topic write {f}" for f in PUBLISH_FILTERS)],
     "citygrid-gateway": ["topic read city/v1/#", "topic write city/v1/+/+/+/override"],
     "citygrid-simulator": ["topic write city/v1/+/+/+/telemetry",
                            "topic write city/v1/+/+/+/ack", "topic write city/v1/+/+/+/status",

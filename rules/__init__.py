@@ -1,6 +1,8 @@
 """Rule engine: YAML rules that dim streetlights (arbitrated like TALQ), raise alerts and
-settle bills; tools for rule authors; read functions over the state `rules run` saves."""
+settle bills; tools for rule authors; read functions over the state `rules run` saves; the
+topic filters the rules service publishes to (its broker ACL)."""
 
+from rules.acl import PUBLISH_FILTERS
 from rules.cli import add_parsers
 from rules.loader import DEFAULT_RULES, RuleFileError, RuleSet, load, parse_text
 from rules.state import (
@@ -14,6 +16,6 @@ from rules.state import (
     read_reload_error,
 )
 
-__all__ = ["DEFAULT_RULES", "AlertRow", "LightRow", "RuleFileError", "RuleHealthRow", "RuleSet",
-           "add_parsers", "engine_from_state", "load", "parse_text", "read_alerts",
-           "read_health", "read_lights", "read_reload_error"]
+__all__ = ["DEFAULT_RULES", "PUBLISH_FILTERS", "AlertRow", "LightRow", "RuleFileError",
+           "RuleHealthRow", "RuleSet", "add_parsers", "engine_from_state", "load", "parse_text",
+           "read_alerts", "read_health", "read_lights", "read_reload_error"]

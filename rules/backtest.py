@@ -18,9 +18,9 @@ from citygrid.city import CityProfile
 from citygrid.fleet import Fleet, FleetDevice
 from citygrid.store import TelemetryStore
 from rules import loader
-from rules.engine import STANDBY_W, AlertState, RuleEngine
-
-MAX_GAP_MS = 900_000  # a light silent longer than this: its energy is not guessed
+from rules.alerts import AlertState
+from rules.energy import MAX_GAP_MS, STANDBY_W
+from rules.engine import RuleEngine
 
 
 class _Recorder:

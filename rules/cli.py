@@ -31,7 +31,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     run.add_argument("--client-id", default="citygrid-rules")
     run.set_defaults(func=cmd_run)
 
-    check = rs.add_parser("check", help="check rule files: every error with file:line:column")
+    check = rs.add_parser("check", help="check rule files: every error with file:line:column "
+                          "(and publish actions the broker's ACL would drop)")
     check.add_argument("path")
     check.set_defaults(func=cmd_check)
 
@@ -91,14 +92,19 @@ def _rules_path(settings: Settings) -> Path:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from rules.acl import acl_problems
     from rules.loader import RuleFileError, load
 
+    ruleset, problems = None, []
     try:
         ruleset = load(args.path)
     except RuleFileError as e:
-        for problem in e.problems:
+        problems = list(e.problems)
+    problems += acl_problems(args.path)  # publishing where the broker drops it is an error
+    if problems:
+        for problem in problems:
             print(problem)
-        print(f"{len(e.problems)} error{'s' * (len(e.problems) != 1)}", file=sys.stderr)
+        print(f"{len(problems)} error{'s' * (len(problems) != 1)}", file=sys.stderr)
         return 1
     print(f"ok: {len(ruleset.rules)} rules in {', '.join(ruleset.sources)}")
     return 0
@@ -181,27 +187,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from rules.loader import load
-    from rules.state import RuleStateStore
+    from rules.state import RuleHealthRow, read_health, read_reload_error
 
     settings = _settings(args)
     ruleset = load(_rules_path(settings))
-    path = Path(settings.data_dir) / "rules.sqlite"
-    health = {}
-    error = None
-    if path.exists():
-        state = RuleStateStore(path)
-        health = {row[0]: row for row in state.health()}
-        rows = state.execute("SELECT value FROM rule_meta WHERE key='reload_error'")
-        error = rows[0][0] if rows else None
-        state.close()
+    health = read_health(settings.data_dir)  # read-only; empty before `rules run` saved any
+    error = read_reload_error(settings.data_dir)
     if error:
         print(f"LAST RELOAD REFUSED (the previous rules are running):\n{error}\n")
     print(f"{'rule':<24} {'evaluations':>11} {'fired':>7} {'last fired':<26} errors")
     for r in ruleset.rules:
-        _, evals, fired, last, errors, last_error = health.get(r.id, (r.id, 0, 0, None, 0,
-                                                                      None))
-        print(f"{r.id:<24} {evals:>11} {fired:>7} {_when(last):<26} {errors}"
-              + (f"  last: {last_error}" if last_error else ""))
+        h = health.get(r.id) or RuleHealthRow(r.id, 0, 0, None, 0, None)
+        print(f"{r.id:<24} {h.evaluations:>11} {h.fired:>7} {_when(h.last_fired_ms):<26} "
+              f"{h.errors}" + (f"  last: {h.last_error}" if h.last_error else ""))
     return 0
 
 

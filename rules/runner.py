@@ -12,7 +12,7 @@ import contextlib
 import logging
 import queue
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,16 +23,21 @@ import paho.mqtt.client as paho
 from billing import BillingStore, load_config
 from citygrid import mqtt
 from citygrid.city import CityProfile
+from citygrid.clock import SYSTEM_CLOCK, Clock
 from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
 from citygrid.fleet import Fleet, FleetDevice
 from citygrid.settings import Settings
 from citygrid.store import Point, StoreError, TelemetryStore
 from rules import loader
-from rules.engine import AlertState, RuleEngine
+from rules.alerts import AlertState
+from rules.engine import RuleEngine
 from rules.state import RuleStateStore
 
 log = logging.getLogger("citygrid.rules")
 IDLE_S = 5.0  # no reading for this long: the watermark follows the wall clock
+# Makes an MQTT client: (broker URL, client id, *, protocol=…, manual_ack=…), as
+# citygrid.mqtt.make_client does.
+MqttClientFactory = Callable[..., paho.Client]
 
 
 class MqttOutbox:
@@ -89,9 +94,15 @@ class RunnerConfig:
 
 
 class RuleRunner:
+    """``make_client`` makes its MQTT clients (default: citygrid.mqtt.make_client); ``clock``
+    is its wall clock and monotonic clock (default: the system's)."""
+
     def __init__(self, settings: Settings, fleet: Fleet, city: CityProfile,
-                 store: TelemetryStore | None, config: RunnerConfig):
+                 store: TelemetryStore | None, config: RunnerConfig, *,
+                 make_client: MqttClientFactory | None = None, clock: Clock = SYSTEM_CLOCK):
         self.settings, self.fleet, self.config = settings, fleet, config
+        self.clock = clock
+        make_client = make_client or mqtt.make_client
         self.ruleset = loader.load(config.rules_path)
         self._mtimes = self._rule_mtimes()
         self.state = RuleStateStore(Path(settings.data_dir) / "rules.sqlite")
@@ -101,10 +112,10 @@ class RuleRunner:
         # which carries their message expiry.
         # Acknowledged by us, after the engine has taken the reading, all of one loop turn's
         # PUBACKs in one write (paho's own ack costs a packet and a wake-up per message).
-        self.client = mqtt.make_client(settings.mqtt, config.client_id + "-in",
-                                       protocol=paho.MQTTv311, manual_ack=True)
+        self.client = make_client(settings.mqtt, config.client_id + "-in",
+                                  protocol=paho.MQTTv311, manual_ack=True)
         self._acks: list[int] = []
-        self.publisher = mqtt.make_client(settings.mqtt, config.client_id + "-out")
+        self.publisher = make_client(settings.mqtt, config.client_id + "-out")
         self.publisher.max_inflight_messages_set(1000)
         self.publisher.max_queued_messages_set(0)
         self.outbox = MqttOutbox(self.publisher, store)
@@ -113,7 +124,7 @@ class RuleRunner:
                                     load_config(settings.billing), fleet, city.tz)
         self.engine = RuleEngine(self.ruleset, fleet, city, self.outbox, billing=self.billing)
         # Where every device stands, for maps (the Streetlights dashboard joins on device_id).
-        now = int(time.time() * 1000)
+        now = clock.now_ms()
         self.outbox.points([Point("citygrid_devices", {
             "device_id": d.device_id, "district": d.district, "kind": d.kind},
             {"lat": d.lat, "lon": d.lon}, now) for d in fleet])
@@ -173,7 +184,7 @@ class RuleRunner:
                 self.engine.on_ack(t.device_id, orjson.loads(payload))
             return
         try:
-            readings = decode_readings(t.kind, payload, topic, now_ms=int(time.time() * 1000))
+            readings = decode_readings(t.kind, payload, topic, now_ms=self.clock.now_ms())
         except ContractError:
             return  # ingest dead-letters it; the rules only act on valid readings
         for r in readings:
@@ -195,7 +206,7 @@ class RuleRunner:
             log.warning("override for %s refused: %s", t.device_id, e)
             return
         now = self.engine.watermark if self.engine.watermark is not None else \
-            int(time.time() * 1000)
+            self.clock.now_ms()
         if o.clear:
             self.engine.clear_override(t.device_id, now, o.who)
         elif o.level is not None:
@@ -216,13 +227,13 @@ class RuleRunner:
         if message.qos:
             self._acks.append(message.mid)
         if topic.endswith("/telemetry"):
-            self._last_reading = (time.monotonic(), self.engine.watermark)
+            self._last_reading = (self.clock.monotonic(), self.engine.watermark)
 
     def run(self) -> None:
         """The engine thread: it also runs the inbound MQTT connection's loop, so a reading
         goes from the socket to the rules without a queue or a thread switch."""
-        self._last_reading = (time.monotonic(), self.engine.watermark)
-        last_save = last_reload = last_health = time.monotonic()
+        self._last_reading = (self.clock.monotonic(), self.engine.watermark)
+        last_save = last_reload = last_health = self.clock.monotonic()
         connected = False
         while not self.stopping.is_set():
             if not connected:
@@ -242,7 +253,7 @@ class RuleRunner:
                 log.warning("lost the broker (%s); reconnecting", rc)
                 connected = False
                 self.stopping.wait(0.5)
-            now = time.monotonic()
+            now = self.clock.monotonic()
             last_wall, last_wm = self._last_reading
             if now - last_wall > IDLE_S and last_wm is not None:
                 # Quiet: time still passes (holds expire, `for:` timers fire).

@@ -1,11 +1,11 @@
 """Rule state in the state database: holds, `for:` timers, alerts and lights survive restarts.
 
-Only what changed since the last save is written (the engine keeps dirty sets).
+Only what changed since the last save is written: the engine's snapshot() hands out just that,
+as plain data, and its restore() takes it back.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import queue
 import sqlite3
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from citygrid import statedb
-from rules.arbitration import LightState, Wish
-from rules.engine import AlertState, Instance, RuleEngine
+from rules.engine import RuleEngine
+from rules.snapshot import SavedAlert, SavedInstance, SavedLight, Snapshot
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rule_lights (
@@ -35,11 +35,6 @@ CREATE TABLE IF NOT EXISTS rule_health (
 """
 
 
-def _wish_json(w: Wish) -> dict[str, Any]:
-    return {"key": w.key, "cls": w.cls, "level": w.level, "reason": w.reason,
-            "expires_ms": w.expires_ms, "since_ms": w.since_ms}
-
-
 class RuleStateStore:
     """Saves in a writer thread: the engine only snapshots what changed (a few ms at most),
     and the SQLite commit never holds up reading→command latency."""
@@ -56,34 +51,27 @@ class RuleStateStore:
 
     def save(self, engine: RuleEngine) -> None:
         """Snapshot what changed since the last save and queue it for the writer."""
+        snap = engine.snapshot()
         ops: list[tuple[str, tuple]] = []
-        for device_id in engine.dirty_lights:
-            state = engine.lights.get(device_id)
-            if state is None:
+        for device_id, light in snap.lights.items():
+            if light is None:
                 ops.append(("DELETE FROM rule_lights WHERE device_id = ?", (device_id,)))
-                continue
-            ops.append(("INSERT OR REPLACE INTO rule_lights VALUES (?, ?, ?, ?)",
-                        (device_id, state.level, state.reason,
-                         json.dumps([_wish_json(w) for w in state.wishes.values()]))))
-        for key in engine.dirty_instances:
-            inst = engine.instances.get(key)
+            else:
+                ops.append(("INSERT OR REPLACE INTO rule_lights VALUES (?, ?, ?, ?)",
+                            (device_id, light.level, light.reason, json.dumps(light.wishes))))
+        for key, inst in snap.instances.items():
             if inst is None:
                 ops.append(("DELETE FROM rule_instances WHERE rule_id = ? AND source = ?", key))
             else:
                 ops.append(("INSERT OR REPLACE INTO rule_instances VALUES (?, ?, ?, ?, ?)",
                             (*key, inst.fingerprint, int(inst.active), inst.pending_since)))
-        for key in engine.dirty_alerts:
-            a = engine.alerts.get(key)
-            if a is not None:
-                ops.append(("INSERT OR REPLACE INTO rule_alerts VALUES (?,?,?,?,?,?,?,?,?)",
-                            (a.key, a.rule_id, a.severity, a.message, a.scope, a.since_ms,
-                             json.dumps(sorted(a.sources)), int(a.active), a.cleared_ms)))
-        if engine.watermark is not None:
+        for key, a in snap.alerts.items():
+            ops.append(("INSERT OR REPLACE INTO rule_alerts VALUES (?,?,?,?,?,?,?,?,?)",
+                        (key, a.rule_id, a.severity, a.message, a.scope, a.since_ms,
+                         json.dumps(a.sources), int(a.active), a.cleared_ms)))
+        if snap.watermark is not None:
             ops.append(("INSERT OR REPLACE INTO rule_meta VALUES ('watermark', ?)",
-                        (str(engine.watermark),)))
-        engine.dirty_lights.clear()
-        engine.dirty_instances.clear()
-        engine.dirty_alerts.clear()
+                        (str(snap.watermark),)))
         self._queue.put(ops)
 
     def _write(self) -> None:
@@ -123,34 +111,10 @@ class RuleStateStore:
                  for rid, h in engine.health.items()])
 
     def restore(self, engine: RuleEngine) -> None:
-        """Put the saved state into a fresh engine; state of rules whose text changed is dropped."""
-        fingerprints = {r.id: r.fingerprint for r in engine.ruleset.rules}
-        for device_id, level, reason, wishes in self.db.execute("SELECT * FROM rule_lights"):
-            if device_id not in engine.fleet.by_id:
-                continue
-            state = LightState(device_id, level=level, reason=reason)
-            for w in json.loads(wishes):
-                rule_id = w["key"].removeprefix("rule:").split("@")[0]
-                if w["key"].startswith("rule:") and rule_id not in fingerprints:
-                    continue
-                state.wishes[w["key"]] = Wish(**w)
-                if w["expires_ms"] is not None:
-                    heapq.heappush(engine._expiries, (w["expires_ms"], device_id))  # noqa: SLF001
-            engine.lights[device_id] = state
-        for rule_id, source, fp, active, pending in self.db.execute(
-                "SELECT * FROM rule_instances"):
-            if fingerprints.get(rule_id) == fp:
-                engine.instances[(rule_id, source)] = Instance(bool(active), pending, fp)
-                if pending is not None and not active:
-                    engine._pending.add((rule_id, source))  # noqa: SLF001
-        for row in self.db.execute("SELECT * FROM rule_alerts"):
-            key, rule_id, severity, message, scope, since, sources, active, cleared = row
-            engine.alerts[key] = AlertState(key, rule_id, severity, message, scope, since,
-                                            set(json.loads(sources)), bool(active), cleared)
-        row = self.db.execute("SELECT value FROM rule_meta WHERE key = 'watermark'").fetchone()
-        if row:
-            engine.watermark = int(row[0])
-            engine.started_ms = engine.watermark
+        """Put the saved state into a fresh engine (which drops the state of rules whose text
+        changed)."""
+        with self._lock:
+            engine.restore(_saved(self.db))
 
     def health(self) -> list[tuple]:
         return self.execute("SELECT * FROM rule_health ORDER BY rule_id")
@@ -159,6 +123,23 @@ class RuleStateStore:
         self._queue.put(None)
         self._writer.join(30)
         self.db.close()
+
+
+def _saved(db: sqlite3.Connection) -> Snapshot:
+    """Everything `rules run` saved, as the engine's plain data."""
+    saved = Snapshot()
+    for device_id, level, reason, wishes in db.execute("SELECT * FROM rule_lights"):
+        saved.lights[device_id] = SavedLight(level, reason, json.loads(wishes))
+    for rule_id, source, fp, active, pending in db.execute("SELECT * FROM rule_instances"):
+        saved.instances[(rule_id, source)] = SavedInstance(fp, bool(active), pending)
+    for row in db.execute("SELECT * FROM rule_alerts"):
+        key, rule_id, severity, message, scope, since, sources, active, cleared = row
+        saved.alerts[key] = SavedAlert(rule_id, severity, message, scope, since,
+                                       json.loads(sources), bool(active), cleared)
+    row = db.execute("SELECT value FROM rule_meta WHERE key = 'watermark'").fetchone()
+    if row:
+        saved.watermark = int(row[0])
+    return saved
 
 
 class _NoOutbox:
@@ -177,12 +158,15 @@ def engine_from_state(ruleset: Any, fleet: Any, city: Any, path: str | Path) -> 
     """A read-only engine holding the state `rules run` saved at ``path`` (if any): for
     `rules explain` and the gateway's explain route."""
     engine = RuleEngine(ruleset, fleet, city, _NoOutbox(), track_acks=False)
-    if Path(path).exists():
-        state = RuleStateStore(path)
+    db = statedb.connect_readonly(path)  # a reader: it never creates or writes the file
+    if db is not None:
         try:
-            state.restore(engine)
+            engine.restore(_saved(db))
+        except sqlite3.OperationalError as e:
+            if "no such table" not in str(e):  # created, never saved into: no state yet
+                raise
         finally:
-            state.close()
+            db.close()
     return engine
 
 

@@ -34,7 +34,8 @@ import yaml
 from citygrid.city import city as city_profile
 from citygrid.fleet import Fleet, FleetDevice
 from rules import loader
-from rules.engine import AlertState, RuleEngine
+from rules.alerts import AlertState
+from rules.engine import RuleEngine
 from rules.expr import parse_duration
 
 LIGHT_DEFAULTS = {"seq": 1, "brightness_pct": 30.0, "energy_wh": 0.0, "lux": 1.0,

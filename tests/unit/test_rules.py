@@ -8,18 +8,25 @@ import sys
 from datetime import datetime
 
 import jsonschema
+import orjson
+import paho.mqtt.client as paho
 import pytest
 import yaml
 
+from billing import Settlement, load_config
 from citygrid.city import COPENHAGEN
 from citygrid.fleet import Fleet, FleetDevice
+from rules import PUBLISH_FILTERS
+from rules.acl import acl_problems, publishable
+from rules.actions import ACTIONS
 from rules.arbitration import LightState, Wish
 from rules.engine import RuleEngine
 from rules.expr import ExprError, compile_expression
 from rules.loader import DEFAULT_RULES, EXAMPLES, RuleFileError, parse_text, schema
+from rules.model import Action
 from rules.state import RuleStateStore
 from rules.testing import run_file
-from tests.helpers import REPO, Box
+from tests.helpers import REPO, Box, light_reading
 
 TZ = COPENHAGEN.tz
 NIGHT = int(datetime(2026, 11, 27, 22, 0, tzinfo=TZ).timestamp() * 1000)
@@ -142,6 +149,60 @@ rules:
         with pytest.raises(RuleFileError) as e:
             parse_text("rules:\n" + rule + rule, "dup.yaml")
         assert "used twice" in str(e.value)
+
+
+class TestPublishAcl:
+    """A publish action outside the rules service's broker ACL is dropped by the broker, so
+    `rules check` refuses it."""
+
+    RULES = """\
+rules:
+  - id: tell
+    when: {reading: {kind: streetlight}}
+    if: "reading.motion"
+    then:
+      - publish: {topic: "city/v1/{device.district}/events", payload: "motion"}
+      - publish: {topic: "city/v1/{device.district}/streetlight/{device.id}/cmd",
+                  payload: {brightness_pct: 100}}
+  - id: bill
+    when: {reading: {kind: meter}}
+    then:
+      - publish:
+          topic: city/v1/x/meter/m-1/settlements
+          payload: "{meter.unbilled_kwh}"
+"""
+
+    def test_the_filters_are_the_rules_service_acl(self):
+        assert PUBLISH_FILTERS == ("city/v1/+/+/+/cmd", "city/v1/+/+/+/settlement")
+
+    @pytest.mark.parametrize("topic, ok", [
+        ("city/v1/{device.district}/streetlight/{device.id}/cmd", True),
+        ("city/v1/norrebro/meter/m-1/settlement", True),
+        ("city/v1/{device.district}/{device.kind}/x-{device.id}/cmd", True),
+        ("city/v1/{device.district}/events", False),
+        ("city/v1/a/streetlight/sl-1/cmd/extra", False),
+        ("city/v1/a/streetlight/sl-1/command", False),
+        ("city/v1/a/streetlight/sl-1/{reading.channel}", True),  # it may render as "cmd"
+        ("city/v1/a/streetlight/sl-1/{reading.channel}-cmd", False),
+        ("other/v1/a/streetlight/sl-1/cmd", False),
+    ])
+    def test_which_topics_can_match(self, topic, ok):
+        assert publishable(topic) is ok
+
+    def test_check_reports_each_dropped_publish_with_its_location(self, tmp_path):
+        path = tmp_path / "tell.yaml"
+        path.write_text(self.RULES)
+        parse_text(self.RULES)  # the file itself is valid: the engine would run it
+        got = [str(p) for p in acl_problems(path)]
+        assert len(got) == 2
+        assert got[0].startswith(f"{path}:6:26: rules[0] (tell).then[0].publish.topic: "
+                                 "'city/v1/{device.district}/events' is outside")
+        assert "the broker will drop every message" in got[0]
+        assert got[1].startswith(f"{path}:13:18: rules[1] (bill).then[0].publish.topic:")
+        result = subprocess.run([sys.executable, "-m", "cityctl", "rules", "check", str(path)],
+                                capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 1
+        assert result.stdout.splitlines() == got and "2 errors" in result.stderr
 
 
 # --------------------------------------------------------------------------- arbitration
@@ -315,6 +376,72 @@ rules:
         assert p.fields["co2_avoided_g"] == pytest.approx(p.fields["saved_wh"] / 1000 * 200)
 
 
+    def test_every_action_of_the_rule_file_is_a_registered_class(self):
+        assert set(ACTIONS) == set(Action.model_fields)
+        engine, _ = engine_for(FOR_RULES)
+        assert {name: type(a).__module__ for name, a in engine.actions.items()} == {
+            name: f"rules.actions.{name}" for name in ACTIONS}
+
+    def test_a_fake_billing_store_serves_meter_conditions_and_settle(self):
+        class FakeBilling:  # the engine's Billing protocol, without a ledger
+            config = load_config()
+
+            def __init__(self):
+                self.kwh, self.settled = 0.0, []
+
+            def on_reading(self, meter_id, ts_ms, energy_kwh):
+                self.kwh = energy_kwh - 100
+                return [("spike", "jumped")] if energy_kwh > 150 else []
+
+            def unbilled(self, meter_id):
+                return {"kwh": self.kwh, "amount": self.kwh * 2.5, "oldest_period": None}
+
+            def settle(self, meter_id, now_ms, *, ended_periods_only=False):
+                self.settled.append((meter_id, now_ms, ended_periods_only))
+                entry = {"account": "acc-1", "tariff": "business-flat", "kwh": f"{self.kwh}",
+                         "amount_minor": 100, "balance_after_minor": 500, "currency": "DKK"}
+                return [Settlement(entry, "h1", low_balance=True)]
+
+        fleet = Fleet([FleetDevice("m-1", "meter", "valby", 55.66, 12.5, account_id="acc-1",
+                                   tariff="business-flat")])
+        box, billing = Box(), FakeBilling()
+        engine = RuleEngine(parse_text("""
+rules:
+  - id: bill
+    when: {reading: {kind: meter}}
+    if: "meter.unbilled_kwh >= 10"
+    then: [{settle: {periods: ended}}]
+"""), fleet, COPENHAGEN, box, billing=billing)
+        engine.on_reading("m-1", {"seq": 1, "energy_kwh": 105.0}, NIGHT)
+        assert billing.settled == []
+        engine.on_reading("m-1", {"seq": 2, "energy_kwh": 160.0}, NIGHT + 60_000)
+        assert billing.settled == [("m-1", NIGHT + 60_000, True)]
+        [(topic, payload)] = box.published
+        assert topic == "city/v1/valby/meter/m-1/settlement"
+        assert json.loads(payload)["hash"] == "h1"
+        assert [(k, raised) for k, raised, _ in box.alerts] == [
+            ("billing-spike@m-1", True), ("low-balance@acc-1", True)]
+        engine.advance(NIGHT + 120_000)
+        assert {p.measurement for p in box.pts} >= {"citygrid_billing", "citygrid_tariff"}
+
+    def test_snapshot_hands_out_each_change_once_and_restore_takes_it_back(self):
+        engine, _ = engine_for(DEFAULT_RULES.read_text() + FOR_RULES.split("rules:")[1])
+        engine.on_reading("sl-1", light(), NIGHT)
+        engine.on_reading("sl-1", light(motion=True, temp_c=31), NIGHT + 10_000)
+        snap = engine.snapshot()
+        assert set(snap.lights) == {"sl-1", "sl-2"} and snap.watermark == NIGHT + 10_000
+        assert snap.instances[("hot", "sl-1")].pending_since == NIGHT + 10_000
+        json.dumps([snap.lights, list(snap.instances.values()), snap.alerts])  # plain data
+        again = engine.snapshot()
+        assert (again.lights, again.instances, again.alerts) == ({}, {}, {})
+        fresh, box = engine_for(DEFAULT_RULES.read_text() + FOR_RULES.split("rules:")[1])
+        fresh.restore(snap)
+        assert fresh.explain("sl-1")["winner"]["reason"] == "rule:motion-boost"
+        fresh.advance(NIGHT + 130_000)  # the hold's expiry and the `for:` timer run on
+        assert ("sl-1", 30, "rule:dark-baseline", NIGHT + 130_000) in box.commands
+        assert [(k, raised) for k, raised, _ in box.alerts] == [("hot@sl-1", True)]
+
+
 class TestReloadAndRestart:
     def test_unchanged_rules_keep_their_state_changed_ones_start_over(self):
         text = DEFAULT_RULES.read_text()
@@ -350,6 +477,69 @@ class TestReloadAndRestart:
         # sl-2 was held as a neighbour; it never reported, so no baseline: the floor.
         assert sorted(box2.commands) == [("sl-1", 30, "rule:dark-baseline", NIGHT + 130_000),
                                          ("sl-2", 20, "safety:night-floor", NIGHT + 130_000)]
+
+    def test_explaining_from_saved_state_reads_and_never_writes(self, tmp_path, monkeypatch):
+        from citygrid import statedb
+        from rules.state import engine_from_state
+
+        engine, _ = engine_for(DEFAULT_RULES.read_text())
+        path = tmp_path / "rules.sqlite"
+        store = RuleStateStore(path)
+        engine.on_reading("sl-1", light(), NIGHT)
+        engine.on_reading("sl-1", light(motion=True), NIGHT + 10_000)
+        store.save(engine)
+        store.close()
+        before = path.read_bytes()
+
+        def read_write(*_):
+            raise AssertionError("a reader opened the rule state read-write")
+
+        monkeypatch.setattr(statedb, "connect", read_write)
+        seen = engine_from_state(parse_text(DEFAULT_RULES.read_text()), FLEET, COPENHAGEN, path)
+        assert seen.explain("sl-1")["winner"]["reason"] == "rule:motion-boost"
+        assert path.read_bytes() == before  # (SQLite's -shm/-wal are its readers' business)
+        missing = tmp_path / "elsewhere" / "rules.sqlite"
+        assert engine_from_state(parse_text(DEFAULT_RULES.read_text()), FLEET, COPENHAGEN,
+                                 missing).explain("sl-1")["wishes"] == []
+        assert not missing.parent.exists()  # no state yet: nothing created
+
+
+def test_the_runner_takes_its_mqtt_clients_and_clock_from_its_caller(tmp_path):
+    from citygrid import mqtt
+    from citygrid.contract import Topic
+    from citygrid.settings import Settings
+    from rules.runner import RuleRunner, RunnerConfig
+
+    made = []
+
+    def make_client(url, client_id, **options):
+        made.append((client_id, options))
+        return mqtt.make_client(url, client_id, **options)
+
+    class Clock:
+        ms = NIGHT - 3_600_000
+
+        def now_ms(self) -> int:
+            return self.ms
+
+        def monotonic(self) -> float:
+            return 0.0
+
+    clock = Clock()
+    runner = RuleRunner(Settings(mqtt_url="mqtt://127.0.0.1:1", data_dir=str(tmp_path)), FLEET,
+                        COPENHAGEN, None, RunnerConfig(DEFAULT_RULES), make_client=make_client,
+                        clock=clock)
+    try:
+        assert made == [("citygrid-rules-in", {"protocol": paho.MQTTv311, "manual_ack": True}),
+                        ("citygrid-rules-out", {})]
+        topic = str(Topic("norrebro", "streetlight", "sl-1"))
+        runner.handle(topic, orjson.dumps(light_reading(1, NIGHT)))
+        assert "sl-1" not in runner.engine.lights  # an hour ahead of the runner's clock
+        clock.ms = NIGHT
+        runner.handle(topic, orjson.dumps(light_reading(1, NIGHT)))
+        assert runner.engine.lights["sl-1"].level == 30
+    finally:
+        runner.stop()
 
 
 def test_the_example_rule_tests_pass():
