@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ssl
 import struct
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
@@ -13,6 +15,51 @@ from citygrid.settings import MqttUrl
 
 # One hour: a worker that restarts within it finds its unacknowledged messages waiting.
 DEFAULT_SESSION_EXPIRY_S = 3600
+
+
+class InboundMessage(Protocol):
+    """What a consumer reads of a received PUBLISH (paho's ``MQTTMessage`` has it)."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+class ConsumerClient(Protocol):
+    """The part of a paho client a consumer that acknowledges by hand uses (ingest): what
+    ``connect()`` and ``ack_many()`` call, the loop, and paho's VERSION2 callbacks::
+
+        on_connect(client, userdata, flags, reason_code, properties)
+        on_subscribe(client, userdata, mid, reason_codes, properties)
+        on_disconnect(client, userdata, flags, reason_code, properties)
+        on_message(client, userdata, message: InboundMessage)
+
+    ``paho.Client`` is one; a test's fake is another (no broker needed).
+    """
+
+    protocol: int  # paho.MQTTv5 or paho.MQTTv311
+    on_connect: Callable[..., None] | None
+    on_subscribe: Callable[..., None] | None
+    on_disconnect: Callable[..., None] | None
+    on_message: Callable[..., None] | None
+
+    def connect_async(self, host: str, port: int = 1883, keepalive: int = 60,
+                      bind_address: str = "", bind_port: int = 0, clean_start: Any = ...,
+                      properties: Properties | None = None) -> None: ...
+
+    def reconnect_delay_set(self, min_delay: int = 1, max_delay: int = 120) -> None: ...
+
+    def subscribe(self, topic: Any, qos: int = 0, options: Any = None,
+                  properties: Properties | None = None) -> tuple[Any, int | None]: ...
+
+    def ack(self, mid: int, qos: int) -> Any: ...
+
+    def loop_start(self) -> Any: ...
+
+    def loop_stop(self) -> Any: ...
+
+    def disconnect(self, reasoncode: Any = None, properties: Properties | None = None) -> Any: ...
 
 
 def make_client(url: MqttUrl, client_id: str = "", *, manual_ack: bool = False,
@@ -31,7 +78,7 @@ def make_client(url: MqttUrl, client_id: str = "", *, manual_ack: bool = False,
     return client
 
 
-def connect(client: paho.Client, url: MqttUrl, *, clean_start: bool = True,
+def connect(client: paho.Client | ConsumerClient, url: MqttUrl, *, clean_start: bool = True,
             session_expiry_s: int = 0, receive_maximum: int | None = None,
             keepalive: int = 30, wait: bool = True) -> None:
     """Connect; CONNACK comes via the loop.
@@ -51,7 +98,7 @@ def connect(client: paho.Client, url: MqttUrl, *, clean_start: bool = True,
         props.SessionExpiryInterval = session_expiry_s
     if receive_maximum:
         # The broker sends at most this many QoS 1 messages before we acknowledge one:
-        # with acks held until the write, this is the in-flight window (FIELD-NOTES).
+        # with acks held until the write, this is the in-flight window (docs/platform-facts.md).
         props.ReceiveMaximum = receive_maximum
     (client.connect if wait else client.connect_async)(
         url.host, url.port, keepalive=keepalive, clean_start=clean_start, properties=props)
@@ -69,7 +116,7 @@ def message_expiry(client: paho.Client, seconds: int) -> Properties | None:
 _PUBACK = struct.Struct("!BBH")  # fixed header 0x40, remaining length 2, packet id
 
 
-def ack_many(client: paho.Client, mids: list[int]) -> None:
+def ack_many(client: paho.Client | ConsumerClient, mids: list[int]) -> None:
     """Acknowledge many QoS 1 messages in one write.
 
     paho's ``ack()`` queues one packet and wakes its loop once per message, which

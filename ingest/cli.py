@@ -6,6 +6,7 @@ import argparse
 import gc
 import logging
 import signal
+import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +42,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from citygrid.store import open_store
+    """Run until SIGINT/SIGTERM; exit 2 at once if the store refuses the credentials or has
+    no database for us (spooling would only hide it)."""
+    from citygrid.store import DatabaseNotFound, StoreAuthError, open_store
     from ingest.service import IngestConfig, IngestService
 
     settings = _settings(args)
@@ -55,7 +58,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    service.start(timeout_s=None)
+    try:
+        service.start(timeout_s=None)
+    except (StoreAuthError, DatabaseNotFound) as e:
+        print(f"citygrid ingest: {e}", file=sys.stderr)
+        return 2
     # Each reading makes a few short-lived containers while a batch keeps thousands alive:
     # the default collector thresholds spent ~40% of ingest's per-message time scanning them.
     gc.freeze()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 from prometheus_client import Counter as PromCounter
 
+from citygrid.clock import SYSTEM_CLOCK, Clock
 from citygrid.store import Point
 
 LAG_SAMPLE_CAP = 100_000
@@ -22,18 +22,21 @@ def quantile(sorted_values: list[float], q: float) -> float:
 
 
 class IngestMetrics:
-    def __init__(self, worker: str):
+    def __init__(self, worker: str, clock: Clock = SYSTEM_CLOCK):
         self.worker = worker
+        self.clock = clock
         self.messages = 0
         self.readings = 0
         self.batches = 0
         self.dead = Counter()
         self.spool_depth = 0
         self.spool_drained = 0
+        self.store_auth_failures = 0  # store requests refused for our credentials
+        self.store_auth_failed = False  # the store refuses them now (we spool)
         self._lock = threading.Lock()
         self._lags_ms: list[int] = []
         self._latencies_s: list[float] = []
-        self._last = (time.monotonic(), 0, 0)
+        self._last = (clock.monotonic(), 0, 0)
         self._server = None
         self.registry = CollectorRegistry()
         self._p_messages = PromCounter("citygrid_ingest_messages", "MQTT messages handled",
@@ -47,6 +50,20 @@ class IngestMetrics:
         self._p_spool = Gauge("citygrid_ingest_spool_points", "Points waiting in the spool",
                               registry=self.registry)
         self._p_spool.set_function(lambda: self.spool_depth)
+        self._p_auth_failures = PromCounter(
+            "citygrid_ingest_store_auth_failures",
+            "Store requests refused for ingest's credentials (InfluxDB 401/403)",
+            registry=self.registry)
+        self._p_auth_failed = Gauge(
+            "citygrid_ingest_store_auth_failed",
+            "1 while the store refuses ingest's credentials (readings are spooled), else 0",
+            registry=self.registry)
+        self._p_auth_failed.set_function(lambda: int(self.store_auth_failed))
+
+    def auth_failure(self) -> None:
+        with self._lock:
+            self.store_auth_failures += 1
+        self._p_auth_failures.inc()
 
     def serve(self, port: int) -> None:
         self._server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
@@ -57,7 +74,7 @@ class IngestMetrics:
 
     def batch_written(self, points: list[Point], dead: list, messages: int, seconds: float,
                       *, stored: bool) -> None:
-        now_ms = int(time.time() * 1000)
+        now_ms = self.clock.now_ms()
         readings = [p for p in points if p.measurement != "citygrid_ingest"]
         with self._lock:
             self.messages += messages
@@ -75,7 +92,7 @@ class IngestMetrics:
 
     def snapshot_points(self, measurement: str, *, buffered: int) -> list[Point]:
         """One point of figures for the interval since the last snapshot (+ one per reason)."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         with self._lock:
             lags, self._lags_ms = sorted(self._lags_ms), []
             latencies, self._latencies_s = sorted(self._latencies_s), []
@@ -83,8 +100,9 @@ class IngestMetrics:
             self._last = (now, self.messages, self.readings)
             dead = dict(self.dead)
             messages, readings = self.messages, self.readings
+            auth_failures = self.store_auth_failures
         elapsed = max(now - then, 1e-6)
-        ts = int(time.time() * 1000)
+        ts = self.clock.now_ms()
         tags = {"worker": self.worker}
         fields = {
             "messages_total": messages,
@@ -99,6 +117,8 @@ class IngestMetrics:
             "spool_points": self.spool_depth,
             "spool_drained_total": self.spool_drained,
             "dead_letters_total": sum(dead.values()),
+            "store_auth_failed": int(self.store_auth_failed),
+            "store_auth_failures_total": auth_failures,
         }
         points = [Point(measurement, tags, fields, ts)]
         points += [Point(measurement, {**tags, "reason": reason}, {"dead_letters_total": n}, ts)

@@ -9,6 +9,9 @@ Threads:
 Memory is bounded by the MQTT 5 Receive Maximum: the broker sends no more than
 that many messages before we acknowledge one, so a slow store slows the broker
 down instead of growing our heap.
+
+The MQTT client comes from a factory and time from a clock (both passed in), so the
+acknowledgement and back-pressure logic runs in tests without a broker.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import paho.mqtt.client as paho
-
 from citygrid import mqtt
+from citygrid.clock import SYSTEM_CLOCK, Clock
 from citygrid.contract import (
     BAD_TOPIC,
     STORE_REJECTED,
@@ -32,8 +35,16 @@ from citygrid.contract import (
     decode_readings,
     topic_filter,
 )
-from citygrid.settings import Settings
-from citygrid.store import Point, StoreRejected, StoreUnavailable, TelemetryStore
+from citygrid.settings import MqttUrl, Settings
+from citygrid.store import (
+    DatabaseNotFound,
+    Point,
+    StoreAuthError,
+    StoreRejected,
+    StoreUnavailable,
+    TelemetryStore,
+    credential_settings,
+)
 from citygrid.store.lineproto import encode, series_key
 from ingest.deadletter import DeadLetter, DeadLetterStore
 from ingest.metrics import IngestMetrics
@@ -42,6 +53,13 @@ from ingest.spool import Spool
 log = logging.getLogger("citygrid.ingest")
 SELF_MEASUREMENT = "citygrid_ingest"
 ROUTE_CACHE_MAX = 200_000  # topics (devices) remembered; a city of 100,000 devices fits
+
+ClientFactory = Callable[[MqttUrl, str], mqtt.ConsumerClient]  # (broker, client id) → client
+
+
+def paho_client(url: MqttUrl, client_id: str) -> mqtt.ConsumerClient:
+    """The default client: paho, acknowledging by hand (each PUBACK after the write)."""
+    return mqtt.make_client(url, client_id, manual_ack=True)
 
 
 @dataclass
@@ -69,25 +87,32 @@ class _Batch:
     dead: list[DeadLetter] = field(default_factory=list)
     acks: list[tuple[int, int, int]] = field(default_factory=list)  # (epoch, mid, qos)
     messages: int = 0
-    opened: float = field(default_factory=time.monotonic)
+    opened: float = 0.0  # the clock's monotonic seconds
 
 
 MAINTAIN_EVERY_S = 600.0  # rollups of the embedded store, retention
 
 
 class IngestService:
+    """``client_factory(broker url, client id)`` makes the MQTT client (default: paho, see
+    ``paho_client``); ``clock`` gives every time stamp and interval (default: the system's).
+    """
+
     def __init__(self, settings: Settings, store: TelemetryStore,
-                 config: IngestConfig | None = None, *, data_dir: str | Path | None = None):
+                 config: IngestConfig | None = None, *, data_dir: str | Path | None = None,
+                 client_factory: ClientFactory | None = None, clock: Clock | None = None):
         self.settings = settings
         self.store = store
         self.config = config or IngestConfig()
+        self._clock = clock or SYSTEM_CLOCK
         state = Path(data_dir or settings.data_dir) / "ingest.sqlite"
         self.dead_letters = DeadLetterStore(state, self.config.dead_letter_max)
         self.spool = Spool(state)
-        self.metrics = IngestMetrics(self.config.client_id)
+        self.metrics = IngestMetrics(self.config.client_id, self._clock)
         self._lock = threading.Lock()  # guards the open batch and the counters below
         self._cond = threading.Condition(self._lock)
-        self._batch = _Batch()
+        self._auth_lock = threading.Lock()  # one log line per change of the credentials' state
+        self._batch = _Batch(opened=self._clock.monotonic())
         self._epoch = 0  # bumps on every disconnect: older message ids mean nothing any more
         self._unacked = 0  # messages taken from the broker and not yet acknowledged
         self._routes: dict[str, tuple[str, dict[str, str], str]] = {}
@@ -97,7 +122,7 @@ class IngestService:
         self._store_down = threading.Event()
         self._subscribed = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._client = mqtt.make_client(settings.mqtt, self.config.client_id, manual_ack=True)
+        self._client = (client_factory or paho_client)(settings.mqtt, self.config.client_id)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -107,8 +132,17 @@ class IngestService:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout_s: float | None = 10.0) -> None:
-        """Start, and return once subscribed; ``timeout_s=None`` waits for the broker forever."""
-        self._ensure_store()
+        """Start, and return once subscribed; ``timeout_s=None`` waits for the broker forever.
+
+        Refuses to start (StoreAuthError, DatabaseNotFound, with the settings to check in
+        the message) when the store rejects the credentials or has no database for us.
+        """
+        try:
+            self._ensure_store()
+        except BaseException:
+            self._stopping.set()
+            self._close_state()
+            raise
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_port)
         self.metrics.spool_depth = self.spool.depth()
@@ -121,17 +155,25 @@ class IngestService:
                      session_expiry_s=mqtt.DEFAULT_SESSION_EXPIRY_S,
                      receive_maximum=self.config.receive_maximum, wait=False)
         self._client.loop_start()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        clock = self._clock
+        deadline = None if timeout_s is None else clock.monotonic() + timeout_s
         while not self._subscribed.wait(5.0 if deadline is None else
-                                        max(0.0, min(5.0, deadline - time.monotonic()))):
-            if deadline is not None and time.monotonic() >= deadline:
+                                        max(0.0, min(5.0, deadline - clock.monotonic()))):
+            if deadline is not None and clock.monotonic() >= deadline:
                 self.stop()
                 raise TimeoutError(f"not subscribed at {self.settings.mqtt} within {timeout_s}s")
             log.warning("waiting for the broker at %s", self.settings.mqtt)
 
     def _ensure_store(self) -> None:
+        """Create the database where it can be (the store's ``ensure_ready``)."""
         try:
             self.store.ensure_ready()
+        except StoreAuthError as e:
+            # Wrong credentials would look like an outage and spool forever: refuse.
+            raise StoreAuthError(f"{e}; {credential_settings(self.settings)}",
+                                 e.status, e.detail) from None
+        except DatabaseNotFound as e:
+            raise DatabaseNotFound(f"{e}: create it, or check CITYGRID_INFLUX_DB") from None
         except StoreUnavailable as e:
             # Start anyway: batches go to the spool until the store comes up.
             log.warning("store not ready, spooling until it is: %s", e)
@@ -153,6 +195,9 @@ class IngestService:
         time.sleep(0.1)  # let the loop send the last PUBACKs
         self._client.disconnect()
         self._client.loop_stop()
+        self._close_state()
+
+    def _close_state(self) -> None:
         self.dead_letters.close()
         self.spool.close()
         self.metrics.close()
@@ -182,7 +227,7 @@ class IngestService:
         if not self._stopping.is_set():
             log.warning("disconnected from broker (%s); reconnecting", reason_code)
 
-    def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+    def _on_message(self, client, userdata, message: mqtt.InboundMessage) -> None:
         topic = message.topic
         points: list[Point] = []
         dead = None
@@ -190,9 +235,9 @@ class IngestService:
             kind, tags, key = self._routes.get(topic) or self._route(topic)
             points = [Point(kind, tags, r.fields(), r.ts, key) for r in
                       decode_readings(kind, message.payload, topic,
-                                      now_ms=int(time.time() * 1000))]
+                                      now_ms=self._clock.now_ms())]
         except ContractError as e:
-            dead = DeadLetter(int(time.time() * 1000), topic, e.reason, e.detail,
+            dead = DeadLetter(self._clock.now_ms(), topic, e.reason, e.detail,
                               message.payload)
         with self._lock:
             self._unacked += 1
@@ -225,22 +270,23 @@ class IngestService:
     # ------------------------------------------------------------------ writer
 
     def _take_batch(self) -> _Batch | None:
+        clock = self._clock
         with self._cond:
             while True:
                 batch = self._batch
                 full = len(batch.points) >= self.config.batch_size
                 due = batch.opened + self.config.flush_interval_s
-                if (batch.messages or batch.points) and (full or time.monotonic() >= due or
+                if (batch.messages or batch.points) and (full or clock.monotonic() >= due or
                                        self._stopping.is_set()):
-                    self._batch = _Batch()
+                    self._batch = _Batch(opened=clock.monotonic())
                     return batch
                 if self._stopping.is_set():
                     return None
                 if not (batch.messages or batch.points):
-                    batch.opened = time.monotonic()  # the clock starts with the first message
+                    batch.opened = clock.monotonic()  # the clock starts with the first message
                     self._cond.wait(self.config.flush_interval_s)
                 else:
-                    self._cond.wait(max(0.0, due - time.monotonic()))
+                    self._cond.wait(max(0.0, due - clock.monotonic()))
 
     def _writer(self) -> None:
         while True:
@@ -270,7 +316,7 @@ class IngestService:
 
     def _write_batch(self, batch: _Batch) -> bool:
         """Write points and dead letters durably; False if the batch could not be taken."""
-        started = time.monotonic()
+        started = self._clock.monotonic()
         dead = list(batch.dead)
         if batch.points:
             try:
@@ -278,22 +324,27 @@ class IngestService:
                     return False
             except StoreRejected as e:
                 log.warning("store rejected %d points: %s", len(e.points), e.message)
-                dead += _rejected_letters(e)
+                dead += _rejected_letters(e, self._clock.now_ms())
         self.dead_letters.add(dead)
         self.metrics.batch_written(batch.points, dead, batch.messages,
-                                   time.monotonic() - started, stored=not self._store_down.is_set())
+                                   self._clock.monotonic() - started,
+                                   stored=not self._store_down.is_set())
         return True
 
     def _store_or_spool(self, points: list[Point]) -> bool:
         if not self._store_down.is_set():
-            deadline = time.monotonic() + self.config.retry_window_s
+            deadline = self._clock.monotonic() + self.config.retry_window_s
             delay = 0.05
             while True:
                 try:
                     self.store.write(points)
+                    self._store_accepted()
                     return True
                 except StoreUnavailable as e:
-                    if time.monotonic() + delay > deadline or self._stopping.is_set():
+                    if self._store_refused(e):  # retrying cannot help: spool at once
+                        self._store_down.set()
+                        break
+                    if self._clock.monotonic() + delay > deadline or self._stopping.is_set():
                         log.warning("store unavailable, spooling from now on: %s", e)
                         self._store_down.set()
                         break
@@ -332,12 +383,14 @@ class IngestService:
             batch_id, points = entry
             try:
                 self.store.write(points)
-            except StoreUnavailable:
+            except StoreUnavailable as e:
+                self._store_refused(e)
                 self._stopping.wait(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 5.0)
                 continue
             except StoreRejected as e:
-                self.dead_letters.add(_rejected_letters(e))
+                self.dead_letters.add(_rejected_letters(e, self._clock.now_ms()))
+            self._store_accepted()
             self.spool.remove(batch_id)
             self.metrics.spool_depth = max(0, self.metrics.spool_depth - len(points))
             self.metrics.spool_drained += len(points)
@@ -348,19 +401,58 @@ class IngestService:
     def _store_answers(self) -> bool:
         try:
             self.store.ensure_ready()
-            return True
-        except StoreUnavailable:
+        except StoreUnavailable as e:
+            self._store_refused(e)
             return False
+        self._store_accepted()
+        return True
+
+    # ------------------------------------------------------------------ the store's state
+
+    def _store_refused(self, e: StoreUnavailable) -> bool:
+        """Note a failed store request; True if it refused our credentials.
+
+        Credentials revoked while running: nothing is lost (the batches spool), but an
+        operator must act, so it is said once (a log line per change of state, not per
+        batch) and shown in the metrics and the self-report until the store takes them.
+        """
+        if not isinstance(e, StoreAuthError):
+            return False
+        self.metrics.auth_failure()
+        with self._auth_lock:
+            if self.metrics.store_auth_failed:
+                return True
+            self.metrics.store_auth_failed = True
+        log.error("%s; %s. Readings are spooled until it accepts them.", e,
+                  credential_settings(self.settings))
+        return True
+
+    def _store_accepted(self) -> None:
+        if not self.metrics.store_auth_failed:
+            return
+        with self._auth_lock:
+            if not self.metrics.store_auth_failed:
+                return
+            self.metrics.store_auth_failed = False
+        log.info("the store accepts ingest's credentials again; the spool drains into it")
+
+    def store_state(self) -> str:
+        """``ok``; ``spooling`` (the store does not answer); ``auth_failed`` (it refuses our
+        credentials: spooling too, until someone fixes them)."""
+        if self.metrics.store_auth_failed:
+            return "auth_failed"
+        return "spooling" if self._store_down.is_set() else "ok"
 
     # ------------------------------------------------------------------ self-report
 
     def _reporter(self) -> None:
-        next_maintenance = time.monotonic() + 5
+        clock = self._clock
+        next_maintenance = clock.monotonic() + 5
         while not self._stopping.wait(self.config.report_interval_s):
             self.report()
-            if time.monotonic() >= next_maintenance:
+            if clock.monotonic() >= next_maintenance:
                 self._maintain()
-                next_maintenance = time.monotonic() + MAINTAIN_EVERY_S
+                next_maintenance = clock.monotonic() + MAINTAIN_EVERY_S
 
     def _maintain(self) -> None:
         """The embedded store's rollups and retention (InfluxDB does its own, in CQs)."""
@@ -390,8 +482,7 @@ class IngestService:
         return Counter(self.dead_letters.counts())
 
 
-def _rejected_letters(e: StoreRejected) -> list[DeadLetter]:
+def _rejected_letters(e: StoreRejected, now: int) -> list[DeadLetter]:
     """Dead letters for the points the store refused, with its message and the line."""
-    now = int(time.time() * 1000)
     return [DeadLetter(now, f"{p.measurement}/{p.tags.get('device_id', '')}", STORE_REJECTED,
                        e.message, encode(p).encode()) for p in e.points]

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 from citygrid.store.base import (
     Bucket,
+    DatabaseNotFound,
     Point,
+    StoreAuthError,
     StoreError,
     StoreRejected,
     StoreUnavailable,
@@ -51,5 +53,17 @@ def open_store(settings: Settings) -> TelemetryStore:
     return store
 
 
-__all__ = ["BACKENDS", "Bucket", "Point", "StoreError", "StoreRejected", "StoreUnavailable",
-           "TelemetryStore", "open_store"]
+def credential_settings(settings: Settings) -> str:
+    """The settings that hold the store's credentials, for a StoreAuthError's message."""
+    if settings.influx_token:
+        return "check CITYGRID_INFLUX_TOKEN"
+    if settings.influx_user:
+        return (f"check CITYGRID_INFLUX_USER ({settings.influx_user!r}) and "
+                "CITYGRID_INFLUX_PASSWORD (InfluxDB 1.x; 2.x and 3.x take CITYGRID_INFLUX_TOKEN)")
+    return ("no credentials are set: set CITYGRID_INFLUX_USER and CITYGRID_INFLUX_PASSWORD "
+            "(InfluxDB 1.x) or CITYGRID_INFLUX_TOKEN (2.x, 3.x)")
+
+
+__all__ = ["BACKENDS", "Bucket", "DatabaseNotFound", "Point", "StoreAuthError", "StoreError",
+           "StoreRejected", "StoreUnavailable", "TelemetryStore", "credential_settings",
+           "open_store"]

@@ -42,6 +42,24 @@ class StoreUnavailable(StoreError):
     """The store could not take the write now (down, timeout, 5xx): retry later."""
 
 
+class StoreAuthError(StoreUnavailable):
+    """The store refused our credentials (InfluxDB 401, or 403: not allowed).
+
+    Retrying with the same settings cannot help, so a service refuses to start on it; once
+    running, it is still an outage to a writer (a subclass of StoreUnavailable): a writer
+    that spools keeps everything until someone fixes the credentials.
+    """
+
+    def __init__(self, message: str, status: int | None = None, detail: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.detail = detail  # the server's own words
+
+
+class DatabaseNotFound(StoreUnavailable):
+    """The store says the database does not exist (and it could not be created here)."""
+
+
 class StoreRejected(StoreError):
     """The store refused the data itself (HTTP 400): retrying cannot help."""
 
@@ -61,10 +79,13 @@ class TelemetryStore(Protocol):
     """Write points, ask the few questions the services need."""
 
     def ensure_ready(self) -> None:
-        """Create what the store needs (database, tables); idempotent."""
+        """Create what the store needs (database, tables); idempotent. Raises StoreAuthError
+        for refused credentials, DatabaseNotFound if the database is missing and cannot be
+        created, StoreUnavailable if the store does not answer."""
 
     def write(self, points: Sequence[Point]) -> None:
-        """Durably write all points or raise StoreUnavailable / StoreRejected."""
+        """Durably write all points or raise StoreUnavailable (or one of its kinds:
+        StoreAuthError, DatabaseNotFound) / StoreRejected."""
 
     def latest(self, measurement: str, *, district: str | None = None,
                device_id: str | None = None) -> dict[str, Point]:

@@ -2,11 +2,15 @@
 
 1.x serves it natively; 2.x and 3.x through their v1-compatibility endpoints
 (a token goes in the ``Authorization: Token`` header).
+
+Errors: no answer, 5xx, 429 → StoreUnavailable; 401/403 → StoreAuthError; "database not
+found" → DatabaseNotFound (both kinds of StoreUnavailable); 400 → StoreRejected.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -15,7 +19,9 @@ import httpx
 from citygrid.store import lineproto
 from citygrid.store.base import (
     Bucket,
+    DatabaseNotFound,
     Point,
+    StoreAuthError,
     StoreRejected,
     StoreUnavailable,
     check_aggregate,
@@ -31,6 +37,8 @@ from citygrid.store.lifecycle import (
     with_range,
 )
 
+log = logging.getLogger("citygrid.store")
+
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -41,17 +49,23 @@ def quote_literal(value: str) -> str:
 
 
 class InfluxStore:
+    """``transport``: an httpx transport to talk through instead of the network
+    (``httpx.MockTransport`` in tests); None, the default, is a real connection."""
+
     def __init__(self, url: str, database: str = "citygrid", *, token: str | None = None,
                  username: str | None = None, password: str | None = None,
                  timeout_s: float = 10.0, gzip_level: int = 1,
-                 lifecycle: Lifecycle | None = None):
+                 lifecycle: Lifecycle | None = None,
+                 transport: httpx.BaseTransport | None = None):
         self.lifecycle = lifecycle
         self.url = url.rstrip("/")
         self.database = database
         headers = {"Authorization": f"Token {token}"} if token else {}
         self._auth = {"u": username, "p": password} if username else {}
         self._gzip_level = gzip_level
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        self._lifecycle_skipped = False  # warned that we may not manage it
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s,
+                                  transport=transport)
 
     def __repr__(self) -> str:
         return f"InfluxStore({self.url!r}, {self.database!r})"
@@ -63,31 +77,67 @@ class InfluxStore:
             response = self._http.request(method, path, **kw)
         except httpx.HTTPError as e:  # connect refused, timeout, reset
             raise StoreUnavailable(f"InfluxDB at {self.url} unreachable: {e!r}") from e
-        if response.status_code >= 500 or response.status_code in (401, 403, 404, 429):
-            # 404 here is "database not found" (dropped under us): not the points' fault.
-            raise StoreUnavailable(
-                f"InfluxDB answered {response.status_code}: {_error_text(response)}"
-            )
+        status = response.status_code
+        if status in (401, 403):
+            # 401: credentials missing or wrong; 403: valid, but not allowed (1.x: no WRITE
+            # on the database, or an admin-only statement).
+            refused = "refused the credentials" if status == 401 else \
+                "does not allow this with the credentials given"
+            detail = _error_text(response)
+            raise StoreAuthError(f"InfluxDB at {self.url} {refused} ({status}: {detail})",
+                                 status, detail)
+        if status == 404 and _database_not_found(_error_text(response)):
+            raise DatabaseNotFound(f"InfluxDB at {self.url} has no database "
+                                   f"{self.database!r} ({status}: {_error_text(response)})")
+        if status >= 500 or status in (404, 429):
+            # Any other 404 is a path or proxy problem, not the points' fault.
+            raise StoreUnavailable(f"InfluxDB answered {status}: {_error_text(response)}")
         return response
 
     def query(self, q: str) -> list[dict[str, Any]]:
         """Run InfluxQL; return the series of the first statement (``[]`` if none)."""
-        response = self._request("POST", "/query", data={"q": q, "db": self.database,
-                                                         "epoch": "ms", **self._auth})
+        # Credentials in the URL, as for /write: 1.x reads u and p from there (or a Basic
+        # header), never from the form body.
+        response = self._request("POST", "/query", params=self._auth,
+                                 data={"q": q, "db": self.database, "epoch": "ms"})
         body = response.json()
         if response.status_code >= 400 or "error" in body:
             raise StoreRejected(f"InfluxQL {q!r}: {body.get('error', response.text)}")
         result = body.get("results", [{}])[0]
-        if result.get("error", "").startswith("database not found") and q.startswith("SELECT"):
-            return []  # nothing written yet: the first write creates it
+        if result.get("error", "").startswith("database not found"):
+            if q.startswith("SELECT"):
+                return []  # nothing written yet: the first write creates it
+            raise DatabaseNotFound(f"InfluxDB at {self.url}: {result['error']} ({q!r})")
         if "error" in result:
             raise StoreRejected(f"InfluxQL {q!r}: {result['error']}")
         return result.get("series", [])
 
     def ensure_ready(self) -> None:
-        self.query(f"CREATE DATABASE {quote_ident(self.database)}")
+        """Create the database (and the lifecycle), or, for a user who may not (1.x: not
+        an admin), check that it exists and takes writes."""
+        try:
+            self.query(f"CREATE DATABASE {quote_ident(self.database)}")
+        except StoreAuthError as e:
+            if e.status != 403:
+                raise  # 401: the credentials themselves are wrong
+            self._check_writable(f"these credentials may not create it ({e.detail})")
+            if self.lifecycle is not None and not self._lifecycle_skipped:
+                self._lifecycle_skipped = True
+                log.warning("InfluxDB at %s: not allowed to create databases, so retention "
+                            "policies and continuous queries are left as they are", self.url)
+            return
+        except StoreRejected as e:  # a server that does not create databases in InfluxQL
+            self._check_writable(f"it could not be created ({e})")
+            return
         if self.lifecycle is not None:
             self.ensure_lifecycle()
+
+    def _check_writable(self, why_not_created: str) -> None:
+        """An empty write: 204 if the database exists and we may write to it."""
+        try:
+            self._post_write(b"", gzipped=False)
+        except DatabaseNotFound as e:
+            raise DatabaseNotFound(f"{e}, and {why_not_created}") from None
 
     def ensure_lifecycle(self) -> list[str]:
         """Retention policies and continuous queries as the settings say; only what differs
@@ -153,21 +203,21 @@ class InfluxStore:
             message = rejected[0][0]
             raise StoreRejected(message, [p for _, ps in rejected for p in ps])
 
-    def _post_write(self, body: bytes) -> httpx.Response:
+    def _post_write(self, body: bytes, *, gzipped: bool = True) -> httpx.Response:
+        headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
         return self._request(
             "POST", "/write",
             params={"db": self.database, "precision": "ms", **self._auth},
-            content=body,
-            headers={"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"},
+            content=body, headers=headers,
         )
 
     def _write(self, points: list[Point], rejected: list[tuple[str, list[Point]]]) -> None:
         body = gzip.compress(lineproto.encode_batch(points), self._gzip_level)
         try:
             response = self._post_write(body)
-        except StoreUnavailable as e:
-            if "database not found" not in str(e):
-                raise
+        except DatabaseNotFound:
             # A fresh server (or a dropped database): create it, then write.
             self.ensure_ready()
             response = self._post_write(body)
@@ -260,7 +310,15 @@ def _normal(statement: str) -> str:
 
 
 def _error_text(response: httpx.Response) -> str:
+    """The server's message: 1.x says ``{"error": …}``, 2.x ``{"code": …, "message": …}``."""
     try:
-        return str(response.json().get("error", response.text)).strip()
-    except ValueError:
+        body = response.json()
+        return str(body.get("error") or body.get("message") or response.text).strip()
+    except (ValueError, AttributeError):
         return response.text.strip()[:500]
+
+
+def _database_not_found(message: str) -> bool:
+    """1.x: ``database not found: "x"``; 2.x: ``bucket "x" not found``."""
+    message = message.lower()
+    return "database not found" in message or ("bucket" in message and "not found" in message)

@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 
+import httpx
 import orjson
 import pytest
 
@@ -20,7 +21,7 @@ from citygrid import contract
 from citygrid.store import Point
 from citygrid.store.influx import InfluxStore
 from ingest.service import IngestConfig, IngestService
-from tests.helpers import REPO, Publisher, light, meter, wait_until
+from tests.helpers import REPO, Publisher, light, meter, need, wait_until
 
 T0 = int(time.time() * 1000) - 3_600_000
 
@@ -326,3 +327,107 @@ def test_ingest_started_before_its_broker_waits_for_it(influx_store, uid, tmp_pa
     finally:
         timer.join()
         broker.stop()
+
+
+# --------------------------------------------------------------------------- InfluxDB with auth
+
+
+ADMIN = ("admin", "admin-pw")
+
+
+@pytest.fixture
+def secured_influxd(tmp_path, monkeypatch):
+    """A private influxd 1.x with authentication on (its environment overrides its config),
+    an admin, and a user ``ingest`` allowed to write to ``city`` (not an admin)."""
+    need("influxd")
+    server = Influxd(tmp_path / "secured-influx")
+    with monkeypatch.context() as env:
+        env.setenv("INFLUXDB_HTTP_AUTH_ENABLED", "true")
+        server.start()
+    # The first user may be created without credentials; it must be an admin.
+    httpx.post(f"{server.url}/query", data={
+        "q": f"CREATE USER {ADMIN[0]} WITH PASSWORD '{ADMIN[1]}' WITH ALL PRIVILEGES"})
+    admin = InfluxStore(server.url, "city", username=ADMIN[0], password=ADMIN[1])
+    admin.ensure_ready()
+    admin.query("CREATE USER ingest WITH PASSWORD 'ingest-pw'")
+    admin.query('GRANT WRITE ON "city" TO ingest')
+    server.admin = admin
+    yield server
+    admin.close()
+    server.stop()
+
+
+def _ingest_cli(influx_url: str, tmp_path, env: dict[str, str], db: str = "city"):
+    """`citygrid ingest` against a broker that is not there: refusing must not wait for it."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "cityctl", "ingest", "--mqtt-url",
+         f"mqtt://127.0.0.1:{free_port()}", "--influx-url", influx_url, "--influx-db", db,
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("CITYGRID_INFLUX")},
+             "PYTHONPATH": str(REPO), **env})
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"CITYGRID_INFLUX_USER": "ingest", "CITYGRID_INFLUX_PASSWORD": "wrong"},
+     "CITYGRID_INFLUX_PASSWORD"),
+    ({}, "CITYGRID_INFLUX_USER"),
+    ({"CITYGRID_INFLUX_TOKEN": "not-a-token"}, "CITYGRID_INFLUX_TOKEN"),
+], ids=["wrong-password", "no-credentials", "token"])
+def test_refused_credentials_stop_ingest_at_start_with_the_setting_named(
+        secured_influxd, tmp_path, env, named):
+    result, took = _ingest_cli(secured_influxd.url, tmp_path, env)
+    assert result.returncode == 2, result.stderr
+    assert took < 10, f"took {took:.1f}s to refuse"
+    assert named in result.stderr
+    assert "401" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_missing_database_the_user_may_not_create_stops_ingest_at_start(
+        secured_influxd, tmp_path):
+    secured_influxd.admin.query('GRANT WRITE ON "city" TO ingest')  # but not on "other"
+    result, took = _ingest_cli(secured_influxd.url, tmp_path, {
+        "CITYGRID_INFLUX_USER": "ingest", "CITYGRID_INFLUX_PASSWORD": "ingest-pw"}, db="other")
+    assert result.returncode == 2, result.stderr
+    assert took < 10
+    assert "CITYGRID_INFLUX_DB" in result.stderr and "'other'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_database_is_created_at_start_by_an_admin(secured_influxd, settings, uid):
+    store = InfluxStore(secured_influxd.url, f"new_{uid}", username=ADMIN[0],
+                        password=ADMIN[1])
+    with running_ingest(settings, store, uid):
+        pass
+    assert f"new_{uid}" in {row[0] for s in secured_influxd.admin.query("SHOW DATABASES")
+                             for row in s["values"]}
+
+
+def test_revoked_credentials_spool_are_reported_and_drain_once_restored(
+        secured_influxd, settings, publisher, uid):
+    """A writer that is not an admin starts (it may not create the database, but it exists
+    and takes writes); its password changed under it: nothing lost, said once."""
+    admin = secured_influxd.admin
+    store = InfluxStore(secured_influxd.url, "city", username="ingest", password="ingest-pw",
+                        timeout_s=2)
+    port = free_port()
+    with running_ingest(settings, store, uid, metrics_port=port, retry_window_s=0.2) as service:
+        publisher.send_all([(topic(uid, "meter", "m-1"), meter(T0 + i, i)) for i in range(100)])
+        wait_until(lambda: admin.count("meter") == 100, message="100 points")
+        admin.query("SET PASSWORD FOR ingest = 'changed'")
+        publisher.send_all([(topic(uid, "meter", "m-1"), meter(T0 + i, i))
+                            for i in range(100, 300)])
+        wait_until(lambda: service.spool.depth() >= 200, message="200 points spooled")
+        assert service.store_state() == "auth_failed"
+        assert admin.count("meter") == 100
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert "citygrid_ingest_store_auth_failed 1.0" in text
+        assert "citygrid_ingest_store_auth_failures_total" in text
+        admin.query("SET PASSWORD FOR ingest = 'ingest-pw'")
+        wait_until(lambda: admin.count("meter") == 300, message="300 points after the fix")
+        wait_until(lambda: service.store_state() == "ok", message="store state ok")
+    assert stored_seqs(admin, "meter") == [("m-1", i) for i in range(300)]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from citygrid.store import Point, StoreRejected, StoreUnavailable
+from citygrid.store import DatabaseNotFound, Point, StoreRejected, StoreUnavailable
 from citygrid.store.influx import InfluxStore
 
 T0 = 1_790_000_000_000
@@ -106,6 +106,22 @@ def test_influx_down_is_unavailable_not_rejected(tmp_path):
     with pytest.raises(StoreUnavailable):
         store.write([light("sl-1", "n", T0, 1.0, 1)])
     assert not store.ping()
+
+
+def test_influx_recreates_a_database_dropped_under_it(influx_store):
+    """The server's "database not found" on a write is DatabaseNotFound: created, rewritten."""
+    influx_store.write([light("sl-1", "n", T0, 1.0, 1)])
+    influx_store.drop()
+    influx_store.write([light("sl-1", "n", T0 + 1, 1.0, 2)])
+    assert influx_store.count("streetlight") == 1
+
+
+def test_influx_statement_on_a_missing_database_is_database_not_found(influxd, uid):
+    store = InfluxStore(influxd.url, f"never_{uid}")
+    assert store.count("streetlight") == 0  # reading one not written yet: empty
+    with pytest.raises(DatabaseNotFound):
+        store.query(f'SHOW RETENTION POLICIES ON "never_{uid}"')
+    store.close()
 
 
 def test_points_in_time_order_across_pages(store):
