@@ -133,12 +133,18 @@ def discard_session(url: str, client_id: str) -> None:
 # --------------------------------------------------------------------------- consumers
 
 
+def backlog_base_ms(n: int) -> int:
+    """A backlog's first timestamp: an hour back, a millisecond apart — inside the raw
+    retention (InfluxDB refuses points older than it) and never ahead of the clock."""
+    return int(time.time() * 1000) - 3_600_000 - n
+
+
 def bare_paho_drain(url: str, n: int, broker_pid: int) -> float:
     """The ceiling: a bare paho subscriber, persistent session, json.loads each message."""
     client_id = "bench-bare"
     topic = "city/v1/+/+/+/telemetry"
     create_session(url, client_id, topic)
-    publish_parallel(url, n, None, 1_790_000_000_000)
+    publish_parallel(url, n, None, backlog_base_ms(n))
     u = MqttUrl.parse(url)
     client = mqtt.make_client(u, client_id)
     got = [0]
@@ -242,14 +248,17 @@ def ingest_drain(url: str, store: InfluxStore, data: Path, n: int, broker_pid: i
                  influxd_pid: int) -> tuple[float, float]:
     ingest = IngestProcess(url, store, data, "bench-ingest-drain")
     create_session(url, "bench-ingest-drain", "city/v1/+/+/+/telemetry")
-    publish_parallel(url, n, None, 1_790_000_000_000)
+    publish_parallel(url, n, None, backlog_base_ms(n))
     started = ingest.start()
     assert ingest.process is not None
-    with CpuMeter(broker=broker_pid, influxd=influxd_pid, ingest=ingest.process.pid) as cpu:
-        done = wait_count(store, n)
-    print(f"  ingest drain CPU: {cpu}")
-    rss = ingest.peak_rss_mb()
-    ingest.stop()
+    try:
+        with CpuMeter(broker=broker_pid, influxd=influxd_pid,
+                      ingest=ingest.process.pid) as cpu:
+            done = wait_count(store, n)
+        print(f"  ingest drain CPU: {cpu}")
+        rss = ingest.peak_rss_mb()
+    finally:
+        ingest.stop()  # a failed run leaves no ingest behind
     discard_session(url, "bench-ingest-drain")
     return n / (done - started), rss
 
