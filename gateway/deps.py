@@ -72,56 +72,26 @@ class FailedTokenLimiter:
 # ------------------------------------------------------------------ services
 
 
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+def _app_state(name: str):
+    """A dependency that hands a route the service ``create_app`` put on ``app.state``."""
+
+    def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    get.__name__ = f"get_{name}"
+    return get
 
 
-def get_store(request: Request) -> TelemetryStore:
-    return request.app.state.store
-
-
-def get_registry(request: Request) -> Registry:
-    return request.app.state.registry
-
-
-def get_provisioner(request: Request) -> Provisioner:
-    return request.app.state.provisioner
-
-
-def get_tokens(request: Request) -> Tokens:
-    return request.app.state.tokens
-
-
-def get_feed(request: Request) -> Feed:
-    return request.app.state.feed
-
-
-def get_publisher(request: Request) -> Publisher:
-    return request.app.state.publisher
-
-
-def get_acks(request: Request) -> Acks:
-    return request.app.state.acks
-
-
-def get_metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
-
-
-def get_limiter(request: Request) -> FailedTokenLimiter:
-    return request.app.state.limiter
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[TelemetryStore, Depends(get_store)]
-RegistryDep = Annotated[Registry, Depends(get_registry)]
-ProvisionerDep = Annotated[Provisioner, Depends(get_provisioner)]
-TokensDep = Annotated[Tokens, Depends(get_tokens)]
-FeedDep = Annotated[Feed, Depends(get_feed)]
-PublisherDep = Annotated[Publisher, Depends(get_publisher)]
-AcksDep = Annotated[Acks, Depends(get_acks)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-LimiterDep = Annotated[FailedTokenLimiter, Depends(get_limiter)]
+SettingsDep = Annotated[Settings, Depends(_app_state("settings"))]
+StoreDep = Annotated[TelemetryStore, Depends(_app_state("store"))]
+RegistryDep = Annotated[Registry, Depends(_app_state("registry"))]
+ProvisionerDep = Annotated[Provisioner, Depends(_app_state("provisioner"))]
+TokensDep = Annotated[Tokens, Depends(_app_state("tokens"))]
+FeedDep = Annotated[Feed, Depends(_app_state("feed"))]
+PublisherDep = Annotated[Publisher, Depends(_app_state("publisher"))]
+AcksDep = Annotated[Acks, Depends(_app_state("acks"))]
+MetricsDep = Annotated[Metrics, Depends(_app_state("metrics"))]
+LimiterDep = Annotated[FailedTokenLimiter, Depends(_app_state("limiter"))]
 
 # ------------------------------------------------------------------ roles
 
