@@ -48,9 +48,12 @@ class Publisher:
         mqtt.connect(self.client, self.settings.mqtt)
         self.client.loop_start()
 
+    sent = 0  # messages handed to the client so far (a test can watch a load's progress)
+
     def send(self, topic: str, payload: bytes | dict | list, qos: int = 1):
         if not isinstance(payload, bytes):
             payload = orjson.dumps(payload)
+        self.sent += 1
         return self.client.publish(topic, payload, qos=qos)
 
     def send_all(self, messages, rate: float | None = None) -> None:
