@@ -45,15 +45,17 @@ class Publisher:
         self.settings = Settings(mqtt_url=url)
         self.client = mqtt.make_client(self.settings.mqtt, client_id)
         self.client.max_queued_messages_set(0)
+        self.delivered = 0  # publishes the broker has acknowledged (a load's real progress)
+        self.client.on_publish = self._on_publish
         mqtt.connect(self.client, self.settings.mqtt)
         self.client.loop_start()
 
-    sent = 0  # messages handed to the client so far (a test can watch a load's progress)
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self.delivered += 1  # paho's network thread only: no lock needed
 
     def send(self, topic: str, payload: bytes | dict | list, qos: int = 1):
         if not isinstance(payload, bytes):
             payload = orjson.dumps(payload)
-        self.sent += 1
         return self.client.publish(topic, payload, qos=qos)
 
     def send_all(self, messages, rate: float | None = None) -> None:
