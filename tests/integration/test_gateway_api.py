@@ -28,9 +28,8 @@ def api(tmp_path, mosquitto):
     store.write([Point("streetlight", {"device_id": "sl-00000", "district": "indre-by"},
                        {"seq": 7, "brightness_pct": 30.0, "power_w": 16.7}, 1_790_000_000_000)])
     tokens = {r: create_token(tmp_path, r, f"test-{r}") for r in ("viewer", "operator", "admin")}
-    client = TestClient(create_app(settings))
-    yield client, tokens
-    client.close()
+    with TestClient(create_app(settings)) as client:  # runs the lifespan: feed and
+        yield client, tokens                           # publisher are closed after
 
 
 def auth(token: str) -> dict[str, str]:
@@ -131,6 +130,7 @@ def test_an_override_reaches_the_light_and_clearing_returns_it_to_the_rules(
     runner.start()
     commands = Collector(mosquitto.url, f"city/v1/{uid}/streetlight/+/cmd")
     client = TestClient(create_app(settings))
+    client.__enter__()  # the app's lifespan: its city feed and publisher closed at the end
     try:
         publisher.send(str(Topic(uid, "streetlight", "sl-1")), light_reading(1, NIGHT))
         wait_until(lambda: commands.messages, message="the baseline command")
@@ -159,7 +159,7 @@ def test_an_override_reaches_the_light_and_clearing_returns_it_to_the_rules(
         rules = client.get("/api/v1/rules", headers=auth(token)).json()
         assert {r["id"] for r in rules} >= {"dark-baseline", "motion-boost", "settle-meters"}
     finally:
-        client.close()
+        client.__exit__(None, None, None)
         runner.stop()
         commands.close()
 

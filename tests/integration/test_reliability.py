@@ -203,8 +203,8 @@ def test_influxdb_down_for_a_minute_at_load_loses_nothing_and_memory_stays_bound
         assert depth > during // 2, f"{during} readings in the outage, only {depth} spooled"
         server.start()
         sender.join()
-        wait_until(lambda: store.count("streetlight") == n, 120,
-                   message=f"all {n} readings after the outage")
+        wait_until(lambda: store.count("streetlight") == n, 240,  # a loaded machine: slow,
+                   message=f"all {n} readings after the outage")  # but nothing may be lost
         wait_until(lambda: spool_depth(data) == 0, 30, message="the spool drained")
         rss = ing.peak_rss_mb()
         assert rss < 250, f"ingest peaked at {rss:.0f} MB"
