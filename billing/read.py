@@ -4,9 +4,7 @@ Only billing writes its tables."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +40,7 @@ class LedgerStatus:
 
 
 def _rows(data_dir: str | Path, sql: str, params: tuple = ()) -> list[tuple]:
-    db = statedb.connect_readonly(path(data_dir))
-    if db is None:
-        return []
-    with contextlib.closing(db):
-        try:
-            return db.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as e:
-            if "no such table" in str(e):  # billing has not started here yet
-                return []
-            raise
+    return statedb.read_rows(path(data_dir), sql, params)
 
 
 def accounts(data_dir: str | Path) -> list[Account]:

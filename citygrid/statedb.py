@@ -51,3 +51,19 @@ def connect_readonly(path: str | Path) -> sqlite3.Connection | None:
         return None
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
                            timeout=30)
+
+
+def read_rows(path: str | Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """One query over another process's state database, read-only; a database or table that
+    does not exist yet (its owner has not run) reads as no rows."""
+    db = connect_readonly(path)
+    if db is None:
+        return []
+    try:
+        return db.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return []
+        raise
+    finally:
+        db.close()

@@ -5,7 +5,6 @@ Bounded (oldest entries trimmed), while the per-reason counts are cumulative.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -97,12 +96,5 @@ class DeadLetterStore:
 def read_dead_letter_counts(data_dir: str | Path) -> dict[str, int]:
     """Dead letters by reason, all time, for other services (read-only; empty before ingest
     has run)."""
-    db = statedb.connect_readonly(Path(data_dir) / "ingest.sqlite")
-    if db is None:
-        return {}
-    try:
-        return dict(db.execute("SELECT reason, count FROM dead_letter_counts"))
-    except sqlite3.OperationalError:
-        return {}
-    finally:
-        db.close()
+    return dict(statedb.read_rows(Path(data_dir) / "ingest.sqlite",
+                                  "SELECT reason, count FROM dead_letter_counts"))

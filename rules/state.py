@@ -178,17 +178,7 @@ FILENAME = "rules.sqlite"
 
 
 def _read(data_dir: str | Path, sql: str, params: tuple = ()) -> list[tuple]:
-    db = statedb.connect_readonly(Path(data_dir) / FILENAME)
-    if db is None:
-        return []
-    try:
-        return db.execute(sql, params).fetchall()
-    except sqlite3.OperationalError as e:
-        if "no such table" in str(e):
-            return []
-        raise
-    finally:
-        db.close()
+    return statedb.read_rows(Path(data_dir) / FILENAME, sql, params)
 
 
 @dataclass(frozen=True)
