@@ -238,7 +238,10 @@ class RuleRunner:
         while not self.stopping.is_set():
             if not connected:
                 try:
-                    mqtt.connect(self.client, self.settings.mqtt)
+                    # A persistent session: what arrives while the connection is down (a
+                    # broker restart, a keepalive lost under load, the engine restarting) waits
+                    # at the broker instead of being dropped with a clean session.
+                    mqtt.connect(self.client, self.settings.mqtt, clean_start=False)
                     connected = True
                 except OSError as e:
                     log.warning("waiting for the broker at %s: %s", self.settings.mqtt, e)

@@ -257,3 +257,32 @@ class Box:
 
     def points(self, points):
         self.pts += points
+
+
+def _simulate(url: str, fleet: Fleet, config, result) -> None:
+    from simulators.engine import Engine as Sim
+
+    sim = Sim(MqttUrl.parse(url), fleet, COPENHAGEN, config)
+    sim.connect()
+    result.put(dict(sim.run()))
+
+
+def simulate_elsewhere(url: str, fleet: Fleet, config, timeout_s: float = 240.0) -> dict:
+    """Run a simulator to its end in a process of its own and return its stats.
+
+    In the test process the simulator, ingest and the rule engine would share one GIL;
+    this one gets the other core, as it would in a deployment.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    result = ctx.Queue()
+    process = ctx.Process(target=_simulate, args=(url, fleet, config, result), daemon=True)
+    process.start()
+    try:
+        stats = result.get(timeout=timeout_s)
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+    return stats

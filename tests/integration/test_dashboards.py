@@ -17,16 +17,16 @@ import pytest
 from citygrid.city import COPENHAGEN
 from citygrid.contract import Topic
 from citygrid.fleet import Fleet
-from citygrid.settings import MqttUrl, Settings
+from citygrid.settings import Settings
 from citygrid.store.influx import InfluxStore
 from citygrid.store.lifecycle import Lifecycle
 from dashboards.build import DASHBOARDS, OUT, panel_queries, render
 from ingest.service import IngestConfig, IngestService
 from rules.loader import DEFAULT_RULES
 from rules.runner import RuleRunner, RunnerConfig
-from simulators.engine import Engine, SimConfig
+from simulators.engine import SimConfig
 from simulators.fleetgen import generate
-from tests.helpers import Publisher, wait_until
+from tests.helpers import Publisher, simulate_elsewhere, wait_until
 
 
 def test_committed_dashboards_are_built_from_the_code():
@@ -62,17 +62,15 @@ def night(influxd, mosquitto, tmp_path_factory):
     evening = datetime.now(COPENHAGEN.tz).replace(hour=18, minute=0, second=0,
                                                   microsecond=0) - timedelta(days=2)
     start_ms = int(evening.timestamp() * 1000)
-    sim = Engine(MqttUrl.parse(mosquitto.url), fleet, COPENHAGEN, SimConfig(
-        speed=7200, interval_s=60, duration_s=24 * 3600, start_ms=start_ms, seed=4,
-        faults={"lamp_failure": 0.002}))
+    sim = SimConfig(speed=7200, interval_s=120, duration_s=24 * 3600, start_ms=start_ms,
+                    seed=4, faults={"lamp_failure": 0.002})
     pub = Publisher(mosquitto.url, f"pub-{uid}")
     try:
-        sim.connect()
-        stats = sim.run()
+        stats = simulate_elsewhere(mosquitto.url, fleet, sim)
         pub.send_all([(str(Topic(uid, "meter", "m-00000")), b"not json")])  # a dead letter
         wait_until(lambda: store.count("streetlight") + store.count("meter") >=
                    stats["readings"], timeout_s=60, message="the night stored")
-        end_of_night = start_ms + 24 * 3_600_000 - 120_000
+        end_of_night = start_ms + 24 * 3_600_000 - 240_000
         wait_until(lambda: (runner.engine.watermark or 0) >= end_of_night, timeout_s=240,
                    message="the rule engine through the night")
         time.sleep(2)  # last self-reports, lighting and billing points
