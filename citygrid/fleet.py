@@ -5,7 +5,9 @@ One feature per device; its properties say what it is:
 - every device: ``device_id``, ``kind`` (streetlight | meter), ``district``;
 - streetlights: ``rated_w`` (electrical power at 100 %), optional ``street``;
 - meters: ``account_id``, ``tariff``, optional ``profile`` (household | business) and
-  ``max_power_w`` (what the connection can draw; faster register increases are implausible).
+  ``max_power_w`` (what the connection can draw; faster register increases are implausible);
+- an off-the-shelf device: ``device_profile`` (how it talks, ``adapters/profiles``) and
+  ``native_id`` (its own name on its own topics); without them a device speaks the contract.
 
 Read by the simulator, the rule engine (neighbours within R metres) and the registry.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from citygrid.contract import ID_PATTERN, KINDS
 
 EARTH_RADIUS_M = 6_371_000
+PROFILE_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
+# A native id may be a topic level (no MQTT wildcards or separators) or a payload value.
+NATIVE_ID_PATTERN = r"^[^/+#\x00-\x1f]{1,128}$"
 
 
 class FleetError(ValueError):
@@ -35,12 +40,14 @@ class _Properties(BaseModel):
     device_id: Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]
     kind: str
     district: Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]
-    rated_w: Annotated[float, Field(gt=0, le=2000)] | None = None
+    rated_w: Annotated[float, Field(gt=0, le=2000, allow_inf_nan=False)] | None = None
     street: str | None = None
     account_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     tariff: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     profile: Literal["household", "business"] | None = None
-    max_power_w: Annotated[float, Field(gt=0)] | None = None
+    max_power_w: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    device_profile: Annotated[str, Field(pattern=PROFILE_PATTERN)] | None = None
+    native_id: Annotated[str, Field(pattern=NATIVE_ID_PATTERN)] | None = None
 
     @model_validator(mode="after")
     def _by_kind(self) -> _Properties:
@@ -50,6 +57,9 @@ class _Properties(BaseModel):
             raise ValueError("a streetlight needs rated_w")
         if self.kind == "meter" and not (self.account_id and self.tariff):
             raise ValueError("a meter needs account_id and tariff")
+        if (self.device_profile is None) != (self.native_id is None):
+            raise ValueError("device_profile and native_id go together: a device with a "
+                             "profile needs its native id, and a native id needs a profile")
         return self
 
 
@@ -66,6 +76,8 @@ class FleetDevice:
     tariff: str | None = None
     profile: str | None = None
     max_power_w: float | None = None
+    device_profile: str | None = None
+    native_id: str | None = None
 
     def feature(self) -> dict[str, Any]:
         props = {k: v for k, v in asdict(self).items() if v is not None and k not in ("lat", "lon")}
@@ -73,6 +85,41 @@ class FleetDevice:
                 "geometry": {"type": "Point", "coordinates": [round(self.lon, 7),
                                                                round(self.lat, 7)]},
                 "properties": props}
+
+
+def check_device(device: FleetDevice, *, tariffs: Collection[str] | None = None,
+                 profiles: Collection[str] | None = None) -> list[str]:
+    """What is wrong with one inventory entry, as ``field: problem`` lines (empty: nothing).
+
+    The one check every way into the registry uses (``citygrid devices add|import|edit``,
+    the API, ``CITYGRID_FLEET``): ids that fit the contract, coordinates finite and on the
+    globe, rated power positive, a meter's tariff known to the billing configuration
+    (``tariffs``) and a device profile known to the adapters (``profiles``) when given.
+    """
+    problems = []
+    for name, value, low, high in (("lat", device.lat, -90, 90), ("lon", device.lon, -180, 180)):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            problems.append(f"{name}: must be a number, not {value!r}")
+        elif not math.isfinite(value):
+            problems.append(f"{name}: must be a finite number, not {value}")
+        elif not low <= value <= high:
+            problems.append(f"{name}: {value} is outside {low}…{high}")
+    props = {k: v for k, v in asdict(device).items() if k not in ("lat", "lon")}
+    try:
+        _Properties.model_validate({k: v for k, v in props.items() if v is not None})
+    except ValidationError as e:
+        for x in e.errors(include_url=False):
+            where = ".".join(map(str, x["loc"]))
+            problems.append(f"{where}: {x['msg']}" if where else x["msg"].removeprefix(
+                "Value error, "))
+    if tariffs is not None and device.kind == "meter" and device.tariff and \
+            device.tariff not in tariffs:
+        problems.append(f"tariff: {device.tariff!r} is not in the billing configuration "
+                        f"(known: {', '.join(sorted(tariffs)) or 'none'})")
+    if profiles is not None and device.device_profile and device.device_profile not in profiles:
+        problems.append(f"device_profile: no profile {device.device_profile!r} "
+                        f"(known: {', '.join(sorted(profiles)) or 'none'})")
+    return problems
 
 
 def distance_m(a: FleetDevice, b: FleetDevice) -> float:

@@ -5,34 +5,53 @@ account a meter bills, the simulator for what to simulate, the gateway for its m
 device list); the gateway and `citygrid devices` write it. It lives in the state database
 ``registry.sqlite`` under ``CITYGRID_DATA_DIR``, table ``devices``. MQTT credentials, API
 tokens and alert acknowledgements are the gateway's and live beside it in tables of its own.
+
+Every write goes through :func:`citygrid.fleet.check_device` (one bad entry refuses the whole
+change, naming the entry) and bumps :meth:`Registry.version`, which a running service polls
+(a one-row read) to pick up an edit without a restart (docs/architecture.md, "One inventory").
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from citygrid import statedb
 from citygrid.contract import Topic
-from citygrid.fleet import Fleet, FleetDevice
+from citygrid.fleet import Fleet, FleetDevice, check_device
 
 FILENAME = "registry.sqlite"
 STATUSES = ("registered", "provisioned", "revoked")
 # What a device record carries (FleetDevice's fields); `status` comes on top.
 FIELDS = ("device_id", "kind", "district", "lat", "lon", "rated_w", "account_id", "tariff",
-          "profile", "max_power_w", "street")
+          "profile", "max_power_w", "street", "device_profile", "native_id")
 EDITABLE = ("district", "lat", "lon", "rated_w", "account_id", "tariff", "profile",
-            "max_power_w", "street")
+            "max_power_w", "street", "device_profile", "native_id")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, kind TEXT NOT NULL, district TEXT NOT NULL,
     lat REAL NOT NULL, lon REAL NOT NULL, rated_w REAL, account_id TEXT, tariff TEXT,
     profile TEXT, max_power_w REAL, street TEXT,
-    status TEXT NOT NULL DEFAULT 'registered', created_ms INTEGER NOT NULL);
+    status TEXT NOT NULL DEFAULT 'registered', created_ms INTEGER NOT NULL,
+    device_profile TEXT, native_id TEXT);
+CREATE TABLE IF NOT EXISTS registry_version (id INTEGER PRIMARY KEY CHECK (id = 1),
+                                             version INTEGER NOT NULL);
+INSERT OR IGNORE INTO registry_version VALUES (1, 0);
 """
+_ADDED_COLUMNS = (("device_profile", "TEXT"), ("native_id", "TEXT"))  # registries from before
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """What an entry may refer to: the billing configuration's tariffs, the adapters'
+    device profiles. ``None``: not checked (a caller that cannot know)."""
+
+    tariffs: Collection[str] | None = None
+    profiles: Collection[str] | None = None
 _SELECT = f"SELECT {', '.join(FIELDS)}, status FROM devices"
 
 
@@ -44,14 +63,36 @@ class RegistryError(ValueError):
         self.device_id = device_id
 
 
+class InvalidEntry(RegistryError):
+    """An entry that does not pass :func:`citygrid.fleet.check_device`; says which and why."""
+
+
 class Registry:
     """The inventory in ``data_dir/registry.sqlite``."""
 
-    def __init__(self, data_dir: str | Path):
+    def __init__(self, data_dir: str | Path, catalogue: Catalogue | None = None):
         self.dir = Path(data_dir)
         self.path = self.dir / FILENAME
+        self.catalogue = catalogue or Catalogue()
         self.db = statedb.connect(self.path)
         self.db.executescript(_SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(devices)")}
+        with self.db:
+            for column, sql_type in _ADDED_COLUMNS:
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE devices ADD COLUMN {column} {sql_type}")
+
+    def version(self) -> int:
+        """A number that changes with every write to the inventory (any process)."""
+        return self.db.execute("SELECT version FROM registry_version").fetchone()[0]
+
+    def _bump(self) -> None:  # inside the writing transaction
+        self.db.execute("UPDATE registry_version SET version = version + 1")
+
+    def check(self, device: FleetDevice) -> list[str]:
+        """What is wrong with this entry (empty: it may go in)."""
+        return check_device(device, tariffs=self.catalogue.tariffs,
+                            profiles=self.catalogue.profiles)
 
     # ------------------------------------------------------------------ reading
 
@@ -94,8 +135,17 @@ class Registry:
             self.set_status(device.device_id, status)
 
     def upsert_many(self, devices: Iterable[FleetDevice]) -> int:
+        """Add or replace many entries in one transaction; one bad entry refuses them all."""
+        devices = list(devices)
+        bad = [(i, d, problems) for i, d in enumerate(devices) if (problems := self.check(d))]
+        if bad:
+            lines = [f"entry {i + 1} ({d.device_id}): {p}" for i, d, problems in bad[:20]
+                     for p in problems]
+            more = f"\n… and {len(bad) - 20} more entries" if len(bad) > 20 else ""
+            raise InvalidEntry("\n".join(lines) + more, bad[0][1].device_id)
         n = 0
         with self.db:
+            self._bump()
             for d in devices:
                 self.db.execute(
                     f"INSERT INTO devices ({', '.join(FIELDS)}, created_ms) "
@@ -122,7 +172,13 @@ class Registry:
             return record
         if "district" in changes:
             Topic(changes["district"], record["kind"], device_id)  # raises ContractError
+        edited = {**record, **changes}
+        edited.pop("status")
+        problems = self.check(FleetDevice(**edited))
+        if problems:
+            raise InvalidEntry(f"{device_id}: " + "; ".join(problems), device_id)
         with self.db:
+            self._bump()
             self.db.execute("UPDATE devices SET " + ", ".join(f"{k} = ?" for k in changes)
                             + " WHERE device_id = ?", (*changes.values(), device_id))
         return self.record(device_id)  # type: ignore[return-value]
@@ -131,6 +187,7 @@ class Registry:
         if status not in STATUSES:
             raise RegistryError(f"status must be one of {', '.join(STATUSES)}", device_id)
         with self.db:
+            self._bump()
             cur = self.db.execute("UPDATE devices SET status = ? WHERE device_id = ?",
                                   (status, device_id))
         if cur.rowcount == 0:
@@ -144,4 +201,5 @@ def _record(row: tuple) -> dict[str, Any]:
     return dict(zip((*FIELDS, "status"), row, strict=True))
 
 
-__all__ = ["EDITABLE", "FIELDS", "FILENAME", "STATUSES", "Registry", "RegistryError"]
+__all__ = ["EDITABLE", "FIELDS", "FILENAME", "STATUSES", "Catalogue", "InvalidEntry", "Registry",
+           "RegistryError"]

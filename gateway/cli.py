@@ -11,9 +11,15 @@ from citygrid.settings import Settings
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("devices", help="the device registry and per-device MQTT credentials")
     ds = p.add_subparsers(dest="devices_command", required=True, metavar="SUBCOMMAND")
-    imp = ds.add_parser("import", parents=[common], help="import a fleet GeoJSON file")
+    imp = ds.add_parser("import", parents=[common],
+                        help="add or update every device of a fleet GeoJSON file "
+                        "(one bad entry refuses the whole file)")
     imp.add_argument("file")
     imp.set_defaults(func=cmd_import)
+    exp = ds.add_parser("export", parents=[common],
+                        help="the registry as a fleet GeoJSON file (revoked devices left out)")
+    exp.add_argument("file", nargs="?", help="write here (default: standard output)")
+    exp.set_defaults(func=cmd_export)
     add = ds.add_parser("add", parents=[common],
                         help="register a device; prints its MQTT credentials once")
     add.add_argument("device_id")
@@ -24,7 +30,19 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     add.add_argument("--rated-w", type=float, help="streetlights: power at 100 %%")
     add.add_argument("--account", help="meters: the account billed")
     add.add_argument("--tariff", help="meters: the tariff")
+    _entry_options(add)
     add.set_defaults(func=cmd_add)
+    ed = ds.add_parser("edit", parents=[common],
+                       help="change a device: running services follow within seconds")
+    ed.add_argument("device_id")
+    ed.add_argument("--district")
+    ed.add_argument("--lat", type=float)
+    ed.add_argument("--lon", type=float)
+    ed.add_argument("--rated-w", type=float)
+    ed.add_argument("--account")
+    ed.add_argument("--tariff")
+    _entry_options(ed)
+    ed.set_defaults(func=cmd_edit)
     rev = ds.add_parser("revoke", parents=[common], help="remove a device's access")
     rev.add_argument("device_id")
     rev.set_defaults(func=cmd_revoke)
@@ -66,20 +84,29 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     acc.set_defaults(func=cmd_account)
 
 
+def _entry_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--street", help="streetlights: the street it lights")
+    p.add_argument("--max-power-w", type=float,
+                   help="meters: what the connection can draw")
+    p.add_argument("--profile", dest="device_profile", metavar="PROFILE",
+                   help="an off-the-shelf device: its device profile (e.g. tasmota-energy)")
+    p.add_argument("--native-id", help="with --profile: the device's own name on its topics")
+
+
 def _data_dir(args: argparse.Namespace) -> str:
     return Settings.from_env(data_dir=args.data_dir).data_dir
 
 
 def _registry(args: argparse.Namespace):
-    from citygrid.registry import Registry
+    from gateway.inventory import registry
 
-    return Registry(_data_dir(args))
+    return registry(Settings.from_env(data_dir=args.data_dir))
 
 
 def _provisioner(args: argparse.Namespace):
     from gateway.provisioning import Provisioner
 
-    return Provisioner(_data_dir(args))
+    return Provisioner(_data_dir(args), _registry(args))
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -90,21 +117,70 @@ def cmd_import(args: argparse.Namespace) -> int:
     except FleetError as e:
         print(f"citygrid devices import: {e}", file=sys.stderr)
         return 2
-    n = _registry(args).import_fleet(fleet)
+    from citygrid.registry import RegistryError
+
+    try:
+        n = _registry(args).import_fleet(fleet)
+    except RegistryError as e:
+        print(f"citygrid devices import: {args.file}: nothing imported:\n{e}", file=sys.stderr)
+        return 2
     print(f"imported {n} devices from {args.file}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    fleet = _registry(args).fleet()
+    text = fleet.dump()
+    if args.file:
+        from pathlib import Path
+
+        Path(args.file).write_text(text + "\n")
+        print(f"exported {len(fleet)} devices to {args.file}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from citygrid.contract import ContractError
+    from citygrid.registry import RegistryError
+
+    changes = {k: v for k, v in (
+        ("district", args.district), ("lat", args.lat), ("lon", args.lon),
+        ("rated_w", args.rated_w), ("account_id", args.account), ("tariff", args.tariff),
+        ("street", args.street), ("max_power_w", args.max_power_w),
+        ("device_profile", args.device_profile), ("native_id", args.native_id))
+        if v is not None}
+    if not changes:
+        print("citygrid devices edit: nothing to change (see --help)", file=sys.stderr)
+        return 2
+    provisioner = _provisioner(args)
+    try:
+        before = provisioner.registry.record(args.device_id)
+        provisioner.registry.edit(args.device_id, **changes)
+    except (ContractError, RegistryError) as e:
+        print(f"citygrid devices edit: {e}", file=sys.stderr)
+        return 2
+    if before and before["status"] == "provisioned" and (
+            {"district", "device_profile", "native_id"} & set(changes)):
+        provisioner.write_broker_files()  # its topics moved with it
+    print(f"edited {args.device_id}: {', '.join(sorted(changes))}")
     return 0
 
 
 def cmd_add(args: argparse.Namespace) -> int:
     from citygrid.contract import ContractError
     from citygrid.fleet import FleetDevice
+    from citygrid.registry import RegistryError
     from gateway.provisioning import ProvisioningError
 
     device = FleetDevice(args.device_id, args.kind, args.district, args.lat, args.lon,
-                         rated_w=args.rated_w, account_id=args.account, tariff=args.tariff)
+                         rated_w=args.rated_w, account_id=args.account, tariff=args.tariff,
+                         street=args.street, max_power_w=args.max_power_w,
+                         device_profile=args.device_profile, native_id=args.native_id)
     try:
         creds = _provisioner(args).provision(device)
-    except (ContractError, ProvisioningError) as e:
+    except (ContractError, ProvisioningError, RegistryError) as e:
         print(f"citygrid devices add: {e}", file=sys.stderr)
         return 2
     print(f"username: {creds.username}\npassword: {creds.password}\n"

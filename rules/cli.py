@@ -77,12 +77,35 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _fleet(settings: Settings):
+    """Where the lights stand, for the commands that only read: the fleet file when one is
+    named, else the registry."""
     from citygrid.fleet import Fleet
+    from citygrid.registry import FILENAME, Registry
 
-    if not settings.fleet:
-        raise SystemExit("citygrid rules: CITYGRID_FLEET (or --fleet) is needed: the engine "
-                         "learns where each light stands from the fleet file")
-    return Fleet.load(settings.fleet)
+    if settings.fleet:
+        return Fleet.load(settings.fleet)
+    if not (Path(settings.data_dir) / FILENAME).exists():
+        raise SystemExit(f"citygrid rules: no devices: neither CITYGRID_FLEET (or --fleet) nor a "
+                         f"registry in {settings.data_dir} (citygrid devices import|add)")
+    return Registry(settings.data_dir).fleet()
+
+
+def _inventory(settings: Settings):
+    """The registry the engine follows, with CITYGRID_FLEET (if set) imported into it first
+    (idempotently: the same file twice changes nothing)."""
+    from billing import load_config
+    from citygrid.fleet import Fleet, FleetError
+    from citygrid.registry import Catalogue, Registry, RegistryError
+
+    registry = Registry(settings.data_dir,
+                        Catalogue(tariffs=frozenset(load_config(settings.billing).tariffs)))
+    if settings.fleet:
+        try:
+            n = registry.import_fleet(Fleet.load(settings.fleet))
+        except (FleetError, RegistryError) as e:
+            raise SystemExit(f"citygrid rules: {settings.fleet}: not imported:\n{e}") from None
+        log.info("imported %d devices from %s into the registry", n, settings.fleet)
+    return registry
 
 
 def _rules_path(settings: Settings) -> Path:
@@ -217,7 +240,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         store.ensure_ready()
     except StoreUnavailable as e:
         log.warning("store not ready (lighting figures will be retried): %s", e)
-    runner = RuleRunner(settings, _fleet(settings), city(settings.city), store, config)
+    inventory = _inventory(settings)
+    fleet = inventory.fleet()
+    if not len(fleet):
+        log.warning("the registry in %s has no devices yet: the engine takes them as they are "
+                    "added (citygrid devices add|import)", settings.data_dir)
+    runner = RuleRunner(settings, fleet, city(settings.city), store, config, inventory=inventory)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -154,6 +154,29 @@ class RuleEngine:
         self._rules_for: dict[tuple[str, str], list[CompiledRule]] = {}
         self._floor_on = None
 
+    def set_fleet(self, fleet: Fleet) -> None:
+        """Use a new inventory (the registry changed): devices added are taken from their
+        next reading, moved ones are selected (district rules, neighbours) where they stand
+        now, and a device no longer there (revoked) loses its state and gets no command."""
+        gone = set(self.fleet.by_id) - set(fleet.by_id)
+        self.fleet = fleet
+        if self.billing is not None:
+            self.billing.fleet = fleet
+        for device_id in gone:
+            self.lights.pop(device_id, None)
+            self._dirty_lights.add(device_id)
+            self._touched.discard(device_id)
+            self.acks.pending.pop(device_id, None)
+            self.last_reading.pop(device_id, None)
+            self.windows.pop(device_id, None)
+        for key in [k for k in self.instances if k[1] in gone]:
+            self.instances.pop(key)
+            self._dirty_instances.add(key)
+        # What was derived from where devices stand: selections, districts, neighbours.
+        self.actions = {name: cls(self) for name, cls in ACTIONS.items()}
+        self._plans = {r.id: plan(r, self.actions) for r in self.ruleset.rules}
+        self._rules_for = {}
+
     def _drop_instance(self, key: tuple[str, str]) -> None:
         rule_id, source = key
         self.instances.pop(key, None)

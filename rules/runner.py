@@ -26,6 +26,7 @@ from citygrid.city import CityProfile
 from citygrid.clock import SYSTEM_CLOCK, Clock
 from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
 from citygrid.fleet import Fleet, FleetDevice
+from citygrid.registry import Registry
 from citygrid.settings import Settings
 from citygrid.store import Point, StoreError, TelemetryStore
 from rules import loader
@@ -99,8 +100,12 @@ class RuleRunner:
 
     def __init__(self, settings: Settings, fleet: Fleet, city: CityProfile,
                  store: TelemetryStore | None, config: RunnerConfig, *,
-                 make_client: MqttClientFactory | None = None, clock: Clock = SYSTEM_CLOCK):
+                 make_client: MqttClientFactory | None = None, clock: Clock = SYSTEM_CLOCK,
+                 inventory: Registry | None = None):
         self.settings, self.fleet, self.config = settings, fleet, config
+        # The registry, when the fleet comes from it: re-read whenever it changes.
+        self.inventory = inventory
+        self._inventory_version = inventory.version() if inventory is not None else None
         self.clock = clock
         make_client = make_client or mqtt.make_client
         self.ruleset = loader.load(config.rules_path)
@@ -266,6 +271,7 @@ class RuleRunner:
                 last_save = now
             if now - last_reload >= self.config.reload_every_s:
                 self.reload_if_changed()
+                self.follow_inventory()
                 last_reload = now
             if now - last_health >= 5:
                 self.state.save_health(self.engine)
@@ -273,6 +279,29 @@ class RuleRunner:
         self.state.save(self.engine)
         self.state.save_health(self.engine)
         self.client.disconnect()
+
+    def follow_inventory(self) -> bool:
+        """Take the registry's devices again if it changed since the last look (a one-row
+        read; a change reaches the engine within ``reload_every_s``)."""
+        if self.inventory is None:
+            return False
+        version = self.inventory.version()
+        if version == self._inventory_version:
+            return False
+        self._inventory_version = version
+        fleet = self.inventory.fleet()
+        old = self.fleet.by_id
+        changed = [d for d in fleet if old.get(d.device_id) != d]
+        gone = [i for i in old if i not in fleet.by_id]
+        self.fleet = fleet
+        self.engine.set_fleet(fleet)
+        now = self.clock.now_ms()
+        self.outbox.points([Point("citygrid_devices", {
+            "device_id": d.device_id, "district": d.district, "kind": d.kind},
+            {"lat": d.lat, "lon": d.lon}, now) for d in changed])
+        log.info("inventory changed: %d devices (%d added or edited, %d gone)",
+                 len(fleet), len(changed), len(gone))
+        return True
 
     def stop(self) -> None:
         self.stopping.set()

@@ -9,7 +9,7 @@ from fastapi import Path as PathParam
 
 from citygrid.contract import ContractError
 from citygrid.fleet import FleetDevice
-from citygrid.registry import RegistryError
+from citygrid.registry import InvalidEntry, RegistryError
 from citygrid.store import StoreError
 from gateway import queries
 from gateway.deps import (
@@ -58,11 +58,14 @@ def one_device(device_id: DeviceId, _: Viewer, registry: RegistryDep, store: Sto
 
 
 @router.post("/api/v1/devices", response_model=NewCredentials, status_code=201,
-             responses={409: documented("Not provisionable")})
+             responses={409: documented("Not provisionable"),
+                        422: documented("Not a valid entry")})
 def provision(device: NewDevice, _: Admin, provisioner: ProvisionerDep) -> NewCredentials:
     """Register a device and return its MQTT credentials — once."""
     try:
         creds = provisioner.provision(FleetDevice(**device.model_dump()))
+    except InvalidEntry as e:
+        raise HTTPException(422, str(e)) from None
     except (ContractError, ProvisioningError) as e:
         raise HTTPException(409, str(e)) from None
     return NewCredentials(device_id=device.device_id, mqtt_username=creds.username,
@@ -70,7 +73,8 @@ def provision(device: NewDevice, _: Admin, provisioner: ProvisionerDep) -> NewCr
 
 
 @router.patch("/api/v1/devices/{device_id}", response_model=Device,
-              responses={**NO_DEVICE, 409: documented("Not a valid change")})
+              responses={**NO_DEVICE, 409: documented("Not a valid change"),
+                         422: documented("Not a valid entry")})
 def edit_device(device_id: DeviceId, change: DeviceChange, _: Admin, registry: RegistryDep,
                 provisioner: ProvisionerDep, feed: FeedDep) -> Device:
     """Change a device's district, position, rated power, account or tariff."""
@@ -82,6 +86,8 @@ def edit_device(device_id: DeviceId, change: DeviceChange, _: Admin, registry: R
         return queries.device(record, None)
     try:
         edited = registry.edit(device_id, **updates)
+    except InvalidEntry as e:
+        raise HTTPException(422, str(e)) from None
     except ContractError as e:
         raise HTTPException(409, str(e)) from None
     except RegistryError as e:  # gone since it was read

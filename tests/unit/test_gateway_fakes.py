@@ -142,7 +142,8 @@ def test_listing_devices_includes_the_feeds_latest_reading(gw):
     one = next(d for d in devices if d["device_id"] == "sl-1")
     assert one == {"device_id": "sl-1", "kind": "streetlight", "district": "valby",
                    "lat": 55.66, "lon": 12.5, "rated_w": 40.0, "account_id": None,
-                   "tariff": None, "status": "registered", "latest": feed.latest["sl-1"]}
+                   "tariff": None, "status": "registered", "device_profile": None,
+                   "native_id": None, "latest": feed.latest["sl-1"]}
     assert next(d for d in devices if d["device_id"] == "sl-2")["latest"] is None
     valby = client.get("/api/v1/devices", params={"district": "valby", "kind": "streetlight"},
                        headers=tokens["viewer"]).json()
@@ -316,6 +317,9 @@ def test_an_edit_that_clears_a_district_or_position_is_a_422_problem_not_a_500(g
         r = client.patch("/api/v1/devices/sl-1", headers=tokens["admin"], json=body)
         assert r.status_code == 422 and r.headers["content-type"] == PROBLEM, body
         assert "cannot be null" in r.json()["detail"]
+    # A streetlight without rated power is refused as the fleet file refuses it.
     r = client.patch("/api/v1/devices/sl-1", headers=tokens["admin"], json={"rated_w": None})
-    assert r.status_code == 200 and r.json()["rated_w"] is None  # clearing these is allowed
+    assert r.status_code == 422 and "a streetlight needs rated_w" in r.json()["detail"]
+    r = client.patch("/api/v1/devices/sl-1", headers=tokens["admin"], json={"lat": 555})
+    assert r.status_code == 422 and r.headers["content-type"] == PROBLEM
     assert client.get("/api/v1/devices/sl-1", headers=tokens["viewer"]).json()["lat"] == 55.66

@@ -1,0 +1,102 @@
+"""One live inventory: a registry change reaches a running rule engine and billing within 5 s,
+without a restart — added, moved to another district, revoked."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+
+from billing import load_config
+from citygrid.city import COPENHAGEN
+from citygrid.contract import Topic
+from citygrid.fleet import FleetDevice
+from citygrid.registry import Catalogue, Registry
+from citygrid.settings import Settings
+from rules.loader import DEFAULT_RULES
+from rules.runner import RuleRunner, RunnerConfig
+from tests.helpers import NIGHT, Collector, Publisher, light_reading, wait_until
+
+FOLLOWS_WITHIN_S = 5.0
+
+
+@pytest.fixture
+def city(mosquitto, uid, tmp_path):
+    data = tmp_path / "data"
+    registry = Registry(data, Catalogue(tariffs=frozenset(load_config().tariffs)))
+    registry.upsert(FleetDevice("sl-1", "streetlight", uid, 55.696000, 12.544, rated_w=50))
+    runner = RuleRunner(
+        Settings(mqtt_url=mosquitto.url, data_dir=str(data)), registry.fleet(), COPENHAGEN,
+        None, RunnerConfig(DEFAULT_RULES, "city/v1/+/+/+/telemetry", client_id=f"rules-{uid}"),
+        inventory=Registry(data))
+    runner.start()
+    commands = Collector(mosquitto.url, "city/v1/+/streetlight/+/cmd")
+    settlements = Collector(mosquitto.url, f"city/v1/{uid}/meter/+/settlement")
+    pub = Publisher(mosquitto.url, f"pub-{uid}")
+    yield registry, runner, commands, settlements, pub
+    pub.close()
+    commands.close()
+    settlements.close()
+    runner.stop()
+    registry.close()
+
+
+def to(commands: Collector, device_id: str) -> list[tuple[str, dict]]:
+    return [(Topic.parse(t).district, orjson.loads(p)) for t, p, _ in commands.messages
+            if Topic.parse(t).device_id == device_id]
+
+
+def follows(runner: RuleRunner, predicate) -> None:
+    started = time.monotonic()
+    wait_until(lambda: predicate(runner.fleet), timeout_s=FOLLOWS_WITHIN_S + 1,
+               message="the engine follows the registry")
+    assert time.monotonic() - started <= FOLLOWS_WITHIN_S
+
+
+def test_added_moved_and_revoked_lights_are_followed_without_a_restart(city, uid):
+    registry, runner, commands, _, pub = city
+    other = uid + "b"
+    # Added while the engine runs: its first reading at night gets it the baseline.
+    registry.upsert(FleetDevice("sl-2", "streetlight", uid, 55.696252, 12.544, rated_w=50))
+    follows(runner, lambda f: "sl-2" in f.by_id)
+    pub.send(str(Topic(uid, "streetlight", "sl-2")), light_reading(1, NIGHT))
+    wait_until(lambda: to(commands, "sl-2"), message="a command to the new light")
+    assert to(commands, "sl-2")[0][1]["brightness_pct"] == 30.0
+    # Neighbours: motion at sl-1 boosts the new light 28 m away.
+    pub.send(str(Topic(uid, "streetlight", "sl-1")), light_reading(1, NIGHT + 1_000, motion=True))
+    wait_until(lambda: any(c["brightness_pct"] == 100.0 for _, c in to(commands, "sl-2")),
+               message="the new light is a neighbour")
+    # Moved to another district: its commands go to its new topic.
+    registry.edit("sl-2", district=other, lat=55.70, lon=12.60)
+    follows(runner, lambda f: f.by_id["sl-2"].district == other)
+    n = len(to(commands, "sl-2"))
+    pub.send(str(Topic(uid, "streetlight", "sl-1")), light_reading(2, NIGHT + 200_000, motion=True))
+    pub.send(str(Topic(other, "streetlight", "sl-2")), light_reading(2, NIGHT + 200_000))
+    wait_until(lambda: len(to(commands, "sl-2")) > n, message="a command after the move")
+    assert {d for d, _ in to(commands, "sl-2")[n:]} == {other}
+    assert all(c["brightness_pct"] != 100.0 for _, c in to(commands, "sl-2")[n:]), \
+        "2 km away, it is no longer sl-1's neighbour"
+    # Revoked: never commanded again.
+    registry.set_status("sl-2", "revoked")
+    follows(runner, lambda f: "sl-2" not in f.by_id)
+    n = len(to(commands, "sl-2"))
+    pub.send(str(Topic(other, "streetlight", "sl-2")),
+             light_reading(3, NIGHT + 400_000, motion=True))
+    pub.send(str(Topic(uid, "streetlight", "sl-1")), light_reading(3, NIGHT + 400_000))
+    wait_until(lambda: runner.engine.last_seen.get("sl-1") == NIGHT + 400_000)
+    time.sleep(0.5)
+    assert len(to(commands, "sl-2")) == n
+
+
+def test_a_meter_added_while_billing_runs_is_billed(city, uid):
+    registry, runner, _, settlements, pub = city
+    registry.upsert(FleetDevice("m-1", "meter", uid, 55.66, 12.5, account_id=f"acc-{uid}",
+                                tariff="business-flat", max_power_w=17250.0))
+    follows(runner, lambda f: "m-1" in f.by_id)
+    topic = str(Topic(uid, "meter", "m-1"))
+    pub.send(topic, {"ts": NIGHT, "seq": 1, "energy_kwh": 100.0, "power_w": 500.0})
+    pub.send(topic, {"ts": NIGHT + 3_600_000, "seq": 2, "energy_kwh": 111.0, "power_w": 500.0})
+    wait_until(lambda: settlements.messages, message="the new meter's settlement")
+    [(_, body, _)] = settlements.messages
+    assert orjson.loads(body)["kwh"] == "11.000000"
