@@ -54,6 +54,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                        description="Devices that behave like real ones on the wire. Faults: "
                        + ", ".join(FAULTS) + " (rate = chance per reading).")
     s.add_argument("--fleet", help="GeoJSON fleet file (CITYGRID_FLEET); else generated")
+    s.add_argument("--registry", action="store_true",
+                   help="simulate the registry's devices (in the data directory) that speak "
+                        "the contract, instead of a fleet file or a generated city")
     s.add_argument("--city", default=None, help="city profile (CITYGRID_CITY, copenhagen)")
     s.add_argument("--streetlights", type=int, default=300)
     s.add_argument("--meters", type=int, default=100)
@@ -100,8 +103,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                  fleet=args.fleet, city=args.city)
     profile = city_profile(settings.city)
     try:
-        fleet = (Fleet.load(settings.fleet) if settings.fleet else
-                 generate(profile, args.streetlights, args.meters, args.seed))
+        if args.registry:
+            from citygrid.registry import Registry
+
+            fleet = Fleet(d for d in Registry(settings.data_dir).fleet()
+                          if d.device_profile is None)  # profiled devices speak their own
+        else:
+            fleet = (Fleet.load(settings.fleet) if settings.fleet else
+                     generate(profile, args.streetlights, args.meters, args.seed))
     except FleetError as e:
         print(f"citygrid simulate: {e}", file=sys.stderr)
         return 2

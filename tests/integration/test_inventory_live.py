@@ -100,3 +100,62 @@ def test_a_meter_added_while_billing_runs_is_billed(city, uid):
     wait_until(lambda: settlements.messages, message="the new meter's settlement")
     [(_, body, _)] = settlements.messages
     assert orjson.loads(body)["kwh"] == "11.000000"
+
+
+def test_rules_run_starts_from_a_filled_registry_without_a_fleet_file(mosquitto, uid, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    data = tmp_path / "data"
+    registry = Registry(data)
+    registry.upsert(FleetDevice("sl-1", "streetlight", uid, 55.696, 12.544, rated_w=50))
+    registry.upsert(FleetDevice("sl-2", "streetlight", uid, 55.697, 12.544, rated_w=50))
+    env = {k: v for k, v in os.environ.items() if k != "CITYGRID_FLEET"}
+    log = tmp_path / "rules.log"
+    with open(log, "wb") as f:
+        p = subprocess.Popen([sys.executable, "-m", "cityctl", "rules", "run", "--mqtt-url",
+                              mosquitto.url, "--data-dir", str(data), "--client-id",
+                              f"rules-{uid}", "--topic", f"city/v1/{uid}/+/+/telemetry"],
+                             env={**env, "PYTHONPATH": str(REPO)}, stdout=f,
+                             stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "rules running" in log.read_text() or p.poll() is not None,
+                   message="the engine started")
+        assert p.poll() is None, log.read_text()
+        assert "2 devices" in log.read_text()
+    finally:
+        p.terminate()
+        p.wait(20)
+
+
+def test_the_simulator_simulates_the_registrys_contract_devices(mosquitto, uid, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    data = tmp_path / "data"
+    registry = Registry(data)
+    registry.upsert(FleetDevice("sl-1", "streetlight", uid, 55.696, 12.544, rated_w=50))
+    registry.upsert(FleetDevice("m-1", "meter", uid, 55.697, 12.544, account_id="a",
+                                tariff="business-flat"))
+    registry.upsert(FleetDevice("plug-1", "meter", uid, 55.697, 12.545, account_id="a",
+                                tariff="business-flat", device_profile="tasmota-energy",
+                                native_id="plug-1"))
+    telemetry = Collector(mosquitto.url, f"city/v1/{uid}/+/+/telemetry")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "cityctl", "simulate", "--registry", "--data-dir", str(data),
+             "--mqtt-url", mosquitto.url, "--duration", "3m", "--interval", "60s",
+             "--speed", "600"], env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: {Topic.parse(t).device_id for t, _, _ in telemetry.messages}
+                   == {"sl-1", "m-1"}, message="readings from the registry's devices")
+    finally:
+        telemetry.close()
+    assert not any("plug-1" in t for t, _, _ in telemetry.messages)
