@@ -7,11 +7,12 @@ rejected with a :class:`ContractError` that says which field and why.
 
 from __future__ import annotations
 
+import decimal
 import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, NamedTuple
 
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -39,9 +40,10 @@ OUT_OF_RANGE = "out_of_range"
 WRONG_TYPE = "wrong_type"
 MISSING_FIELD = "missing_field"
 BAD_SENML = "bad_senml"
+BAD_UNIT = "bad_unit"
 STORE_REJECTED = "store_rejected"
 REASONS = (BAD_TOPIC, UNKNOWN_KIND, OVERSIZE, NOT_JSON, NON_FINITE, OUT_OF_RANGE,
-           WRONG_TYPE, MISSING_FIELD, BAD_SENML, STORE_REJECTED)
+           WRONG_TYPE, MISSING_FIELD, BAD_SENML, BAD_UNIT, STORE_REJECTED)
 
 
 class ContractError(ValueError):
@@ -304,9 +306,10 @@ def decode_readings(kind: str, payload: bytes, topic: str | None = None, *,
     """Decode one telemetry message: a JSON object or a SenML pack (RFC 8428).
 
     With ``now_ms`` (the platform's clock: ingest and the rule engine pass it), a reading
-    more than MAX_AHEAD_MS ahead of it is refused as a clock fault.
+    more than MAX_AHEAD_MS ahead of it is refused as a clock fault, and a SenML pack's
+    relative times (RFC 8428 §4.5.3) are resolved against it; without it they are refused.
     """
-    readings = _decode(kind, payload, topic)
+    readings = _decode(kind, payload, topic, now_ms)
     if now_ms is not None:
         for r in readings:
             if r.ts > now_ms + MAX_AHEAD_MS:
@@ -316,7 +319,8 @@ def decode_readings(kind: str, payload: bytes, topic: str | None = None, *,
     return readings
 
 
-def _decode(kind: str, payload: bytes, topic: str | None) -> list[Reading]:
+def _decode(kind: str, payload: bytes, topic: str | None,
+            now_ms: int | None) -> list[Reading]:
     model = KINDS.get(kind)
     if model is None:
         raise ContractError(UNKNOWN_KIND, f"kind {kind!r} is not one of {sorted(KINDS)}", topic)
@@ -324,7 +328,7 @@ def _decode(kind: str, payload: bytes, topic: str | None) -> list[Reading]:
         raise ContractError(OVERSIZE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}", topic)
     start = payload.lstrip()[:1]
     if start == b"[":
-        return _decode_senml(model, payload, topic)
+        return _decode_senml(model, payload, topic, now_ms)
     if start != b"{":
         raise ContractError(NOT_JSON, "payload must be a JSON object or a SenML array", topic)
     try:
@@ -333,71 +337,305 @@ def _decode(kind: str, payload: bytes, topic: str | None) -> list[Reading]:
         raise _error_from(e, topic) from None
 
 
-def _decode_senml(model: type[Reading], payload: bytes, topic: str | None) -> list[Reading]:
-    try:
-        pack = pydantic_core.from_json(payload, allow_inf_nan=True)
-    except ValueError as e:
-        raise ContractError(NOT_JSON, str(e), topic) from None
-    if not pack:
-        raise ContractError(BAD_SENML, "empty SenML pack", topic)
-    by_time: dict[float, dict[str, Any]] = {}
-    base_name, base_time = "", 0.0
-    first_device: str | None = None
-    for i, record in enumerate(pack):
-        if not isinstance(record, dict):
-            raise ContractError(BAD_SENML, f"record {i} is not an object", topic)
-        base_name = record.get("bn", base_name)
-        base_time = record.get("bt", base_time)
-        if not isinstance(base_name, str) or not isinstance(base_time, int | float) or isinstance(
-            base_time, bool
-        ):
-            raise ContractError(BAD_SENML, f"record {i}: bn must be a string, bt a number", topic)
-        values = [record[k] for k in ("v", "vb", "vs") if k in record]
-        if not values and "n" not in record and ("bn" in record or "bt" in record):
-            continue  # a base-only record
-        if not isinstance(record.get("n", ""), str):
-            raise ContractError(BAD_SENML, f"record {i}: n must be a string", topic)
-        name = base_name + record.get("n", "")
-        # Names like "urn:dev:mac:0024befffe804ff1:power_w": the field is the last part.
-        field = re.split(r"[:/;]", name)[-1]
-        if not field:
-            raise ContractError(BAD_SENML, f"record {i} has no name", topic)
-        # One pack, one device (the topic's): records naming two devices would mix their
-        # values into one reading.
-        device = name[:len(name) - len(field)]
-        if first_device is None:
-            first_device = device
-        elif device != first_device:
-            raise ContractError(BAD_SENML, f"record {i} names {device!r} but the pack began "
-                                f"with {first_device!r}: one pack carries one device", topic)
-        if len(values) != 1:
-            raise ContractError(BAD_SENML, f"record {i} ({field}) needs exactly one of v, vb, vs",
-                                topic)
-        t = record.get("t", 0)
-        if not isinstance(t, int | float) or isinstance(t, bool):
-            raise ContractError(BAD_SENML, f"record {i}: t must be a number", topic)
-        when = base_time + t
-        if not math.isfinite(when * 1000):
-            raise ContractError(BAD_SENML, f"record {i}: its time is not a finite number", topic)
-        if when < 2**28:  # RFC 8428 §4.5.3: a relative time; we need the device's clock
-            raise ContractError(BAD_SENML, f"record {i}: relative time {when}s is not accepted; "
-                                "send absolute times (bt/t in epoch seconds)", topic)
-        reading = by_time.setdefault(when, {"ts": round(when * 1000)})
-        reading[field] = values[0]
-    if not by_time:
-        raise ContractError(BAD_SENML, "the pack has base records only, no values", topic)
-    out = []
-    for when, values in by_time.items():
-        try:
-            out.append(model.model_validate(values))
-        except ValidationError as e:
-            raise _error_from(e, topic, prefix=f"SenML t={when}: ") from None
-    return out
-
-
 def validate_command(payload: bytes) -> Command:
     try:
         return Command.model_validate_json(payload)
     except ValidationError as e:
         raise _error_from(e, None) from None
 
+
+# --------------------------------------------------------------------------- SenML (RFC 8428)
+
+SENML_VERSION = 10  # RFC 8428's version number; older (draft) versions read the same
+SENML_SECONDARY_UNITS = 1 << 4  # RFC 9100 §4: the "Secondary Units" feature bit (bver 26)
+RELATIVE_TIME_LIMIT = 2**28  # RFC 8428 §4.5.3: a resolved time below it is relative to "now"
+_VALUE_LABELS = ("v", "vb", "vs", "vd")
+_BASE_LABELS = ("bn", "bt", "bu", "bv", "bs", "bver")
+# Arithmetic on the numbers as the device wrote them (4211 + 0.07 is 4211.07, not
+# 4211.070000000001); no traps, so NaN and infinities flow on to be refused as non_finite.
+_DECIMAL = decimal.Context(prec=34, traps=[])
+
+
+class SenMLRecord(NamedTuple):
+    """One record of a pack, resolved as RFC 8428 §4.6 says: its base fields applied.
+
+    ``label`` names the value field (``v``, ``vb``, ``vs`` or ``vd``) and ``value`` holds it,
+    ``bv`` added to a ``v``; ``label`` is None for a record that carries only a sum. ``ts_ms``
+    is the time (bt + t) in epoch milliseconds, a relative time resolved against the time of
+    receipt. ``index`` is the record's position in the pack, for error details.
+    """
+
+    index: int
+    name: str
+    ts_ms: int
+    unit: str | None
+    label: str | None
+    value: Any
+    sum: Any = None
+    unit_from_base: bool = False  # the unit is the pack's bu, not the record's own u
+
+
+def _is_number(x: Any) -> bool:
+    return type(x) is float or type(x) is int  # JSON's numbers; not bool, an int subclass
+
+
+def _decimal(x: int | float) -> decimal.Decimal:
+    return decimal.Decimal(x) if isinstance(x, int) else decimal.Decimal(repr(x))
+
+
+def _plus(base: int | float | None, x: Any) -> Any:
+    """``base + x`` for a base field (RFC 8428 §4.5.4): exact, then the nearest float.
+
+    No base leaves ``x`` as sent; integers stay integers (``seq``); anything but a number
+    is left as it is, for the reading's model to refuse with its field's name.
+    """
+    if base is None or not _is_number(x):
+        return x
+    if isinstance(base, int) and isinstance(x, int):
+        return base + x
+    return float(_DECIMAL.add(_decimal(base), _decimal(x)))
+
+
+def _senml_error(detail: str, topic: str | None) -> ContractError:
+    return ContractError(BAD_SENML, detail, topic)
+
+
+@dataclass(slots=True)
+class _Bases:
+    """The base fields in force while a pack is read (RFC 8428 §4.1): each holds from the
+    record that sets it until a later record changes it."""
+
+    name: str = ""
+    time: int | float = 0
+    unit: str | None = None
+    value: int | float | None = None
+    sum: int | float | None = None
+    version: int | None = None  # None: no record has been read yet
+
+    def update(self, i: int, record: dict[str, Any], topic: str | None) -> None:
+        """Take the base fields record ``i`` sets; BAD_SENML for one of the wrong type."""
+        if "bver" in record:
+            self.version = _check_version(i, record["bver"], self.version, topic)
+        elif self.version is None:
+            self.version = SENML_VERSION
+        if "bn" in record:
+            self.name = _typed(i, record, "bn", str, "a string", topic)
+        if "bt" in record:
+            self.time = _typed(i, record, "bt", int | float, "a number", topic)
+        if "bu" in record:
+            self.unit = _typed(i, record, "bu", str, "a string", topic)
+        if "bv" in record:
+            self.value = _typed(i, record, "bv", int | float, "a number", topic)
+        if "bs" in record:
+            self.sum = _typed(i, record, "bs", int | float, "a number", topic)
+
+
+def _typed(i: int, record: dict[str, Any], label: str, kind: Any, what: str,
+           topic: str | None) -> Any:
+    value = record[label]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _senml_error(f"record {i}: {label} must be {what}, not {value!r}", topic)
+    return value
+
+
+def _check_version(i: int, bver: Any, version: int | None, topic: str | None) -> int:
+    """The pack's version from record ``i`` on: RFC 8428 §4.4 says all records carry one
+    version and a reader MUST NOT use a pack newer than it understands. CityGrid reads
+    version 10 and, with RFC 9100's feature bits, 26 (10 plus secondary units, which it
+    converts); any other feature bit is refused. Older (draft) versions read as 10.
+    """
+    if not isinstance(bver, int) or isinstance(bver, bool) or bver < 1:
+        raise _senml_error(f"record {i}: bver must be a positive integer, not {bver!r}", topic)
+    if bver > SENML_VERSION and bver != SENML_VERSION | SENML_SECONDARY_UNITS:
+        raise _senml_error(
+            f"record {i}: SenML version {bver} is not one CityGrid reads (10, or 26 for "
+            "secondary units, RFC 9100); a reader must not use a newer pack (RFC 8428 §4.4)",
+            topic)
+    if version is not None and bver != version:
+        raise _senml_error(f"record {i}: bver {bver}, but the records before it are version "
+                           f"{version}: all records of a pack have one version "
+                           "(RFC 8428 §4.4)", topic)
+    return bver
+
+
+def _resolve_ms(i: int, base_time: int | float, t: int | float, now_ms: int | None,
+                topic: str | None) -> int:
+    """bt + t in epoch milliseconds (RFC 8428 §4.5.3); below 2**28 s it is relative to now."""
+    when = _DECIMAL.add(_decimal(base_time), _decimal(t))
+    when_ms = _DECIMAL.multiply(when, 1000)
+    if not math.isfinite(float(when_ms)):  # SenML times are IEEE doubles (RFC 8428 §5)
+        raise _senml_error(f"record {i}: its time bt + t is not a finite number", topic)
+    ms = int(when_ms.to_integral_value(decimal.ROUND_HALF_EVEN))
+    if when >= RELATIVE_TIME_LIMIT:
+        return ms
+    if now_ms is None:
+        raise _senml_error(f"record {i}: relative time {when}s (below 2**28, RFC 8428 §4.5.3) "
+                           "needs the time of receipt, which this decoder was not given; "
+                           "send absolute times (bt/t in epoch seconds)", topic)
+    return now_ms + ms
+
+
+def resolve_senml(pack: list[Any], now_ms: int | None = None,
+                  topic: str | None = None) -> list[SenMLRecord]:
+    """The records of a SenML pack, resolved (RFC 8428 §4.1–4.6); ContractError(BAD_SENML)
+    for a pack that breaks RFC 8428.
+
+    Base fields apply to their record and every later one until changed: ``bn`` is prepended
+    to ``n``, ``bt`` added to ``t``, ``bu`` is the unit of records without ``u``, ``bv`` is
+    added to ``v`` and ``bs`` to ``s``. A resolved time below 2**28 s is relative to "now",
+    here ``now_ms``, the time of receipt (without it such a pack is refused). A record with
+    base fields only sets them; labels ending in ``_`` must be understood (§4.4), so they are
+    refused; others unknown are ignored.
+    """
+    if not pack:
+        raise _senml_error("empty SenML pack", topic)
+    resolved: list[SenMLRecord] = []
+    bases = _Bases()
+    times: dict[tuple[Any, Any], int] = {}  # (bt, t) → ms: most records share one time
+    for i, record in enumerate(pack):
+        if not isinstance(record, dict):
+            raise _senml_error(f"record {i} is not an object", topic)
+        for label in record:
+            if label.endswith("_"):
+                raise _senml_error(f"record {i}: {label!r} must be understood "
+                                   "(RFC 8428 §4.4) and CityGrid does not know it", topic)
+        bases.update(i, record, topic)
+        labels = [k for k in _VALUE_LABELS if k in record]
+        if not labels and "s" not in record and "n" not in record and any(
+                k in record for k in _BASE_LABELS):
+            continue  # a base-only record
+        n = record.get("n", "")
+        if not isinstance(n, str):
+            raise _senml_error(f"record {i}: n must be a string", topic)
+        name = bases.name + n
+        if not name:
+            raise _senml_error(f"record {i} has no name (n, or a bn before it)", topic)
+        if len(labels) > 1 or not (labels or "s" in record or bases.sum is not None):
+            raise _senml_error(f"record {i} ({name}) needs exactly one of v, vb, vs, vd "
+                               "(or a sum s alone)", topic)
+        unit = record.get("u", bases.unit)
+        if not (unit is None or isinstance(unit, str)):
+            raise _senml_error(f"record {i}: u must be a string, not {unit!r}", topic)
+        if "s" in record and not _is_number(record["s"]):
+            raise _senml_error(f"record {i}: s must be a number, not {record['s']!r}", topic)
+        t = record.get("t", 0)
+        if not _is_number(t):
+            raise _senml_error(f"record {i}: t must be a number, not {t!r}", topic)
+        ms = times.get((bases.time, t))
+        if ms is None:
+            ms = times[bases.time, t] = _resolve_ms(i, bases.time, t, now_ms, topic)
+        label = labels[0] if labels else None
+        value = record[label] if label else None
+        resolved.append(SenMLRecord(
+            index=i, name=name, ts_ms=ms, unit=unit, label=label,
+            value=_plus(bases.value, value) if label == "v" else value,
+            sum=_plus(bases.sum, record["s"]) if "s" in record else bases.sum,
+            unit_from_base="u" not in record and unit is not None))
+    return resolved
+
+
+# SenML unit names as (quantity, scale, offset): value × scale + offset is the quantity in its
+# reference unit. Primary names from RFC 8428 §12.1; secondary ones (kW, Wh, kWh, mV, ug/m3,
+# /100, /1000) from RFC 8798 §3, accepted in any version (RFC 9100 would want bver 26).
+_UNITS: dict[str, tuple[str, decimal.Decimal, decimal.Decimal]] = {
+    name: (quantity, decimal.Decimal(scale), decimal.Decimal(offset))
+    for name, quantity, scale, offset in (
+        ("W", "power", "1", "0"), ("kW", "power", "1000", "0"),
+        ("J", "energy", "1", "0"), ("Wh", "energy", "3600", "0"),
+        ("kWh", "energy", "3600000", "0"),
+        ("/", "ratio", "1", "0"), ("/100", "ratio", "0.01", "0"),
+        ("/1000", "ratio", "0.001", "0"),
+        ("lx", "illuminance", "1", "0"),
+        ("K", "temperature", "1", "0"), ("Cel", "temperature", "1", "273.15"),
+        ("V", "voltage", "1", "0"), ("mV", "voltage", "0.001", "0"),
+        ("kg/m3", "mass concentration", "1", "0"), ("ug/m3", "mass concentration", "1e-9", "0"),
+        ("count", "count", "1", "0"),
+    )
+}
+# Each numeric contract field's own unit. A record in another unit of the same quantity is
+# converted to it (exactly: Wh → kWh is ÷ 1000 in decimal); any other unit is refused.
+FIELD_UNITS: dict[str, str] = {
+    "seq": "count", "brightness_pct": "/100", "power_w": "W", "energy_wh": "Wh",
+    "energy_kwh": "kWh", "lux": "lx", "motion_count": "count", "temp_c": "Cel",
+    "no2_ugm3": "ug/m3", "pm25_ugm3": "ug/m3", "voltage_v": "V",
+}
+# '%' is not in the table: RFC 8428 §12.1 makes it a synonym of the ratio '/', yet devices
+# mean percent by it, and either reading would be a silent factor of 100.
+_PERCENT_SIGN = ("RFC 8428 §12.1 defines '%' as the ratio '/' (0..1), not a percentage, so "
+                 "it is ambiguous: send '/' for a ratio or '/100' for percent (RFC 8798)")
+
+
+def units_for(field: str) -> list[str]:
+    """The SenML units a value of ``field`` may be sent in (its own first)."""
+    own = FIELD_UNITS[field]
+    return [own] + [u for u, q in _UNITS.items() if q[0] == _UNITS[own][0] and u != own]
+
+
+def _in_field_unit(record: SenMLRecord, field: str, topic: str | None) -> Any:
+    """A ``v`` record's value in ``field``'s own unit; ContractError(BAD_UNIT) if its unit is
+    another quantity, or a name this table does not know. No unit means the field's own
+    (RFC 8428 §4.5.2: then the application context tells the unit)."""
+    own = FIELD_UNITS[field]
+    unit = record.unit
+    if unit is None or unit == own:
+        return record.value
+    if unit not in _UNITS or _UNITS[unit][0] != _UNITS[own][0]:
+        source = " (from bu)" if record.unit_from_base else ""
+        hint = f"send {field} in one of {', '.join(units_for(field))}"
+        if unit == "%" and _UNITS[own][0] == "ratio":
+            hint = _PERCENT_SIGN
+        raise ContractError(BAD_UNIT, f"record {record.index} ({field}): unit {unit!r}{source} "
+                            f"cannot be converted to {field}'s {own!r}; {hint}", topic)
+    if not _is_number(record.value):
+        return record.value  # the model refuses it, naming the field
+    _, scale, offset = _UNITS[unit]
+    _, own_scale, own_offset = _UNITS[own]
+    reference = _DECIMAL.add(_DECIMAL.multiply(_decimal(record.value), scale), offset)
+    return float(_DECIMAL.divide(_DECIMAL.subtract(reference, own_offset), own_scale))
+
+
+def _decode_senml(model: type[Reading], payload: bytes, topic: str | None,
+                  now_ms: int | None) -> list[Reading]:
+    """A pack's readings: its records resolved, then grouped by time, one reading per time.
+
+    A record's field is the last ':', '/' or ';' part of its name; one pack carries one
+    device. Values are converted to their field's unit (:data:`FIELD_UNITS`). Sums (``s``,
+    ``bs``) are ignored: CityGrid stores registers, not integrals over time, so a record with
+    a sum alone sets no field; nor does binary data (``vd``): no contract field takes it.
+    """
+    try:
+        pack = pydantic_core.from_json(payload, allow_inf_nan=True)
+    except ValueError as e:
+        raise ContractError(NOT_JSON, str(e), topic) from None
+    by_time: dict[int, dict[str, Any]] = {}
+    first_device: str | None = None
+    converted = FIELD_UNITS.keys() & model.model_fields.keys()  # fields of this kind only
+    for record in resolve_senml(pack, now_ms, topic):
+        # Names like "urn:dev:mac:0024befffe804ff1:power_w": the field is the last part.
+        field = re.split(r"[:/;]", record.name)[-1]
+        if not field:
+            raise _senml_error(f"record {record.index}: its name {record.name!r} ends "
+                               "without a field name", topic)
+        # One pack, one device (the topic's): records naming two devices would mix their
+        # values into one reading.
+        device = record.name[:len(record.name) - len(field)]
+        if first_device is None:
+            first_device = device
+        elif device != first_device:
+            raise _senml_error(f"record {record.index} names {device!r} but the pack began "
+                               f"with {first_device!r}: one pack carries one device", topic)
+        if record.label in (None, "vd"):
+            continue
+        value = record.value
+        if record.label == "v" and field in converted:
+            value = _in_field_unit(record, field, topic)
+        by_time.setdefault(record.ts_ms, {"ts": record.ts_ms})[field] = value
+    if not by_time:
+        raise _senml_error("the pack carries no values (base fields or sums only)", topic)
+    out = []
+    for ts, values in by_time.items():
+        try:
+            out.append(model.model_validate(values))
+        except ValidationError as e:
+            raise _error_from(e, topic, prefix=f"SenML t={ts / 1000}: ") from None
+    return out
