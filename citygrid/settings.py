@@ -50,6 +50,11 @@ class MqttUrl:
         return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}"
 
 
+# CITYGRID_UNKNOWN_DEVICES: a reading from a device the registry does not know is stored
+# (and the device listed as unregistered), or quarantined (dead-lettered as unknown_device).
+UNKNOWN_DEVICES = ("store", "quarantine")
+
+
 def _env(name: str) -> str:
     return "CITYGRID_" + name.upper()
 
@@ -74,6 +79,7 @@ class Settings:
     raw_retention: str = "30d"  # raw readings (InfluxDB: the default retention policy)
     rollup_retention: str = "1825d"  # hourly rollups, five years
     rollup_horizon: str = "7d"  # aggregates over longer ranges read the rollups
+    unknown_devices: str = "store"  # readings from devices the registry lacks: UNKNOWN_DEVICES
     mqtt: MqttUrl = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +109,9 @@ class Settings:
                 raise SettingsError(_env(name), str(e)) from None
         if not self.influx_db:
             raise SettingsError("CITYGRID_INFLUX_DB", "must not be empty")
+        if self.unknown_devices not in UNKNOWN_DEVICES:
+            raise SettingsError("CITYGRID_UNKNOWN_DEVICES",
+                                f"{self.unknown_devices!r} must be store or quarantine")
         if bool(self.influx_user) != bool(self.influx_password):
             raise SettingsError("CITYGRID_INFLUX_PASSWORD",
                                 "CITYGRID_INFLUX_USER and _PASSWORD go together")

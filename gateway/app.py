@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from citygrid.registry import Registry
 from citygrid.settings import Settings
 from citygrid.store import TelemetryStore, open_store
+from gateway import inventory
 from gateway.acks import Acks
 from gateway.deps import FailedTokenLimiter
 from gateway.feed import CityFeed, Feed
@@ -29,7 +30,7 @@ from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.problems import Problem, install
 from gateway.provisioning import Provisioner
 from gateway.publisher import MqttPublisher, Publisher
-from gateway.routes import ROUTERS
+from gateway.routes import ROUTERS, unregistered
 from gateway.routes.status import mount_static
 from gateway.tokens import Tokens
 
@@ -49,7 +50,7 @@ def create_app(settings: Settings, *, store: TelemetryStore | None = None,
     only the publisher it made itself."""
     owned: list = []
     if registry is None:
-        registry = Registry(settings.data_dir)
+        registry = inventory.registry(settings)  # checks tariffs and profiles
     if store is None:
         store = open_store(settings)
     if feed is None:
@@ -81,6 +82,7 @@ def create_app(settings: Settings, *, store: TelemetryStore | None = None,
     install(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _serve_docs(app)
+    app.include_router(unregistered.router)  # before /api/v1/devices/{device_id}
     for router in ROUTERS:
         app.include_router(router)
     mount_static(app)

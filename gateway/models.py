@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 # What the API shows of a registry record, in this order (the registry keeps more).
 DEVICE_KEYS = ("device_id", "kind", "district", "lat", "lon", "rated_w", "account_id",
-               "tariff", "status")
+               "tariff", "status", "device_profile", "native_id")
 
 
 class Device(BaseModel):
@@ -22,6 +22,8 @@ class Device(BaseModel):
     rated_w: float | None = None
     account_id: str | None = None
     tariff: str | None = None
+    device_profile: str | None = Field(None, description="Off-the-shelf: its device profile.")
+    native_id: str | None = Field(None, description="Its own name on its native topics.")
     latest: dict[str, Any] | None = Field(None, description="The newest stored reading.")
 
 
@@ -34,6 +36,12 @@ class NewDevice(BaseModel):
     rated_w: Annotated[float, Field(gt=0, le=2000)] | None = None
     account_id: str | None = None
     tariff: str | None = None
+    street: Annotated[str, Field(max_length=200)] | None = None
+    max_power_w: Annotated[float, Field(gt=0)] | None = None
+    device_profile: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$",
+                                         examples=["tasmota-energy"])] | None = None
+    native_id: Annotated[str, Field(pattern=r"^[^/+#\x00-\x1f]{1,128}$",
+                                    examples=["livingroom-lamp"])] | None = None
 
 
 class DeviceChange(BaseModel):
@@ -43,6 +51,8 @@ class DeviceChange(BaseModel):
     rated_w: Annotated[float, Field(gt=0, le=2000)] | None = None
     account_id: Annotated[str, Field(max_length=64)] | None = None
     tariff: Annotated[str, Field(max_length=64)] | None = None
+    device_profile: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")] | None = None
+    native_id: Annotated[str, Field(pattern=r"^[^/+#\x00-\x1f]{1,128}$")] | None = None
 
     model_config = {"extra": "forbid", "json_schema_extra": {"examples": [{"rated_w": 55}]}}
 
@@ -137,3 +147,30 @@ class LedgerStatus(BaseModel):
     entries: int
     head: str | None
     error: str | None = None
+
+
+class UnregisteredDevice(BaseModel):
+    """A device ingest saw on the wire that the registry does not know (or knows as revoked),
+    per topic kind and district."""
+
+    device_id: str
+    kind: str = Field(description="The kind in its topic.")
+    district: str = Field(description="The district in its topic.")
+    first_seen: int = Field(description="Its first message, epoch ms (ingest's clock).")
+    last_seen: int = Field(description="Its latest message, epoch ms (ingest's clock).")
+    count: int = Field(description="Messages seen from it, under this kind and district.")
+    sample: str = Field(description="Its latest payload as text, at most 4 KiB.")
+
+
+class RegisterDevice(BaseModel):
+    """What the registry needs to know of a device seen on the wire; kind and district
+    default to the ones in its topic."""
+
+    kind: Literal["streetlight", "meter"] | None = None
+    district: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                                   examples=["norrebro"])] | None = None
+    lat: Annotated[float, Field(ge=-90, le=90, examples=[55.6961])]
+    lon: Annotated[float, Field(ge=-180, le=180, examples=[12.5442])]
+    rated_w: Annotated[float, Field(gt=0, le=2000)] | None = None
+    account_id: Annotated[str, Field(max_length=64)] | None = None
+    tariff: Annotated[str, Field(max_length=64)] | None = None

@@ -11,7 +11,7 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
-from citygrid.settings import Settings
+from citygrid.settings import UNKNOWN_DEVICES, Settings
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
@@ -28,6 +28,10 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--report-interval", type=float, default=10.0,
                    help="seconds between self-reports into citygrid_ingest (10)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--unknown-devices", choices=UNKNOWN_DEVICES,
+                   help="readings from devices the registry does not know: store them (and "
+                        "list the devices as unregistered) or quarantine them as dead letters "
+                        "(env CITYGRID_UNKNOWN_DEVICES, default store)")
     p.set_defaults(func=cmd_ingest)
     ingest_sub = p.add_subparsers(dest="ingest_command", metavar="SUBCOMMAND")
     d = ingest_sub.add_parser("dlq", parents=[common], help="show the latest dead letters")
@@ -38,7 +42,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(mqtt_url=args.mqtt_url, influx_url=args.influx_url,
-                             influx_db=args.influx_db, data_dir=args.data_dir)
+                             influx_db=args.influx_db, data_dir=args.data_dir,
+                             unknown_devices=getattr(args, "unknown_devices", None))
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -68,9 +73,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     logging.getLogger("citygrid.ingest").info(
-        "ingest running: %s → %s (batch %d, flush %.2fs, receive maximum %d)",
-        settings.mqtt, service.store, config.batch_size, config.flush_interval_s,
-        config.receive_maximum)
+        "ingest running: %s → %s (batch %d, flush %.2fs, receive maximum %d, unknown devices: "
+        "%s)", settings.mqtt, service.store, config.batch_size, config.flush_interval_s,
+        config.receive_maximum, settings.unknown_devices)
     try:
         stop.wait()
     finally:

@@ -4,7 +4,9 @@ Threads:
 - paho's network loop decodes each message and appends it to the open batch;
 - the writer takes a batch when it is full or old enough, writes it (store, else
   spool), dead-letters what is invalid, and only then acknowledges its messages;
-- the drainer moves spooled batches into the store once it answers again.
+- the drainer moves spooled batches into the store once it answers again;
+- the registry watcher re-reads the registry's ids when the registry changed and writes what
+  was seen of unknown devices (ingest/unregistered.py) once a second.
 
 Memory is bounded by the MQTT 5 Receive Maximum: the broker sends no more than
 that many messages before we acknowledge one, so a slow store slows the broker
@@ -35,6 +37,7 @@ from citygrid.contract import (
     decode_readings,
     topic_filter,
 )
+from citygrid.registry import Registry
 from citygrid.settings import MqttUrl, Settings
 from citygrid.store import (
     DatabaseNotFound,
@@ -49,6 +52,7 @@ from citygrid.store.lineproto import encode, series_key
 from ingest.deadletter import DeadLetter, DeadLetterStore
 from ingest.metrics import IngestMetrics
 from ingest.spool import Spool
+from ingest.unregistered import UNKNOWN_DEVICE, RegistryWatch, UnregisteredLog
 
 log = logging.getLogger("citygrid.ingest")
 SELF_MEASUREMENT = "citygrid_ingest"
@@ -75,6 +79,7 @@ class IngestConfig:
     spool_max_points: int = 5_000_000
     dead_letter_max: int = 10_000
     metrics_port: int | None = None
+    registry_poll_s: float = 1.0  # how often the registry's version is checked
 
     @property
     def subscription(self) -> str:
@@ -95,12 +100,17 @@ MAINTAIN_EVERY_S = 600.0  # rollups of the embedded store, retention
 
 class IngestService:
     """``client_factory(broker url, client id)`` makes the MQTT client (default: paho, see
-    ``paho_client``); ``clock`` gives every time stamp and interval (default: the system's).
+    ``paho_client``); ``clock`` gives every time stamp and interval (default: the system's);
+    ``registry`` is the device registry (default: the one in the data directory, opened once
+    it exists). A reading from a device it does not know (or knows as revoked) is stored, or
+    dead-lettered as ``unknown_device`` when ``settings.unknown_devices`` is ``quarantine``;
+    either way the device is listed as unregistered (``read_unregistered``).
     """
 
     def __init__(self, settings: Settings, store: TelemetryStore,
                  config: IngestConfig | None = None, *, data_dir: str | Path | None = None,
-                 client_factory: ClientFactory | None = None, clock: Clock | None = None):
+                 client_factory: ClientFactory | None = None, clock: Clock | None = None,
+                 registry: Registry | None = None):
         self.settings = settings
         self.store = store
         self.config = config or IngestConfig()
@@ -108,6 +118,10 @@ class IngestService:
         state = Path(data_dir or settings.data_dir) / "ingest.sqlite"
         self.dead_letters = DeadLetterStore(state, self.config.dead_letter_max)
         self.spool = Spool(state)
+        self.unregistered = UnregisteredLog(state)
+        self._registry_watch = RegistryWatch(state.parent, registry)
+        self._known: frozenset[str] = self._registry_watch.changed() or frozenset()
+        self._quarantine = settings.unknown_devices == "quarantine"
         self.metrics = IngestMetrics(self.config.client_id, self._clock)
         self._lock = threading.Lock()  # guards the open batch and the counters below
         self._cond = threading.Condition(self._lock)
@@ -146,8 +160,13 @@ class IngestService:
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_port)
         self.metrics.spool_depth = self.spool.depth()
+        if self._quarantine and not self._known:
+            log.warning("CITYGRID_UNKNOWN_DEVICES=quarantine and the registry has no devices: "
+                        "every reading is dead-lettered as %s until devices are registered",
+                        UNKNOWN_DEVICE)
         for target, name in ((self._writer, "ingest-writer"), (self._drainer, "ingest-drainer"),
-                             (self._reporter, "ingest-reporter")):
+                             (self._reporter, "ingest-reporter"),
+                             (self._watch_registry, "ingest-registry")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -198,6 +217,12 @@ class IngestService:
         self._close_state()
 
     def _close_state(self) -> None:
+        try:
+            self.unregistered.flush()
+        except Exception:
+            log.exception("could not write what was seen of unregistered devices")
+        self.unregistered.close()
+        self._registry_watch.close()
         self.dead_letters.close()
         self.spool.close()
         self.metrics.close()
@@ -231,14 +256,23 @@ class IngestService:
         topic = message.topic
         points: list[Point] = []
         dead = None
+        now_ms = self._clock.now_ms()
         try:
             kind, tags, key = self._routes.get(topic) or self._route(topic)
+            device_id = tags["device_id"]
+            known = device_id in self._known
+            if not known:
+                self.unregistered.seen(device_id, kind, tags["district"], now_ms,
+                                       message.payload)
             points = [Point(kind, tags, r.fields(), r.ts, key) for r in
-                      decode_readings(kind, message.payload, topic,
-                                      now_ms=self._clock.now_ms())]
+                      decode_readings(kind, message.payload, topic, now_ms=now_ms)]
+            if not known and self._quarantine:
+                points = []
+                dead = DeadLetter(now_ms, topic, UNKNOWN_DEVICE,
+                                  f"device {device_id!r} is not in the registry "
+                                  "(CITYGRID_UNKNOWN_DEVICES=quarantine)", message.payload)
         except ContractError as e:
-            dead = DeadLetter(self._clock.now_ms(), topic, e.reason, e.detail,
-                              message.payload)
+            dead = DeadLetter(now_ms, topic, e.reason, e.detail, message.payload)
         with self._lock:
             self._unacked += 1
             batch = self._batch
@@ -442,6 +476,36 @@ class IngestService:
         if self.metrics.store_auth_failed:
             return "auth_failed"
         return "spooling" if self._store_down.is_set() else "ok"
+
+    # ------------------------------------------------------------------ the registry
+
+    def _watch_registry(self) -> None:
+        """Off the hot path: new ids when the registry changed, the unknown devices' counts
+        written once a poll."""
+        while not self._stopping.wait(self.config.registry_poll_s):
+            try:
+                self.refresh_registry()
+                self.unregistered.flush()
+            except Exception:  # a locked or broken database must not stop ingest
+                log.exception("reading the registry or writing unregistered devices failed")
+
+    def refresh_registry(self) -> bool:
+        """Re-read the registry's ids if it changed; True if it had. Devices it knows now
+        drop off the unregistered list."""
+        ids = self._registry_watch.changed()
+        if ids is None:
+            return False
+        added, before = ids - self._known, len(self._known)
+        self._known = ids  # one reference swap: the network thread sees old or new, whole
+        if added:
+            self.unregistered.forget(added)
+        if added or len(ids) != before:
+            log.info("registry: %d devices known (%d new)", len(ids), len(added))
+        return True
+
+    def is_known(self, device_id: str) -> bool:
+        """Whether the registry (as ingest last read it) has the device, not revoked."""
+        return device_id in self._known
 
     # ------------------------------------------------------------------ self-report
 

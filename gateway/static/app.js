@@ -5,7 +5,9 @@
 
 const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
-const state = { devices: new Map(), selected: null, tz: "UTC", charts: {}, summaryTimer: null };
+const state = { devices: new Map(), selected: null, tz: "UTC", charts: {}, summaryTimer: null,
+                unregistered: [], registering: null, picking: false, unproject: null,
+                unregisteredTimer: null };
 
 // ------------------------------------------------------------------ token and requests
 
@@ -83,6 +85,7 @@ function drawMap(devices) {
   svg.setAttribute("viewBox", `${-pad} ${-pad} ${W + 2 * pad} ${H + 2 * pad}`);
   const x = (lon) => (lon - minLon) * k / w * W;
   const y = (lat) => (maxLat - lat) / h * H;
+  state.unproject = (sx, sy) => [maxLat - sy / H * h, minLon + sx / W * w / k];  // → [lat, lon]
 
   const districts = new Map();
   for (const d of devices) {
@@ -349,27 +352,135 @@ async function override(clear) {
   }
 }
 
+// ------------------------------------------------------------------ unregistered devices
+
+async function loadUnregistered() {
+  let list;
+  try { list = await api("/api/v1/devices/unregistered?limit=1000"); } catch (e) { return; }
+  state.unregistered = list;
+  $("unregistered-count").textContent = String(list.length);
+  const body = $("unregistered");
+  body.replaceChildren();
+  const shown = list.slice(0, 50);
+  for (const d of shown) {
+    const row = body.insertRow();
+    row.dataset.device = d.device_id;
+    row.title = d.sample;  // its latest payload, on hover
+    if (state.registering && state.registering.device_id === d.device_id
+        && state.registering.district === d.district) row.className = "chosen";
+    cell(row, d.device_id);
+    cell(row, d.kind);
+    cell(row, d.district);
+    cell(row, fmtTime(d.first_seen, true));
+    cell(row, fmtTime(d.last_seen, true));
+    cell(row, String(d.count));
+    row.addEventListener("click", () => chooseUnregistered(d));
+  }
+  $("unregistered-more").textContent = list.length > shown.length
+    ? `and ${list.length - shown.length} more (GET /api/v1/devices/unregistered)` : "";
+}
+
+function chooseUnregistered(d) {
+  state.registering = d;
+  $("unregistered-note").textContent = "";
+  for (const row of $("unregistered").rows) {
+    row.classList.toggle("chosen", row.dataset.device === d.device_id && row.cells[2].textContent === d.district);
+  }
+  const form = $("register-form");
+  form.hidden = false;
+  $("register-id").textContent = d.device_id;
+  $("register-sample").textContent = d.sample;
+  $("register-kind").value = d.kind === "meter" ? "meter" : "streetlight";
+  form.dataset.kind = $("register-kind").value;
+  $("register-district").value = d.district;
+  $("register-result").textContent = "";
+  $("register-result").className = "";
+}
+
+function stopPicking() {
+  state.picking = false;
+  $("map").classList.remove("picking");
+  $("register-pick").textContent = "Pick on map";
+}
+
+function pickOnMap(ev) {
+  if (!state.picking || !state.unproject) return;
+  ev.preventDefault();
+  ev.stopPropagation();  // not a click on the light under the pointer
+  const svg = $("map");
+  const pt = svg.createSVGPoint();
+  pt.x = ev.clientX; pt.y = ev.clientY;
+  const p = pt.matrixTransform(svg.getScreenCTM().inverse());
+  const [lat, lon] = state.unproject(p.x, p.y);
+  $("register-lat").value = lat.toFixed(6);
+  $("register-lon").value = lon.toFixed(6);
+  stopPicking();
+}
+
+async function registerDevice() {
+  const d = state.registering;
+  const out = $("register-result");
+  out.className = "";
+  const kind = $("register-kind").value;
+  const body = { kind, district: $("register-district").value.trim(),
+                 lat: Number($("register-lat").value), lon: Number($("register-lon").value) };
+  const optional = kind === "streetlight"
+    ? { rated_w: $("register-rated").value }
+    : { account_id: $("register-account").value.trim(), tariff: $("register-tariff").value.trim() };
+  for (const [k, v] of Object.entries(optional)) {
+    if (v !== "") body[k] = k === "rated_w" ? Number(v) : v;
+  }
+  try {
+    await api(`/api/v1/devices/unregistered/${encodeURIComponent(d.device_id)}/register`, {
+      method: "POST", body: JSON.stringify(body),
+    });
+    state.registering = null;
+    stopPicking();
+    $("register-form").hidden = true;
+    $("unregistered-note").textContent = `Registered ${d.device_id} (${kind}, ${body.district}): `
+      + "it is on the map, and its readings count as registered within seconds.";
+    await Promise.all([loadUnregistered(), loadDevices()]);
+  } catch (err) {
+    out.className = "error";
+    out.textContent = err.status === 403 ? "Registering needs an admin token." : `Refused: ${err.message}`;
+  }
+}
+
 // ------------------------------------------------------------------ start
 
+async function loadDevices() {
+  const devices = await api("/api/v1/devices");
+  const before = state.devices;  // a redraw (a device registered) keeps what the stream said
+  state.devices = new Map();
+  drawMap(devices);
+  for (const d of devices) {
+    const old = before.get(d.device_id);
+    if (old && Object.keys(old.live).length) {
+      state.devices.get(d.device_id).live = old.live;
+      paint(d.device_id);
+    } else if (d.latest) {
+      state.devices.get(d.device_id).live = { ...d.latest, level: d.latest.brightness_pct };
+      paint(d.device_id);
+    }
+  }
+  if (state.selected && state.devices.has(state.selected)) {
+    state.devices.get(state.selected).el.classList.add("selected");
+  }
+}
+
 async function open() {
-  let devices;
-  try { devices = await api("/api/v1/devices"); } catch (e) {
+  try { await loadDevices(); } catch (e) {
     if (e.status !== 401) showLogin(`The gateway did not answer: ${e.message}`);
     return;
   }
   $("login").hidden = true;
   $("main").hidden = false;
   $("logout").hidden = false;
-  drawMap(devices);
-  for (const d of devices) {
-    if (d.latest) {
-      state.devices.get(d.device_id).live = { ...d.latest, level: d.latest.brightness_pct };
-      paint(d.device_id);
-    }
-  }
-  await loadSummary();
+  await Promise.all([loadSummary(), loadUnregistered()]);
   clearInterval(state.summaryTimer);
   state.summaryTimer = setInterval(loadSummary, 15000);
+  clearInterval(state.unregisteredTimer);
+  state.unregisteredTimer = setInterval(loadUnregistered, 5000);
   stream();
 }
 
@@ -382,6 +493,19 @@ $("logout").addEventListener("click", () => { sessionStorage.removeItem("citygri
 $("detail-close").addEventListener("click", () => { $("detail").hidden = true; });
 $("override-form").addEventListener("submit", (ev) => { ev.preventDefault(); override(false); });
 $("override-clear").addEventListener("click", () => override(true));
+$("register-form").addEventListener("submit", (ev) => { ev.preventDefault(); registerDevice(); });
+$("register-kind").addEventListener("change", () => { $("register-form").dataset.kind = $("register-kind").value; });
+$("register-cancel").addEventListener("click", () => {
+  state.registering = null; stopPicking(); $("register-form").hidden = true;
+  for (const row of $("unregistered").rows) row.classList.remove("chosen");
+});
+$("register-pick").addEventListener("click", () => {
+  if (state.picking) { stopPicking(); return; }
+  state.picking = true;
+  $("map").classList.add("picking");
+  $("register-pick").textContent = "Click the map… (cancel)";
+});
+$("map").addEventListener("click", pickOnMap, true);
 
 takeTokenFromAddress();
 if (token()) open(); else showLogin();

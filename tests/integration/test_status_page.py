@@ -129,3 +129,47 @@ def test_status_page_map_live_motion_and_override(city_up, page):
     finally:
         listener.close()
     assert page.problems == [], page.problems
+
+
+def test_status_page_lists_an_unregistered_device_and_an_admin_registers_it(city_up, page):
+    from citygrid.registry import Registry
+    from gateway import create_token
+
+    admin = create_token(city_up.data_dir, "admin", "test-admin")
+    device = Publisher(city_up.mqtt_url, "test-stray")
+    try:
+        device.send("city/v1/valby/streetlight/sl-stray/telemetry",
+                    {"ts": _night_ms(), "seq": 1, "brightness_pct": 30.0, "power_w": 20.0,
+                     "energy_wh": 1000.0, "lux": 1.0, "motion": False}).wait_for_publish(5)
+    finally:
+        device.close()
+    page.goto(f"{city_up.url}/#token={admin}")
+    # Ingest writes what it saw within a second; the page asks every 5 s.
+    row = page.locator("#unregistered tr[data-device='sl-stray']")
+    row.wait_for(timeout=15_000)
+    assert row.locator("td").nth(2).inner_text() == "valby"
+    assert '"seq":1' in row.get_attribute("title").replace(" ", "")  # the sample, on hover
+    row.click()
+    page.wait_for_selector("#register-form:not([hidden])")
+    assert page.input_value("#register-district") == "valby"
+    assert '"seq"' in page.inner_text("#register-sample")
+    page.click("#register-pick")  # the position, from a click on the map
+    page.click("#map", position={"x": 300, "y": 300})
+    lat, lon = float(page.input_value("#register-lat")), float(page.input_value("#register-lon"))
+    assert 55 < lat < 56 and 12 < lon < 13, (lat, lon)
+    page.fill("#register-rated", "55")
+    page.screenshot(path=str(ARTIFACTS / "status-page-unregistered.png"))
+    page.click("#register-send")
+    page.wait_for_function(
+        "document.getElementById('unregistered-note').textContent.startsWith('Registered')",
+        timeout=5_000)
+    page.wait_for_selector("#dev-sl-stray", state="attached", timeout=5_000)  # on the map
+    assert row.count() == 0
+    page.screenshot(path=str(ARTIFACTS / "status-page-registered.png"))
+    registry = Registry(city_up.data_dir)
+    try:
+        record = registry.record("sl-stray")
+    finally:
+        registry.close()
+    assert (record["kind"], record["district"], record["rated_w"]) == ("streetlight", "valby", 55)
+    assert abs(record["lat"] - lat) < 1e-5 and page.problems == [], page.problems
