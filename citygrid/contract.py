@@ -15,7 +15,8 @@ from datetime import datetime
 from typing import Annotated, Any, ClassVar, NamedTuple
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 CONTRACT_VERSION = "v1"
 TOPIC_ROOT = "city"
@@ -140,16 +141,62 @@ Timestamp = Annotated[
 ]
 
 
+def _measured_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """JSON Schema for "required unless listed in ``unmeasured``", one clause per field."""
+    measured = getattr(model, "_measured", ())
+    schema["required"] = [n for n in schema.get("required", []) if n not in measured]
+    schema["allOf"] = [{"anyOf": [
+        {"required": [name]},
+        {"required": ["unmeasured"], "properties": {"unmeasured": {"contains": {"const": name}}}},
+    ]} for name in getattr(model, "_measured", ())]
+    if not schema["allOf"]:
+        del schema["allOf"]
+
+
 class Reading(BaseModel):
     """Fields every reading carries."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(**_STRICT, json_schema_extra=_measured_schema)
     kind: ClassVar[str]
     _optional: ClassVar[tuple[str, ...]] = ()
+
+    # Fields the kind requires unless the device declares it cannot measure them (below).
+    _measured: ClassVar[tuple[str, ...]] = ()
 
     ts: Timestamp
     seq: Annotated[int, Field(ge=0, le=INT64_MAX,
                               description="Increases by one per message per device.")]
+    unmeasured: Annotated[list[str], Field(
+        max_length=8, description="Fields this device has no sensor for (a zigbee bulb has "
+        "no lux sensor): they are absent, never invented, and a rule condition on one is "
+        "false. Only the kind's measured fields may be listed.")] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _declared_absent(cls, data: Any) -> Any:
+        """A measured field listed in ``unmeasured`` may be missing: it is taken as None."""
+        if cls._measured and isinstance(data, dict):
+            declared = data.get("unmeasured")
+            if isinstance(declared, list) and declared:
+                data = dict(data)
+                for name in declared:
+                    if name in cls._measured and name not in data:
+                        data[name] = None
+        return data
+
+    @model_validator(mode="after")
+    def _measured_or_declared(self) -> Reading:
+        declared = self.unmeasured or ()
+        unknown = [n for n in declared if n not in self._measured]
+        if unknown:
+            raise ValueError(f"unmeasured: {', '.join(map(repr, unknown))} cannot be "
+                             f"unmeasured (only {', '.join(self._measured) or 'none'})")
+        null = [n for n in self._measured if getattr(self, n) is None and n not in declared]
+        if null:
+            raise PydanticCustomError(
+                "missing", "{fields}: null is no value (a device without the sensor lists "
+                "it in unmeasured)", {"fields": ", ".join(null)})
+        return self
 
     @field_validator("ts")
     @classmethod
@@ -164,6 +211,7 @@ class Reading(BaseModel):
         """The values to store: everything but ``ts``, absent optional fields left out."""
         values = self.__dict__.copy()  # on the ingest hot path: cheaper than a comprehension
         del values["ts"]
+        del values["unmeasured"]  # what the device lacks is no value to store
         for name in self._optional:
             if values[name] is None:
                 del values[name]
@@ -178,7 +226,9 @@ def register_kind(name: str):
 
     def wrap(model: type[Reading]) -> type[Reading]:
         model.kind = name
-        model._optional = tuple(k for k, f in model.model_fields.items() if not f.is_required())
+        model._optional = tuple(k for k, f in model.model_fields.items()
+                                if (not f.is_required() or k in model._measured)
+                                and k != "unmeasured")
         KINDS[name] = model
         return model
 
@@ -189,11 +239,17 @@ def register_kind(name: str):
 class StreetlightReading(Reading):
     """A streetlight's reading: its output, consumption and what its sensors see."""
 
+    _measured = ("power_w", "energy_wh", "lux", "motion")
+
     brightness_pct: Annotated[Percent, Field(description="Current light output, %.")]
-    power_w: Annotated[Power, Field(description="Electrical power now, W.")]
-    energy_wh: Annotated[Register, Field(description="Cumulative energy register, Wh.")]
-    lux: Annotated[Lux, Field(description="Ambient light, lx.")]
-    motion: Annotated[bool, Field(description="Presence detected during the interval.")]
+    power_w: Annotated[Power | None, Field(description="Electrical power now, W. Required "
+                                           "unless listed in unmeasured.")]
+    energy_wh: Annotated[Register | None, Field(description="Cumulative energy register, Wh. "
+                                                "Required unless listed in unmeasured.")]
+    lux: Annotated[Lux | None, Field(description="Ambient light, lx. Required unless listed "
+                                     "in unmeasured.")]
+    motion: Annotated[bool | None, Field(description="Presence detected during the interval. "
+                                         "Required unless listed in unmeasured.")]
     motion_count: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
     temp_c: Annotated[float, Field(ge=-60, le=90)] | None = None
     no2_ugm3: NonNeg | None = None
@@ -205,8 +261,13 @@ class StreetlightReading(Reading):
 class MeterReading(Reading):
     """An electricity meter's reading."""
 
+    _measured = ("power_w",)
+
     energy_kwh: Annotated[Register, Field(description="Cumulative import register, kWh.")]
-    power_w: Annotated[Power, Field(description="Import power now, W.")]
+    power_w: Annotated[Power | None, Field(description="Import power now, W. Required unless "
+                                           "listed in unmeasured.")]
+    energy_export_kwh: Annotated[Register, Field(
+        description="Cumulative export register (solar back-feed), kWh.")] | None = None
     voltage_v: Annotated[float, Field(ge=0, le=1000)] | None = None
 
 
@@ -556,7 +617,8 @@ _UNITS: dict[str, tuple[str, decimal.Decimal, decimal.Decimal]] = {
 # converted to it (exactly: Wh → kWh is ÷ 1000 in decimal); any other unit is refused.
 FIELD_UNITS: dict[str, str] = {
     "seq": "count", "brightness_pct": "/100", "power_w": "W", "energy_wh": "Wh",
-    "energy_kwh": "kWh", "lux": "lx", "motion_count": "count", "temp_c": "Cel",
+    "energy_kwh": "kWh", "energy_export_kwh": "kWh", "lux": "lx", "motion_count": "count",
+    "temp_c": "Cel",
     "no2_ugm3": "ug/m3", "pm25_ugm3": "ug/m3", "voltage_v": "V",
 }
 # '%' is not in the table: RFC 8428 §12.1 makes it a synonym of the ratio '/', yet devices

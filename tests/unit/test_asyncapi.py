@@ -39,7 +39,11 @@ def test_every_reference_resolves():
 def test_contract_fields_are_documented():
     schemas = yaml.safe_load(asyncapi.render())["components"]["schemas"]
     light = schemas["StreetlightReading"]
-    assert {"ts", "seq", "brightness_pct", "power_w", "energy_wh", "lux", "motion"} <= set(
-        light["required"])
+    assert {"ts", "seq", "brightness_pct"} <= set(light["required"])
+    # The measured fields: required unless the device lists them in `unmeasured`.
+    unless = {c["anyOf"][0]["required"][0] for c in light["allOf"]}
+    assert unless == {"power_w", "energy_wh", "lux", "motion"}
     assert light["properties"]["brightness_pct"]["maximum"] == 100
-    assert set(schemas["MeterReading"]["required"]) == {"ts", "seq", "energy_kwh", "power_w"}
+    assert set(schemas["MeterReading"]["required"]) == {"ts", "seq", "energy_kwh"}
+    assert [c["anyOf"][0]["required"] for c in schemas["MeterReading"]["allOf"]] == [
+        ["power_w"]]

@@ -567,3 +567,22 @@ def test_schema_command_prints_json():
     out = subprocess.run([sys.executable, "-m", "cityctl", "rules", "schema"],
                          capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert json.loads(out)["title"] == "CityGrid rule file"
+
+
+def test_a_light_without_sensors_raises_no_alarm_and_no_rule_errors():
+    """A zigbee bulb (`unmeasured`: lux, motion, power, energy): the Copenhagen rules neither
+    switch it off on a lux they do not have nor call it a failed lamp; by the sun it gets the
+    night's baseline."""
+    from citygrid.contract import decode_readings
+    from rules.loader import DEFAULT_RULES, load
+
+    box = Box()
+    engine = RuleEngine(load(DEFAULT_RULES), FLEET, COPENHAGEN, box, track_acks=False)
+    payload = (b'{"ts":%d,"seq":1,"brightness_pct":100,'
+               b'"unmeasured":["lux","motion","power_w","energy_wh"]}' % NIGHT)
+    (reading,) = decode_readings("streetlight", payload, now_ms=NIGHT)
+    engine.on_reading("sl-1", reading.fields(), NIGHT)
+    assert not any(h.errors for h in engine.health.values())
+    assert not engine.alerts
+    (command,) = [c for c in box.commands if c[0] == "sl-1"]
+    assert command[1:3] == (30.0, "rule:dark-baseline")
