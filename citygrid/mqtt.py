@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -148,7 +149,8 @@ def watch_city(url: MqttUrl, on_event) -> paho.Client:
         try:
             t = Topic.parse(message.topic)
             if t.channel == "telemetry":
-                on_event(t, decode_readings(t.kind, message.payload), None)
+                on_event(t, decode_readings(t.kind, message.payload,
+                                            now_ms=int(time.time() * 1000)), None)
                 return
             body = orjson.loads(message.payload)
         except (ContractError, orjson.JSONDecodeError):
