@@ -11,6 +11,7 @@ COPY billing/ billing/
 COPY simulators/ simulators/
 COPY gateway/ gateway/
 COPY dashboards/ dashboards/
+COPY adapters/ adapters/
 RUN python -m venv /opt/citygrid && /opt/citygrid/bin/pip install --no-cache-dir .
 
 FROM python:3.11-slim

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from adapters import add_parsers as adapters_parsers
 from billing import add_parsers as ledger_parsers
 from cityctl.up import add_parser as add_up_parser
 from cityctl.up import run_up
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_contract_asyncapi)
 
     for add_parsers in (ingest_parsers, simulator_parsers, rules_parsers, ledger_parsers,
-                        dashboards_parsers, gateway_parsers):
+                        dashboards_parsers, gateway_parsers, adapters_parsers):
         add_parsers(sub, common)
 
     add_up_parser(sub, common, cmd_up)

@@ -2,9 +2,10 @@
 
 A broker (Mosquitto when installed, else the embedded amqtt broker), ingest into the
 configured store (embedded SQLite unless CITYGRID_INFLUX_URL is set), the rule engine with
-the shipped lighting and billing examples, the gateway with the status page, and a
-simulated fleet at 60× from yesterday's late afternoon. Everything lives in the data
-directory, so a second `citygrid up` goes on where the first one stopped.
+the shipped lighting and billing examples, the gateway with the status page, the adapters for
+off-the-shelf devices (registered with a device profile), and a simulated fleet at 60× from
+yesterday's late afternoon. Everything lives in the data directory, so a second `citygrid up`
+goes on where the first one stopped.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from simulators import generate
 # (docs/platform-facts.md); amqtt about 1,200 QoS 1 messages/s, and each reading goes to four
 # subscribers (ingest, rules, gateway, this summary).
 BROKER_BUDGET = {"mosquitto": 400.0, "embedded": 60.0}
-STOP_ORDER = ["simulate", "gateway", "rules", "ingest", "broker"]
+STOP_ORDER = ["simulate", "gateway", "adapters", "rules", "ingest", "broker"]
 
 
 def _port_free(port: int) -> bool:
@@ -135,6 +136,8 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
                                     str(broker_port)], env)
     supervisor.start("ingest", python + ["ingest", "--report-interval", "5"], env)
     supervisor.start("rules", python + ["rules", "run"], env)
+    # Off-the-shelf devices (registered with --profile/--native-id) ⇄ the contract.
+    supervisor.start("adapters", python + ["adapters", "run", "--report-interval", "30"], env)
     supervisor.start("gateway", python + ["gateway", "--port", str(gateway_port)], env)
     interval = args.interval or max(60.0, len(fleet) * args.speed / BROKER_BUDGET[broker_kind])
     if not args.no_simulator:

@@ -6,18 +6,28 @@ and an ACL file in which, by authenticated user name, each device may publish on
 to its own ``telemetry``, ``ack`` and ``status`` topics and subscribe only to its
 own ``cmd`` topic; the platform services have accounts of their own; nothing is
 anonymous. After each change Mosquitto is told to reload (SIGHUP).
+
+A device registered with a device profile (``device_profile``, ``native_id``) speaks its
+vendor's topics instead, and is confined the same way: it may publish only its own native
+topics and subscribe only to its own native command topic, as its profile names them
+(``Profile.native_topics``). The adapters' account reads every profile's native topics and
+writes their command topics, and writes the contract's telemetry, ack and status.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
+import re
 import secrets
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from citygrid import statedb
 from citygrid.contract import Topic
@@ -26,6 +36,7 @@ from citygrid.registry import FILENAME as REGISTRY_FILE
 from citygrid.registry import Registry, RegistryError
 from rules import PUBLISH_FILTERS
 
+log = logging.getLogger("citygrid.gateway")
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes
 SERVICES = {
     # account: ACL lines (topic filters are the contract's)
@@ -36,6 +47,10 @@ SERVICES = {
                        # every publish action to it)
                        *(f"topic write {f}" for f in PUBLISH_FILTERS)],
     "citygrid-gateway": ["topic read city/v1/#", "topic write city/v1/+/+/+/override"],
+    # and the native topics of every profile (_adapters_native_acl), added when written
+    "citygrid-adapters": ["topic write city/v1/+/+/+/telemetry",
+                          "topic write city/v1/+/+/+/ack", "topic write city/v1/+/+/+/status",
+                          "topic read city/v1/+/+/+/cmd"],
     "citygrid-simulator": ["topic write city/v1/+/+/+/telemetry",
                            "topic write city/v1/+/+/+/ack", "topic write city/v1/+/+/+/status",
                            "topic read city/v1/+/+/+/cmd"],
@@ -97,8 +112,14 @@ class Provisioner:
     """Per-device and per-service MQTT accounts, kept beside the registry (table
     ``credentials`` in its database), and the broker files made from both."""
 
-    def __init__(self, data_dir: str | Path, registry: Registry | None = None):
+    def __init__(self, data_dir: str | Path, registry: Registry | None = None, *,
+                 profiles: Mapping[str, Any] | None = None,
+                 profiles_dir: str | Path | None = None):
+        """``profiles``: the device profiles by name (default: ``adapters.load_profiles``
+        of ``profiles_dir``, the shipped ones and the operator's), for the native topics."""
         self.dir = Path(data_dir)
+        self._profiles = dict(profiles) if profiles is not None else None
+        self._profiles_dir = profiles_dir
         self.registry = registry if registry is not None else Registry(self.dir)
         self.db = statedb.connect(self.dir / REGISTRY_FILE)
         self.db.executescript(_SCHEMA)
@@ -142,20 +163,57 @@ class Provisioner:
 
     # ------------------------------------------------------------------ broker files
 
+    def profiles(self) -> Mapping[str, Any]:
+        if self._profiles is None:
+            from adapters import ProfileError, load_profiles
+            try:
+                self._profiles = load_profiles(self._profiles_dir)
+            except ProfileError as e:
+                log.error("device profiles do not load; profiled devices get no native "
+                          "topics in the ACL: %s", e)
+                return {}
+        return self._profiles
+
+    def _native_acl(self, device_id: str, profile_name: str, native_id: str) -> list[str]:
+        """A profiled device's own native topics: write what it publishes, read its commands."""
+        profile = self.profiles().get(profile_name)
+        if profile is None:
+            return [f"# {device_id}: profile {profile_name!r} is not loaded: no topics"]
+        try:
+            publish, subscribe = profile.native_topics(native_id)
+        except ValueError as e:
+            return [f"# {device_id}: {e}".replace("\n", " ")]
+        return [f"topic write {t}" for t in publish] + [f"topic read {t}" for t in subscribe]
+
+    def _adapters_native_acl(self) -> list[str]:
+        """The adapters' account: every profile's native topics (read) and command topics
+        (write), as filters over all devices."""
+        lines: list[str] = []
+        for profile in self.profiles().values():
+            lines += [f"topic read {f}" for f in profile.subscriptions()]
+            lines += [f"topic write {f}" for f in _command_filters(profile)]
+        return list(dict.fromkeys(lines))
+
     def write_broker_files(self) -> None:
-        where = {device_id: (kind, district)
-                 for device_id, kind, district, _ in self.registry.devices()}
-        rows = [(user, h, kind, *where.get(user, (None, None))) for user, h, kind in
+        where = {r["device_id"]: (r["kind"], r["district"], r.get("device_profile"),
+                                  r.get("native_id")) for r in self.registry.records()}
+        rows = [(user, h, kind, *where.get(user, (None, None, None, None)))
+                for user, h, kind in
                 self.db.execute("SELECT username, hash, kind FROM credentials "
                                 "ORDER BY username")]
         passwords = "".join(f"{user}:{h}\n" for user, h, *_ in rows)
         acl = ["# Written by CityGrid (gateway/provisioning.py): edit the registry, not this.",
                "# Devices: each may write only its own telemetry/ack/status and read only its",
-               "# own cmd, matched by authenticated user name. Nothing is anonymous.", ""]
-        for user, _, kind, dkind, district in rows:
+               "# own cmd (a device with a profile: its own native topics), matched by",
+               "# authenticated user name. Nothing is anonymous.", ""]
+        for user, _, kind, dkind, district, device_profile, native_id in rows:
             acl.append(f"user {user}")
             if kind == "service":
                 acl += SERVICES[user]
+                if user == "citygrid-adapters":
+                    acl += self._adapters_native_acl()
+            elif device_profile and native_id:
+                acl += self._native_acl(user, device_profile, native_id)
             else:
                 own = Topic(district, dkind, user)
                 acl += [f"topic write {own.with_channel(c)}" for c in ("telemetry", "ack",
@@ -211,6 +269,22 @@ class Provisioner:
     def close(self) -> None:
         self.db.close()
         self.registry.close()
+
+
+_ANY = "ZzAnyZz"  # a native id part that stands for every device's
+
+
+def _command_filters(profile: Any) -> list[str]:
+    """The topic filters a profile's commands go to, over every device: its command topic for
+    a native id of placeholders, each level with a placeholder made ``+``."""
+    template = getattr(getattr(profile, "spec", None), "native_id", "{native_id}")
+    native_id = re.sub(r"\{[A-Za-z_][A-Za-z0-9_]*\}", _ANY, template)
+    try:
+        _, subscribe = profile.native_topics(native_id)
+    except ValueError:
+        return []
+    return ["/".join("+" if _ANY in level or level == "+" else level
+                     for level in topic.split("/")) for topic in subscribe]
 
 
 def _atomic_write(path: Path, text: str, mode: int) -> None:

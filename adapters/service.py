@@ -1,0 +1,749 @@
+"""`citygrid adapters run`: native device topics ⇄ the CityGrid contract.
+
+Inbound, a native message from a registered device (its profile and native id in the
+registry) is decoded by the device's profile and republished as contract messages: readings on
+``…/telemetry``, presence on ``…/status`` (retained), and, when a state report confirms a
+command it was sent, an ack on ``…/ack``. Outbound, a contract command on ``…/cmd`` for a
+device with a profile becomes the device's native command.
+
+Nothing is lost between the two sides. The service consumes QoS 1 in a persistent session
+and acknowledges a message by hand, only once every contract message made from it has been
+acknowledged by the broker (paho's ``on_publish``: the PUBACK of each publish, by message
+id) — or, for a message it cannot map (unknown native device, missing field, bad unit, …),
+once its dead letter is on disk (``adapters.sqlite``, :mod:`adapters.deadletter`). A crash
+before that and the broker delivers the message again to the next run.
+
+One thread runs the MQTT connection (its own ``loop()``, like the rule engine's), so the
+decode, the publishes, their PUBACKs and the acknowledgements need no locks, and the
+acknowledgements of one loop turn go out as one write (``citygrid.mqtt.ack_many``). Beside
+it: the registry watcher (re-reads the devices with a profile when ``Registry.version()``
+changes, polled every ``registry_poll_s``; the loop thread then subscribes or unsubscribes
+what changed), and the dead-letter writer. Memory is bounded by the MQTT 5 Receive Maximum:
+the broker sends no more than that many messages before we acknowledge one.
+
+The MQTT client comes from a factory and time from a clock (both passed in), so all of this
+runs in tests without a broker.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from adapters.deadletter import (
+    BAD_ACK,
+    BAD_COMMAND,
+    FILENAME,
+    UNKNOWN_DEVICE,
+    DeadLetter,
+    DeadLetterStore,
+)
+from adapters.profile import Decoded, DecodeError, Profile
+from citygrid import mqtt
+from citygrid.clock import SYSTEM_CLOCK, Clock
+from citygrid.contract import Ack, ContractError, Topic, topic_filter, validate_command
+from citygrid.registry import FILENAME as REGISTRY_FILE
+from citygrid.registry import Registry
+from citygrid.settings import MqttUrl, Settings
+
+log = logging.getLogger("citygrid.adapters")
+
+ClientFactory = Callable[[MqttUrl, str], Any]  # (broker, client id) → a paho-like client
+CMD_PREFIX = "city/v1/"
+TOPIC_CACHE_MAX = 200_000
+
+
+def paho_client(url: MqttUrl, client_id: str) -> paho.Client:
+    """The default client: paho, acknowledging by hand, no limit of its own on publishes in
+    flight: what the service publishes is bounded by the native messages it holds (the Receive
+    Maximum), and paho's limit, once reached, rescans every message in flight on each PUBACK
+    (``_update_inflight``: O(n) per message, which took 460 µs a message in bench/adapters.py)."""
+    client = mqtt.make_client(url, client_id, manual_ack=True)
+    client.max_inflight_messages_set(0)
+    client.max_queued_messages_set(0)
+    return client
+
+
+@dataclass
+class AdapterConfig:
+    client_id: str = "citygrid-adapters"
+    receive_maximum: int = 1000  # native messages held unacknowledged, at most
+    registry_poll_s: float = 0.5  # how often Registry.version() is read
+    report_interval_s: float = 10.0
+    dead_letter_flush_s: float = 0.05
+    dead_letter_max: int = 10_000
+    command_timeout_s: float = 300.0  # a command no state report confirms is forgotten then
+    metrics_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A registered device with a profile, and its contract topics."""
+
+    device_id: str
+    kind: str
+    district: str
+    profile: Profile
+    native_id: str
+    telemetry: str
+    ack: str
+    status: str
+
+
+@dataclass(frozen=True)
+class _Inventory:
+    """What the registry says, as the hot path reads it (swapped whole by reference)."""
+
+    native: Mapping[tuple[str, str], Route]  # (profile name, native id) → device
+    devices: Mapping[str, Route]  # device id → device
+    filters: tuple[tuple[str, Profile], ...]  # native subscription, profile
+    wanted: frozenset[str]  # every subscription: native filters and contract cmd filters
+
+
+_EMPTY = _Inventory({}, {}, (), frozenset())
+
+
+class AdapterService:
+    """``profiles``: the loaded profiles by name (``adapters.load_profiles()``);
+    ``registry_dir``: where ``registry.sqlite`` is (opened once it exists: never created
+    here); ``client_factory(broker url, client id)`` makes the MQTT client (default: paho,
+    ``paho_client``); ``clock`` gives every time stamp and interval."""
+
+    def __init__(self, settings: Settings, *, profiles: Mapping[str, Profile],
+                 registry_dir: str | Path | None = None, config: AdapterConfig | None = None,
+                 data_dir: str | Path | None = None, client_factory: ClientFactory | None = None,
+                 clock: Clock | None = None):
+        self.settings = settings
+        self.profiles = dict(profiles)
+        self.config = config or AdapterConfig()
+        self._clock = clock or SYSTEM_CLOCK
+        self._registry_dir = Path(registry_dir or settings.data_dir)
+        self._registry: Registry | None = None
+        self._registry_version: object = None
+        self.dead_letters = DeadLetterStore(Path(data_dir or settings.data_dir) / FILENAME,
+                                            self.config.dead_letter_max)
+        self.counts: Counter[str] = Counter()  # messages, readings, acks, … (loop thread)
+        self.dead_counts: Counter[str] = Counter()  # by reason (dead-letter writer)
+        self._inventory = _EMPTY
+        self._missing_profiles: set[str] = set()
+        self._topic_profiles: dict[str, tuple[Profile, ...]] = {}
+        # What the session has subscribed (the loop thread's view), remembered across runs so
+        # that filters no device needs any more are unsubscribed from the persistent session.
+        self._subscribed: set[str] = self.dead_letters.subscriptions()
+        self._synced: _Inventory | None = None  # the inventory the subscriptions follow
+        self._sub_pending: dict[int, tuple[str, str]] = {}  # (un)subscribe mid → (op, filter)
+        # Acknowledgement bookkeeping, loop thread only; ``_epoch`` bumps on every connection,
+        # so ids of an older one are never acknowledged on a newer one.
+        self._epoch = 0
+        self._out: dict[int, int] = {}  # publish mid → inbound mid it belongs to
+        self._waiting: dict[int, int] = {}  # inbound mid → publishes not yet acknowledged
+        self._acks: list[int] = []  # inbound mids to acknowledge at the end of this loop turn
+        self._written: collections.deque[tuple[int, int]] = collections.deque()  # dead, on disk
+        self._dead: list[tuple[DeadLetter, int, int | None]] = []  # (letter, epoch, mid)
+        self._dead_lock = threading.Condition()
+        self._commands: dict[str, tuple[dict[str, Any], float]] = {}  # device → (cmd, deadline)
+        self._stopping = threading.Event()
+        self._connected = threading.Event()
+        self._ready = threading.Event()  # connected and the wanted filters subscribed
+        self._threads: list[threading.Thread] = []
+        self._metrics_server = None
+        self._client = (client_factory or paho_client)(settings.mqtt, self.config.client_id)
+        self._v5 = getattr(self._client, "protocol", paho.MQTTv5) == paho.MQTTv5
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_unsubscribe = self._on_unsubscribe
+        self.refresh_registry()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout_s: float | None = 10.0) -> None:
+        """Start, and return once subscribed; ``timeout_s=None`` waits for the broker forever."""
+        if self.config.metrics_port:
+            self._serve_metrics(self.config.metrics_port)
+        for target, name in ((self._run, "adapters-mqtt"),
+                             (self._write_dead_letters, "adapters-dead-letters"),
+                             (self._watch_registry, "adapters-registry"),
+                             (self._reporter, "adapters-report")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        clock = self._clock
+        deadline = None if timeout_s is None else clock.monotonic() + timeout_s
+        while not self._ready.wait(5.0 if deadline is None else
+                                   max(0.0, min(5.0, deadline - clock.monotonic()))):
+            if deadline is not None and clock.monotonic() >= deadline:
+                self.stop()
+                raise TimeoutError(f"not subscribed at {self.settings.mqtt} within {timeout_s}s")
+            log.warning("waiting for the broker at %s", self.settings.mqtt)
+
+    def stop(self) -> None:
+        """Write the dead letters held, acknowledge what is done, disconnect. What is not done
+        stays unacknowledged in the persistent session, for the next start."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        with self._dead_lock:
+            self._dead_lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        if self._registry is not None:
+            self._registry.close()
+        self.dead_letters.close()
+
+    @property
+    def subscriptions(self) -> frozenset[str]:
+        """What the service wants subscribed now (native filters and contract commands)."""
+        return self._inventory.wanted
+
+    def wait_subscribed(self, timeout_s: float = 5.0) -> bool:
+        """Wait until the session has exactly the filters the registry calls for."""
+        deadline = self._clock.monotonic() + timeout_s
+        while self._clock.monotonic() < deadline:
+            if self._connected.is_set() and not self._sub_pending and \
+                    self._subscribed == set(self._inventory.wanted):
+                return True
+            self._stopping.wait(0.02)
+        return False
+
+    # ------------------------------------------------------------------ the MQTT thread
+
+    def _run(self) -> None:
+        client = self._client
+        connected = False
+        while not self._stopping.is_set():
+            if not connected:
+                try:
+                    mqtt.connect(client, self.settings.mqtt, clean_start=False,
+                                 session_expiry_s=mqtt.DEFAULT_SESSION_EXPIRY_S,
+                                 receive_maximum=self.config.receive_maximum)
+                    _fewer_syscalls(client)
+                    connected = True
+                except OSError as e:
+                    log.warning("waiting for the broker at %s: %s", self.settings.mqtt, e)
+                    self._stopping.wait(1.0)
+                    continue
+            rc = client.loop(timeout=0.05)
+            if rc != paho.MQTT_ERR_SUCCESS:
+                self._lost()
+                log.warning("lost the broker (%s); reconnecting", rc)
+                connected = False
+                self._stopping.wait(0.5)
+                continue
+            self._turn()
+        self._drain_written()
+        if self._acks:
+            mqtt.ack_many(client, self._acks)
+            self._acks = []
+            client.loop(timeout=0.05)  # let the PUBACKs go out
+        client.disconnect()
+        client.loop(timeout=0.05)
+
+    def _turn(self) -> None:
+        """After each loop turn: acknowledge what is done, follow the registry."""
+        self._drain_written()
+        if self._acks:
+            mqtt.ack_many(self._client, self._acks)
+            self._acks = []
+        if self._connected.is_set():
+            self._sync_subscriptions()
+        if self._commands:
+            now = self._clock.monotonic()
+            for device_id in [d for d, (_, until) in self._commands.items() if until < now]:
+                del self._commands[device_id]
+                self.counts["commands_unconfirmed"] += 1
+
+    def _drain_written(self) -> None:
+        written = self._written
+        while written:
+            epoch, mid = written.popleft()
+            if epoch == self._epoch:
+                self._done(mid)
+
+    def _lost(self) -> None:
+        """The connection is gone: its message ids mean nothing now. The broker sends the
+        unacknowledged messages again on the next connection (clean_start=False)."""
+        self._epoch += 1
+        self._connected.clear()
+        self._out.clear()
+        self._waiting.clear()
+        self._acks = []
+        self._sub_pending.clear()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if getattr(reason_code, "is_failure", False):
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        session = bool(getattr(flags, "session_present", False))
+        if not session:
+            self._subscribed = set()  # a new session has no subscriptions
+        self._connected.set()
+        log.info("connected to %s as %s (session present: %s)", self.settings.mqtt,
+                 self.config.client_id, session)
+        self._sync_subscriptions(force=True)
+
+    def _on_disconnect(self, client, userdata, flags=None, reason_code=None,
+                       properties=None) -> None:
+        self._lost()
+        if not self._stopping.is_set():
+            log.warning("disconnected from the broker (%s)", reason_code)
+
+    def _sync_subscriptions(self, force: bool = False) -> None:
+        """Subscribe to what the registry calls for and not yet had; unsubscribe the rest.
+        ``force``: after a (re)connect, subscribe everything again (retained messages only
+        for subscriptions new to the session)."""
+        inventory = self._inventory
+        if not force and (self._sub_pending or inventory is self._synced):
+            return
+        wanted = inventory.wanted
+        add = sorted(wanted if force else wanted - self._subscribed)
+        drop = sorted(self._subscribed - wanted)
+        if add:
+            options = SubscribeOptions(qos=1, retainHandling=1) if self._v5 else 1
+            _, mid = self._client.subscribe([(f, options) for f in add])
+            if mid is not None:
+                self._sub_pending[mid] = ("subscribe", " ".join(add))
+        if drop:
+            _, mid = self._client.unsubscribe(drop)
+            if mid is not None:
+                self._sub_pending[mid] = ("unsubscribe", " ".join(drop))
+        if not add and not drop:
+            self._synced = inventory
+            self._ready.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        op, filters = self._sub_pending.pop(mid, ("subscribe", ""))
+        names = filters.split()
+        failed = [f for f, rc in zip(names, reason_codes, strict=False)
+                  if getattr(rc, "is_failure", False) or rc == 128]
+        if failed:
+            log.error("the broker refused the subscription to %s: %s", ", ".join(failed),
+                      reason_codes)
+        self._subscribed |= set(names) - set(failed)
+        self._remember_subscriptions()
+        if names:
+            log.info("subscribed to %s", ", ".join(names))
+        if not self._sub_pending:
+            self._ready.set()
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes=None, properties=None) -> None:
+        op, filters = self._sub_pending.pop(mid, ("unsubscribe", ""))
+        self._subscribed -= set(filters.split())
+        self._remember_subscriptions()
+        if filters:
+            log.info("unsubscribed from %s", filters.replace(" ", ", "))
+
+    def _remember_subscriptions(self) -> None:
+        try:
+            self.dead_letters.set_subscriptions(self._subscribed)
+        except Exception:  # only a later run's clean-up depends on it
+            log.exception("could not remember the subscriptions")
+
+    # ------------------------------------------------------------------ inbound
+
+    def _on_message(self, client, userdata, message) -> None:
+        mid = message.mid if message.qos else 0
+        if mid:
+            self._waiting[mid] = 1  # a guard: no ack before this handler has published all
+        try:
+            topic = message.topic
+            if topic.startswith(CMD_PREFIX):
+                self._command(topic, message.payload, mid)
+            else:
+                self._native(topic, message.payload, mid)
+        except Exception as e:  # a bug, not the message's fault: keep it, and say so
+            log.exception("could not handle a message on %s", message.topic)
+            self._dead_letter(message.topic, "internal_error", repr(e)[:500], message.payload,
+                              mid)
+        if mid:
+            self._release(mid)
+
+    def _native(self, topic: str, payload: bytes, mid: int) -> None:
+        counts = self.counts
+        counts["messages"] += 1
+        inventory = self._inventory
+        now_ms = self._clock.now_ms()
+        candidates = self._topic_profiles.get(topic)
+        if candidates is None:
+            candidates = self._profiles_for(topic, inventory)
+        error: DecodeError | None = None
+        decoded: Decoded | None = None
+        route: Route | None = None
+        for profile in candidates:
+            try:
+                decoded = profile.decode(topic, payload, now_ms)
+            except DecodeError as e:
+                error = error or e
+                continue
+            route = inventory.native.get((profile.name, decoded.native_id))
+            if route is not None or decoded.affected:
+                break
+        if route is None:
+            if decoded is not None and decoded.affected and not decoded.readings:
+                self._node_status(decoded, inventory)  # a gateway/node speaking for devices
+                return
+            if error is not None and decoded is None:
+                self._dead_letter(topic, error.reason, error.detail, payload, mid)
+            elif decoded is None:
+                self._dead_letter(topic, UNKNOWN_DEVICE, "no profile a registered device "
+                                  "uses reads this topic", payload, mid)
+            else:
+                self._dead_letter(topic, UNKNOWN_DEVICE, f"native id {decoded.native_id!r} "
+                                  "is no registered device's (citygrid devices add … "
+                                  "--profile … --native-id …)", payload, mid)
+            return
+        publish = self._publish
+        for reading in decoded.readings:
+            publish(route.telemetry, orjson.dumps(reading), mid)
+        if decoded.readings:
+            counts["readings"] += len(decoded.readings)
+        if decoded.status is not None:
+            self._status(route, decoded.status, mid)
+            if decoded.affected:
+                self._node_status(decoded, inventory, mid)
+        if decoded.acks or (decoded.state and route.device_id in self._commands):
+            self._acks_from(route, decoded, now_ms, payload, mid)
+        if decoded.held and not decoded.readings:
+            counts["held"] += 1
+
+    def _profiles_for(self, topic: str, inventory: _Inventory) -> tuple[Profile, ...]:
+        """The profiles in use whose subscriptions match the topic (remembered per topic)."""
+        found: list[Profile] = []
+        for sub, profile in inventory.filters:
+            if profile not in found and paho.topic_matches_sub(sub, topic):
+                found.append(profile)
+        if len(self._topic_profiles) >= TOPIC_CACHE_MAX:
+            self._topic_profiles.clear()
+        self._topic_profiles[topic] = out = tuple(found)
+        return out
+
+    def _status(self, route: Route, status: str, mid: int) -> None:
+        if status not in ("online", "offline"):
+            return
+        self._publish(route.status, b'{"online":true}' if status == "online"
+                      else b'{"online":false}', mid, retain=True)
+        self.counts["statuses"] += 1
+
+    def _node_status(self, decoded: Decoded, inventory: _Inventory, mid: int = 0) -> None:
+        if decoded.status is None:
+            return
+        for native_id in decoded.affected:
+            for profile_name, nid in ((p.name, native_id) for _, p in inventory.filters):
+                route = inventory.native.get((profile_name, nid))
+                if route is not None:
+                    self._status(route, decoded.status, mid)
+                    break
+
+    def _acks_from(self, route: Route, decoded: Decoded, now_ms: int, payload: bytes,
+                   mid: int) -> None:
+        """The device's answer, or a state report that confirms the pending command."""
+        pending = self._commands.get(route.device_id)
+        acks = list(decoded.acks)
+        if pending is not None and not acks and decoded.state:
+            ack = route.profile.ack_for(pending[0], decoded.state, now_ms)
+            if ack is not None:
+                acks.append(ack)
+        for ack in acks:
+            if "id" not in ack:
+                if pending is None:
+                    self.counts["acks_unmatched"] += 1
+                    continue
+                ack = {"id": pending[0]["id"], **ack}
+            ack.setdefault("ts", now_ms)
+            try:
+                Ack.model_validate(ack)
+            except ValueError as e:
+                self._dead_letter(route.ack, BAD_ACK, str(e)[:500], payload, 0)
+                continue
+            self._publish(route.ack, orjson.dumps(ack), mid)
+            self.counts["acks"] += 1
+            if pending is not None and ack["id"] == pending[0]["id"]:
+                self._commands.pop(route.device_id, None)
+                pending = None
+
+    # ------------------------------------------------------------------ commands
+
+    def _command(self, topic: str, payload: bytes, mid: int) -> None:
+        """A contract command for a device with a profile → its native command(s)."""
+        try:
+            t = Topic.parse(topic)
+        except ContractError:
+            return
+        if t.channel != "cmd":
+            return
+        route = self._inventory.devices.get(t.device_id)
+        if route is None:
+            self.counts["commands_not_ours"] += 1  # a contract device takes it itself
+            return
+        try:
+            command = validate_command(payload).model_dump()
+            native = route.profile.encode_command(route.native_id, command)
+        except (ContractError, DecodeError, ValueError) as e:
+            reason = getattr(e, "reason", BAD_COMMAND)
+            self._dead_letter(topic, BAD_COMMAND, f"{reason}: {getattr(e, 'detail', e)}",
+                              payload, mid)
+            return
+        for native_topic, body in native:
+            self._publish(native_topic, body, mid)
+        self._commands[route.device_id] = (
+            command, self._clock.monotonic() + self.config.command_timeout_s)
+        self.counts["commands"] += 1
+
+    # ------------------------------------------------------------------ publish and ack
+
+    def _publish(self, topic: str, payload: bytes, mid: int, retain: bool = False) -> None:
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if mid:
+            self._out[info.mid] = mid
+            self._waiting[mid] += 1
+
+    def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
+        inbound = self._out.pop(mid, 0)
+        if getattr(reason_code, "is_failure", False):
+            # The broker refused it (its ACL, under MQTT 5): keep the native message
+            # unacknowledged rather than lose it; it comes back on the next connection.
+            self.counts["publish_refused"] += 1
+            log.warning("the broker refused a publish: %s", reason_code)
+            if inbound:
+                self._waiting.pop(inbound, None)
+            return
+        if inbound:
+            self._release(inbound)
+
+    def _release(self, mid: int) -> None:
+        left = self._waiting.get(mid)
+        if left is None:
+            return
+        if left <= 1:
+            del self._waiting[mid]
+            self._acks.append(mid)
+        else:
+            self._waiting[mid] = left - 1
+
+    def _done(self, mid: int) -> None:  # a dead letter is on disk
+        self._release(mid)
+
+    # ------------------------------------------------------------------ dead letters
+
+    def _dead_letter(self, topic: str, reason: str, detail: str, payload: bytes,
+                     mid: int) -> None:
+        letter = DeadLetter(self._clock.now_ms(), topic, reason, detail, bytes(payload))
+        if mid:
+            self._waiting[mid] += 1  # acknowledged when the letter is on disk
+        with self._dead_lock:
+            self._dead.append((letter, self._epoch, mid or None))
+            self._dead_lock.notify()
+
+    def _write_dead_letters(self) -> None:
+        while True:
+            with self._dead_lock:
+                while not self._dead and not self._stopping.is_set():
+                    self._dead_lock.wait(1.0)
+                if not self._dead and self._stopping.is_set():
+                    return
+            self._stopping.wait(self.config.dead_letter_flush_s)  # gather a batch
+            with self._dead_lock:
+                batch, self._dead = self._dead, []
+            delay = 0.5
+            while True:
+                try:
+                    self.dead_letters.add(letter for letter, _, _ in batch)
+                    break
+                except Exception:
+                    log.exception("could not write %d dead letters; retrying", len(batch))
+                    if self._stopping.wait(delay):
+                        return  # unacknowledged: the broker sends them again next time
+                    delay = min(delay * 2, 30.0)
+            for letter, epoch, mid in batch:
+                self.dead_counts[letter.reason] += 1
+                if mid is not None:
+                    self._written.append((epoch, mid))
+            if batch:
+                log.info("dead-lettered %d messages (%s)", len(batch), ", ".join(
+                    f"{r}={n}" for r, n in Counter(x.reason for x, _, _ in batch).items()))
+
+    # ------------------------------------------------------------------ the registry
+
+    def _watch_registry(self) -> None:
+        while not self._stopping.wait(self.config.registry_poll_s):
+            try:
+                self.refresh_registry()
+            except Exception:  # a locked or broken database must not stop the adapters
+                log.exception("reading the registry failed")
+
+    def refresh_registry(self) -> bool:
+        """Re-read the devices with a profile if the registry changed; True if it had."""
+        if self._registry is None:
+            if not (self._registry_dir / REGISTRY_FILE).exists():
+                return False
+            self._registry = Registry(self._registry_dir)
+        version = self._registry.version()
+        if version == self._registry_version:
+            return False
+        inventory = self._build(self._registry)
+        self._registry_version = version
+        before = self._inventory
+        self._topic_profiles = {}
+        self._inventory = inventory  # one reference swap: the MQTT thread sees old or new
+        if len(inventory.native) != len(before.native) or inventory.wanted != before.wanted:
+            log.info("registry: %d devices with a profile (%s); subscriptions: %s",
+                     len(inventory.native), ", ".join(sorted(
+                         {r.profile.name for r in inventory.devices.values()})) or "none",
+                     ", ".join(sorted(inventory.wanted)) or "none")
+        return True
+
+    def _build(self, registry: Registry) -> _Inventory:
+        native: dict[tuple[str, str], Route] = {}
+        devices: dict[str, Route] = {}
+        used: dict[str, Profile] = {}
+        kinds: set[str] = set()
+        for d in registry.fleet():
+            if not d.device_profile or not d.native_id:
+                continue
+            profile = self.profiles.get(d.device_profile)
+            if profile is None:
+                if d.device_profile not in self._missing_profiles:
+                    self._missing_profiles.add(d.device_profile)
+                    log.error("device %s uses profile %r, which is not loaded (known: %s): "
+                              "its messages are dead-lettered as %s", d.device_id,
+                              d.device_profile, ", ".join(sorted(self.profiles)) or "none",
+                              UNKNOWN_DEVICE)
+                continue
+            t = Topic(d.district, d.kind, d.device_id)
+            route = Route(d.device_id, d.kind, d.district, profile, d.native_id, str(t),
+                          str(t.with_channel("ack")), str(t.with_channel("status")))
+            native[(profile.name, d.native_id)] = route
+            devices[d.device_id] = route
+            used[profile.name] = profile
+            if _takes_commands(profile):
+                kinds.add(d.kind)
+        filters = tuple((sub, p) for _, p in sorted(used.items()) for sub in p.subscriptions())
+        wanted = {sub for sub, _ in filters} | {topic_filter("cmd", kind=k) for k in kinds}
+        return _Inventory(native, devices, filters, frozenset(wanted))
+
+    def route(self, device_id: str) -> Route | None:
+        return self._inventory.devices.get(device_id)
+
+    # ------------------------------------------------------------------ self-report
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counts, "dead_letters": dict(self.dead_counts),
+                "unacked": len(self._waiting), "devices": len(self._inventory.devices),
+                "pending_commands": len(self._commands)}
+
+    def _reporter(self) -> None:
+        clock = self._clock
+        last, last_t = 0, clock.monotonic()
+        while not self._stopping.wait(self.config.report_interval_s):
+            now, messages = clock.monotonic(), self.counts["messages"]
+            rate = (messages - last) / max(1e-9, now - last_t)
+            last, last_t = messages, now
+            s = self.stats()
+            log.info("adapters: %.0f native messages/s; %d messages, %d readings, %d statuses, "
+                     "%d commands, %d acks; dead letters: %s; %d held unacknowledged; "
+                     "%d devices", rate, s.get("messages", 0), s.get("readings", 0),
+                     s.get("statuses", 0), s.get("commands", 0), s.get("acks", 0),
+                     ", ".join(f"{r}={n}" for r, n in sorted(s["dead_letters"].items()))
+                     or "none", s["unacked"], s["devices"])
+
+    def _serve_metrics(self, port: int) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        service = self
+
+        class _Collector:
+            def collect(self):
+                s = service.stats()
+                for name in ("messages", "readings", "statuses", "commands", "acks"):
+                    yield CounterMetricFamily(f"citygrid_adapters_{name}",
+                                              f"adapters: {name} handled", s.get(name, 0))
+                dead = CounterMetricFamily("citygrid_adapters_dead_letters",
+                                           "dead letters by reason", labels=["reason"])
+                for reason, n in s["dead_letters"].items():
+                    dead.add_metric([reason], n)
+                yield dead
+                yield GaugeMetricFamily("citygrid_adapters_unacked",
+                                        "native messages held unacknowledged", s["unacked"])
+                yield GaugeMetricFamily("citygrid_adapters_devices",
+                                        "registered devices with a profile", s["devices"])
+
+        registry = CollectorRegistry()
+        registry.register(_Collector())
+        self._metrics_server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+
+
+class _BufferedSocket:
+    """The connection's socket, read 64 KiB at a time. paho reads each packet in two or three
+    ``recv`` calls (fixed header, length, body), and a system call is the dearest thing the
+    service does per message on a sandboxed machine; paho's loop asks ``pending()`` (meant
+    for TLS) and reads on without waiting while bytes are buffered."""
+
+    __slots__ = ("_sock", "_buf")
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._buf = b""
+
+    def recv(self, n: int) -> bytes:
+        buf = self._buf
+        if not buf:
+            buf = self._sock.recv(65536)  # BlockingIOError, or b"" at the end: as before
+            if len(buf) <= n:
+                return buf
+        out, self._buf = buf[:n], buf[n:]
+        return out
+
+    def pending(self) -> int:
+        n = len(self._buf)
+        if not n and hasattr(self._sock, "pending"):
+            return self._sock.pending()
+        return n
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+class _NoWake:
+    """paho writes a byte to a socket pair on every publish to wake a loop running in another
+    thread; every call on this client is made in the thread that runs its loop."""
+
+    def send(self, data: bytes) -> int:
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+def _fewer_syscalls(client) -> None:
+    """For a paho client run by our own ``loop()`` calls (paho 2.x internals, pinned)."""
+    if not isinstance(client, paho.Client):
+        return
+    sock = getattr(client, "_sock", None)
+    if sock is not None and not isinstance(sock, _BufferedSocket) and \
+            not hasattr(sock, "pending"):  # TLS sockets buffer already
+        client._sock = _BufferedSocket(sock)  # noqa: SLF001
+    if getattr(client, "_thread", None) is None:
+        client._sockpairW = _NoWake()  # noqa: SLF001
+
+
+def _takes_commands(profile: Profile) -> bool:
+    spec = getattr(profile, "spec", None)
+    return spec is None or getattr(spec, "command", None) is not None
