@@ -273,7 +273,7 @@ def test_a_slow_influxdb_means_back_pressure_not_loss_or_unbounded_memory(
                  f"city/v1/{uid}/+/+/telemetry", "--receive-maximum", "2000").start()
     wait_until(lambda: "subscribed to" in ing.text(), 20, message="ingest subscribed")
     t0 = int(time.time() * 1000) - 3_600_000
-    n = 30_000
+    n = 12_000  # six windows of 2,000: at 2 s a write, back-pressure for ≥ 12 s
     publisher = Publisher(mosquitto.url, f"slow-{uid}")
     try:
         publisher.send_all([(str(contract.Topic(uid, "meter", f"m-{i % 300}")),
