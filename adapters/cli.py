@@ -14,6 +14,11 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     test.add_argument("files", nargs="+")
     test.set_defaults(func=cmd_test)
 
+    doc = adapters_sub.add_parser("asyncapi", help="print the AsyncAPI document of the "
+                                  "profiles' native channels (docs/asyncapi-adapters.yaml)")
+    doc.add_argument("--profiles", metavar="DIR", help="an operator's profile folder too")
+    doc.set_defaults(func=cmd_asyncapi)
+
     run = adapters_sub.add_parser(
         "run", parents=[common],
         help="the adapters service: registered devices' native topics ⇄ city/v1/…")
@@ -29,6 +34,16 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                      help="seconds between self-report log lines (10)")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     run.set_defaults(func=cmd_run)
+
+
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    import sys
+
+    from adapters.asyncapi import render
+    from adapters.profile import load_profiles
+
+    sys.stdout.write(render(load_profiles(args.profiles)))
+    return 0
 
 
 def cmd_test(args: argparse.Namespace) -> int:

@@ -47,3 +47,26 @@ def test_contract_fields_are_documented():
     assert set(schemas["MeterReading"]["required"]) == {"ts", "seq", "energy_kwh"}
     assert [c["anyOf"][0]["required"] for c in schemas["MeterReading"]["allOf"]] == [
         ["power_w"]]
+
+
+def test_the_adapters_native_channels_are_documented_from_the_profiles():
+    from adapters import asyncapi as native
+    from adapters import load_profiles
+
+    committed = (REPO / "docs" / "asyncapi-adapters.yaml").read_text()
+    assert committed == native.render(), (
+        "docs/asyncapi-adapters.yaml is stale: "
+        "run `citygrid adapters asyncapi > docs/asyncapi-adapters.yaml`")
+    doc = yaml.safe_load(committed)
+    for ref in _refs(doc):
+        node = doc
+        for part in ref.removeprefix("#/").split("/"):
+            node = node[part]
+    addresses = {c["address"] for c in doc["channels"].values()}
+    for name, profile in load_profiles().items():
+        assert {m.topic for m in profile.spec.messages} <= addresses, name
+        if profile.spec.command:
+            assert profile.spec.command.topic in addresses, name
+    tasmota = doc["channels"]["tasmota-energy"]
+    assert tasmota["address"] == "tele/{native_id}/SENSOR"
+    assert "energy_kwh ← `ENERGY.Total` in kWh" in tasmota["description"]

@@ -27,14 +27,14 @@ def test_compose_file_follows_the_compose_specification():
 
 
 def test_the_services_a_city_needs_are_there_with_healthchecks_and_restarts():
-    assert {"mosquitto", "influxdb", "grafana", "ingest", "rules", "gateway",
+    assert {"mosquitto", "influxdb", "grafana", "ingest", "rules", "gateway", "adapters",
             "simulator"} <= set(SERVICES)
     for name, service in SERVICES.items():
         if name == "setup":
             continue
         assert "healthcheck" in service or name == "simulator", name
         assert service.get("restart") == "unless-stopped", name
-    for name in ("ingest", "rules", "gateway"):
+    for name in ("ingest", "rules", "gateway", "adapters"):
         assert SERVICES[name]["depends_on"]["mosquitto"]["condition"] == "service_healthy"
     assert SERVICES["simulator"]["profiles"] == ["simulator"]
     assert set(COMPOSE["volumes"]) >= {"citygrid-state", "influxdb-data", "grafana-data"}
