@@ -27,8 +27,8 @@ def _cli(*argv: str) -> int:
 def test_every_shipped_profile_loads_and_has_a_test_file():
     profiles = load_profiles()
     assert set(profiles) == {"tasmota-energy", "shelly-em-gen2", "zigbee2mqtt-light",
-                             "zigbee2mqtt-plug", "dsmr-reader", "chirpstack-v4", "chirpstack-v4-light",
-                             "sparkplug-b"}
+                             "zigbee2mqtt-plug", "dsmr-reader", "chirpstack-v4",
+                             "chirpstack-v4-light", "sparkplug-b"}
     for name in profiles:
         assert (SHIPPED / f"{name}.test.yaml").exists(), name
 
