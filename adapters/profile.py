@@ -46,7 +46,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from adapters import codecs
-from citygrid.contract import KINDS, ContractError, decode_readings
+from citygrid.contract import KINDS, ContractError, decode_readings, validate_reading
 from citygrid.yamlconf import ConfigError, ConfigProblem, parse, validate
 
 SHIPPED = Path(__file__).parent / "profiles"
@@ -506,7 +506,7 @@ class Profile:
         if self._unmeasured:
             reading["unmeasured"] = self._unmeasured
         try:
-            self._model.model_validate(reading)
+            validate_reading(self.kind, reading)
         except ValidationError as e:
             err = e.errors(include_url=False)[0]
             where = ".".join(str(p) for p in err["loc"]) or "reading"

@@ -15,7 +15,15 @@ from datetime import datetime
 from typing import Annotated, Any, ClassVar, NamedTuple
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 CONTRACT_VERSION = "v1"
@@ -153,6 +161,26 @@ def _measured_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
         del schema["allOf"]
 
 
+class _Declared(BaseModel):
+    """What a kind's *declared* model adds (a reading with ``unmeasured``): its measured fields
+    may be absent, but only those it lists."""
+
+    @model_validator(mode="after")
+    def _measured_or_declared(self) -> _Declared:
+        measured: tuple[str, ...] = getattr(self, "_measured", ())
+        declared = getattr(self, "unmeasured", None) or ()
+        unknown = [n for n in declared if n not in measured]
+        if unknown:
+            raise ValueError(f"unmeasured: {', '.join(map(repr, unknown))} cannot be "
+                             f"unmeasured (only {', '.join(measured) or 'none'})")
+        missing = [n for n in measured if getattr(self, n) is None and n not in declared]
+        if missing:
+            raise PydanticCustomError(
+                "missing", "{fields}: field required (a device without the sensor lists it "
+                "in unmeasured)", {"fields": ", ".join(missing)})
+        return self
+
+
 class Reading(BaseModel):
     """Fields every reading carries."""
 
@@ -160,8 +188,11 @@ class Reading(BaseModel):
     kind: ClassVar[str]
     _optional: ClassVar[tuple[str, ...]] = ()
 
-    # Fields the kind requires unless the device declares it cannot measure them (below).
+    # Fields the kind requires unless the device declares it cannot measure them: a reading
+    # with `unmeasured` is validated by the kind's declared model (`_declared`), where they
+    # may be absent; every other reading by the kind's own, strict and fast.
     _measured: ClassVar[tuple[str, ...]] = ()
+    _declared: ClassVar[type[Reading] | None] = None
 
     ts: Timestamp
     seq: Annotated[int, Field(ge=0, le=INT64_MAX,
@@ -170,33 +201,6 @@ class Reading(BaseModel):
         max_length=8, description="Fields this device has no sensor for (a zigbee bulb has "
         "no lux sensor): they are absent, never invented, and a rule condition on one is "
         "false. Only the kind's measured fields may be listed.")] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _declared_absent(cls, data: Any) -> Any:
-        """A measured field listed in ``unmeasured`` may be missing: it is taken as None."""
-        if cls._measured and isinstance(data, dict):
-            declared = data.get("unmeasured")
-            if isinstance(declared, list) and declared:
-                data = dict(data)
-                for name in declared:
-                    if name in cls._measured and name not in data:
-                        data[name] = None
-        return data
-
-    @model_validator(mode="after")
-    def _measured_or_declared(self) -> Reading:
-        declared = self.unmeasured or ()
-        unknown = [n for n in declared if n not in self._measured]
-        if unknown:
-            raise ValueError(f"unmeasured: {', '.join(map(repr, unknown))} cannot be "
-                             f"unmeasured (only {', '.join(self._measured) or 'none'})")
-        null = [n for n in self._measured if getattr(self, n) is None and n not in declared]
-        if null:
-            raise PydanticCustomError(
-                "missing", "{fields}: null is no value (a device without the sensor lists "
-                "it in unmeasured)", {"fields": ", ".join(null)})
-        return self
 
     @field_validator("ts")
     @classmethod
@@ -221,14 +225,35 @@ class Reading(BaseModel):
 KINDS: dict[str, type[Reading]] = {}
 
 
+def _optional_of(info: Any) -> Any:
+    """A field's type with its constraints, or None."""
+    ann = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    return ann | None
+
+
+def validate_reading(kind: str, values: dict[str, Any]) -> Reading:
+    """A reading from a JSON object's values (the adapters' output): the kind's model, or its
+    declared one when the object lists ``unmeasured``. Raises ValidationError."""
+    model = KINDS[kind]
+    if model._declared is not None and values.get("unmeasured"):
+        return model._declared.model_validate(values)
+    return model.model_validate(values)
+
+
 def register_kind(name: str):
     """Register a device kind's reading model under its topic name."""
 
     def wrap(model: type[Reading]) -> type[Reading]:
         model.kind = name
         model._optional = tuple(k for k, f in model.model_fields.items()
-                                if (not f.is_required() or k in model._measured)
-                                and k != "unmeasured")
+                                if not f.is_required() and k != "unmeasured")
+        if model._measured:
+            declared = create_model(f"{model.__name__}Declared", __base__=(model, _Declared),
+                                    **{n: (_optional_of(model.model_fields[n]), None)
+                                       for n in model._measured})
+            declared.kind = name
+            declared._optional = (*model._optional, *model._measured)
+            model._declared = declared
         KINDS[name] = model
         return model
 
@@ -242,14 +267,14 @@ class StreetlightReading(Reading):
     _measured = ("power_w", "energy_wh", "lux", "motion")
 
     brightness_pct: Annotated[Percent, Field(description="Current light output, %.")]
-    power_w: Annotated[Power | None, Field(description="Electrical power now, W. Required "
-                                           "unless listed in unmeasured.")]
-    energy_wh: Annotated[Register | None, Field(description="Cumulative energy register, Wh. "
-                                                "Required unless listed in unmeasured.")]
-    lux: Annotated[Lux | None, Field(description="Ambient light, lx. Required unless listed "
-                                     "in unmeasured.")]
-    motion: Annotated[bool | None, Field(description="Presence detected during the interval. "
+    power_w: Annotated[Power, Field(description="Electrical power now, W. Required unless "
+                                    "listed in unmeasured.")]
+    energy_wh: Annotated[Register, Field(description="Cumulative energy register, Wh. "
                                          "Required unless listed in unmeasured.")]
+    lux: Annotated[Lux, Field(description="Ambient light, lx. Required unless listed in "
+                              "unmeasured.")]
+    motion: Annotated[bool, Field(description="Presence detected during the interval. "
+                                  "Required unless listed in unmeasured.")]
     motion_count: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
     temp_c: Annotated[float, Field(ge=-60, le=90)] | None = None
     no2_ugm3: NonNeg | None = None
@@ -264,8 +289,8 @@ class MeterReading(Reading):
     _measured = ("power_w",)
 
     energy_kwh: Annotated[Register, Field(description="Cumulative import register, kWh.")]
-    power_w: Annotated[Power | None, Field(description="Import power now, W. Required unless "
-                                           "listed in unmeasured.")]
+    power_w: Annotated[Power, Field(description="Import power now, W. Required unless listed "
+                                    "in unmeasured.")]
     energy_export_kwh: Annotated[Register, Field(
         description="Cumulative export register (solar back-feed), kWh.")] | None = None
     voltage_v: Annotated[float, Field(ge=0, le=1000)] | None = None
@@ -395,6 +420,12 @@ def _decode(kind: str, payload: bytes, topic: str | None,
     try:
         return [model.model_validate_json(payload)]
     except ValidationError as e:
+        if model._declared is not None and b'"unmeasured"' in payload:
+            # A device that lists what it cannot measure (the rare case: adapters' devices).
+            try:
+                return [model._declared.model_validate_json(payload)]
+            except ValidationError as declared:
+                raise _error_from(declared, topic) from None
         raise _error_from(e, topic) from None
 
 
