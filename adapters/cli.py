@@ -50,25 +50,11 @@ def cmd_test(args: argparse.Namespace) -> int:
     """0: every case passed; 1: a case failed; 2: a file (or its profile) could not be used."""
     from adapters.profile import ProfileError
     from adapters.testing import TestFileError, run_file
+    from citygrid.casefiles import run_files
     from citygrid.yamlconf import ConfigError
 
-    failed = total = 0
-    for f in args.files:
-        try:
-            results = run_file(f)
-        except (ProfileError, ConfigError, TestFileError) as e:
-            print(f"{f}: cannot run:\n{e}")
-            return 2
-        for r in results:
-            total += 1
-            if r.ok:
-                print(f"PASS {f}: {r.name}")
-            else:
-                failed += 1
-                print(f"FAIL {f}: {r.name}")
-                print("\n".join(r.failures))
-    print(f"{total - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    return run_files(args.files, run_file, (ProfileError, ConfigError, TestFileError),
+                     says="cannot run", code=2)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -84,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env(mqtt_url=args.mqtt_url, data_dir=args.data_dir)
     try:
-        profiles = load_profiles(args.profiles or getattr(settings, "profiles_dir", None))
+        profiles = load_profiles(args.profiles)
     except ProfileError as e:
         print(f"citygrid adapters run: a profile does not load:\n{e}", file=sys.stderr)
         return 2

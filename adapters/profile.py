@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from adapters import codecs
 from citygrid.contract import KINDS, ContractError, decode_readings, validate_reading
+from citygrid.fleet import PROFILE_PATTERN
 from citygrid.yamlconf import ConfigError, ConfigProblem, parse, validate
 
 SHIPPED = Path(__file__).parent / "profiles"
@@ -184,7 +185,7 @@ class MergeSpec(BaseModel):
 
 class ProfileFile(BaseModel):
     model_config = _FORBID
-    profile: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+    profile: Annotated[str, Field(pattern=PROFILE_PATTERN)]
     kind: Literal["streetlight", "meter"]
     description: str = ""
     source: str = ""  # the vendor document the profile follows

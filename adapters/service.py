@@ -52,8 +52,8 @@ from adapters.profile import Decoded, DecodeError, Profile
 from citygrid import mqtt
 from citygrid.clock import SYSTEM_CLOCK, Clock
 from citygrid.contract import Ack, ContractError, Topic, topic_filter, validate_command
-from citygrid.registry import FILENAME as REGISTRY_FILE
-from citygrid.registry import Registry
+from citygrid.fleet import Fleet
+from citygrid.registry import Follower
 from citygrid.settings import MqttUrl, Settings
 
 log = logging.getLogger("citygrid.adapters")
@@ -127,9 +127,7 @@ class AdapterService:
         self.profiles = dict(profiles)
         self.config = config or AdapterConfig()
         self._clock = clock or SYSTEM_CLOCK
-        self._registry_dir = Path(registry_dir or settings.data_dir)
-        self._registry: Registry | None = None
-        self._registry_version: object = None
+        self._follower = Follower(Path(registry_dir or settings.data_dir))
         self.dead_letters = DeadLetterStore(Path(data_dir or settings.data_dir) / FILENAME,
                                             self.config.dead_letter_max)
         self.counts: Counter[str] = Counter()  # messages, readings, acks, … (loop thread)
@@ -201,8 +199,7 @@ class AdapterService:
             thread.join(timeout=30)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        if self._registry is not None:
-            self._registry.close()
+        self._follower.close()
         self.dead_letters.close()
 
     @property
@@ -587,15 +584,10 @@ class AdapterService:
 
     def refresh_registry(self) -> bool:
         """Re-read the devices with a profile if the registry changed; True if it had."""
-        if self._registry is None:
-            if not (self._registry_dir / REGISTRY_FILE).exists():
-                return False
-            self._registry = Registry(self._registry_dir)
-        version = self._registry.version()
-        if version == self._registry_version:
+        fleet = self._follower.changed()
+        if fleet is None:
             return False
-        inventory = self._build(self._registry)
-        self._registry_version = version
+        inventory = self._build(fleet)
         before = self._inventory
         self._topic_profiles = {}
         self._inventory = inventory  # one reference swap: the MQTT thread sees old or new
@@ -606,12 +598,12 @@ class AdapterService:
                      ", ".join(sorted(inventory.wanted)) or "none")
         return True
 
-    def _build(self, registry: Registry) -> _Inventory:
+    def _build(self, fleet: Fleet) -> _Inventory:
         native: dict[tuple[str, str], Route] = {}
         devices: dict[str, Route] = {}
         used: dict[str, Profile] = {}
         kinds: set[str] = set()
-        for d in registry.fleet():
+        for d in fleet:
             if not d.device_profile or not d.native_id:
                 continue
             profile = self.profiles.get(d.device_profile)

@@ -28,7 +28,6 @@ an RFC 3339 time); readings not listed fail the case unless ``readings_at_least:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict
 
 from adapters.profile import SHIPPED, DecodeError, Profile, load_profile
+from citygrid.casefiles import CaseResult
 from citygrid.yamlconf import ConfigError, ConfigProblem, parse, validate
 
 _FORBID = ConfigDict(extra="forbid")
@@ -90,14 +90,6 @@ class TestFileError(ValueError):
     """A test file that cannot be run (exit 2)."""
 
 
-@dataclass
-class CaseResult:
-    name: str
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
 
 
 def _ms(value: Any) -> Any:

@@ -53,6 +53,9 @@ BAD_UNIT = "bad_unit"
 STORE_REJECTED = "store_rejected"
 REASONS = (BAD_TOPIC, UNKNOWN_KIND, OVERSIZE, NOT_JSON, NON_FINITE, OUT_OF_RANGE,
            WRONG_TYPE, MISSING_FIELD, BAD_SENML, BAD_UNIT, STORE_REJECTED)
+# Not a contract error but the inventory's: a device the registry does not know (ingest's
+# quarantine, the adapters' unknown native id). Dead-lettered with this reason.
+UNKNOWN_DEVICE = "unknown_device"
 
 
 class ContractError(ValueError):

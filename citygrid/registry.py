@@ -197,9 +197,41 @@ class Registry:
         self.db.close()
 
 
+class Follower:
+    """A running service's view of the inventory: the registry's devices (not revoked), read
+    again only when :meth:`Registry.version` moved — a one-row read, cheap enough to poll
+    every second off a hot path. Without a ``registry`` the one in ``data_dir`` is opened once
+    its file exists: a follower never creates it."""
+
+    def __init__(self, data_dir: str | Path, registry: Registry | None = None):
+        self.path = Path(data_dir) / FILENAME
+        self.registry = registry
+        self._owned = registry is None
+        self._version: int | None = None
+
+    def changed(self) -> Fleet | None:
+        """The devices, if the registry changed since the last call (the first call reads
+        them); else None (also while there is no registry yet)."""
+        if self.registry is None:
+            if not self.path.exists():
+                return None
+            self.registry = Registry(self.path.parent)
+        version = self.registry.version()
+        if version == self._version:
+            return None
+        self._version = version
+        return self.registry.fleet()
+
+    def close(self) -> None:
+        if self._owned and self.registry is not None:
+            self.registry.close()
+            self.registry = None
+
+
 def _record(row: tuple) -> dict[str, Any]:
     return dict(zip((*FIELDS, "status"), row, strict=True))
 
 
-__all__ = ["EDITABLE", "FIELDS", "FILENAME", "STATUSES", "Catalogue", "InvalidEntry", "Registry",
+__all__ = ["EDITABLE", "FIELDS", "FILENAME", "STATUSES", "Catalogue", "Follower", "InvalidEntry",
+           "Registry",
            "RegistryError"]

@@ -9,21 +9,11 @@ from citygrid.settings import Settings
 
 
 def catalogue(settings: Settings) -> Catalogue:
+    from adapters import load_profiles
     from billing import load_config
 
     return Catalogue(tariffs=frozenset(load_config(settings.billing).tariffs),
-                     profiles=_profiles(settings))
-
-
-def _profiles(settings: Settings) -> frozenset[str] | None:
-    try:
-        import adapters
-    except ImportError:  # pragma: no cover - adapters ships with CityGrid
-        return None
-    load = getattr(adapters, "load_profiles", None)
-    if load is None:
-        return None
-    return frozenset(load(getattr(settings, "profiles_dir", None)))
+                     profiles=frozenset(load_profiles()))
 
 
 def registry(settings: Settings) -> Registry:

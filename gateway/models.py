@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from citygrid.fleet import NATIVE_ID_PATTERN, PROFILE_PATTERN
+
 # What the API shows of a registry record, in this order (the registry keeps more).
 DEVICE_KEYS = ("device_id", "kind", "district", "lat", "lon", "rated_w", "account_id",
                "tariff", "status", "device_profile", "native_id")
@@ -38,9 +40,9 @@ class NewDevice(BaseModel):
     tariff: str | None = None
     street: Annotated[str, Field(max_length=200)] | None = None
     max_power_w: Annotated[float, Field(gt=0)] | None = None
-    device_profile: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$",
+    device_profile: Annotated[str, Field(pattern=PROFILE_PATTERN,
                                          examples=["tasmota-energy"])] | None = None
-    native_id: Annotated[str, Field(pattern=r"^[^/+#\x00-\x1f]{1,128}$",
+    native_id: Annotated[str, Field(pattern=NATIVE_ID_PATTERN,
                                     examples=["livingroom-lamp"])] | None = None
 
 
@@ -51,8 +53,8 @@ class DeviceChange(BaseModel):
     rated_w: Annotated[float, Field(gt=0, le=2000)] | None = None
     account_id: Annotated[str, Field(max_length=64)] | None = None
     tariff: Annotated[str, Field(max_length=64)] | None = None
-    device_profile: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")] | None = None
-    native_id: Annotated[str, Field(pattern=r"^[^/+#\x00-\x1f]{1,128}$")] | None = None
+    device_profile: Annotated[str, Field(pattern=PROFILE_PATTERN)] | None = None
+    native_id: Annotated[str, Field(pattern=NATIVE_ID_PATTERN)] | None = None
 
     model_config = {"extra": "forbid", "json_schema_extra": {"examples": [{"rated_w": 55}]}}
 

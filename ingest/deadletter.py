@@ -1,100 +1,16 @@
-"""The dead-letter store: messages and points CityGrid could not take, with the reason.
-
-Bounded (oldest entries trimmed), while the per-reason counts are cumulative.
-"""
+"""Ingest's dead letters (``ingest.sqlite``): the kernel's store, and its reader for the
+other services."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
-from citygrid import statedb
+from citygrid.deadletter import DeadLetter, DeadLetterStore, read_counts
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id       INTEGER PRIMARY KEY AUTOINCREMENT,
-    at_ms    INTEGER NOT NULL,
-    topic    TEXT NOT NULL,
-    reason   TEXT NOT NULL,
-    detail   TEXT NOT NULL,
-    payload  BLOB
-);
-CREATE TABLE IF NOT EXISTS dead_letter_counts (
-    reason TEXT PRIMARY KEY,
-    count  INTEGER NOT NULL
-);
-"""
-PAYLOAD_EXCERPT = 2048
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    at_ms: int
-    topic: str
-    reason: str
-    detail: str
-    payload: bytes = b""
-
-
-class DeadLetterStore:
-    def __init__(self, path: str | Path, max_entries: int = 10_000):
-        self.max_entries = max_entries
-        self._lock = threading.Lock()
-        self._db = statedb.connect(path)
-        self._db.executescript(_SCHEMA)
-
-    def add(self, letters: Iterable[DeadLetter]) -> None:
-        letters = list(letters)
-        if not letters:
-            return
-        counts: dict[str, int] = {}
-        for letter in letters:
-            counts[letter.reason] = counts.get(letter.reason, 0) + 1
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT INTO dead_letters (at_ms, topic, reason, detail, payload) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    [(d.at_ms, d.topic, d.reason, d.detail, d.payload[:PAYLOAD_EXCERPT])
-                     for d in letters],
-                )
-                self._db.executemany(
-                    "INSERT INTO dead_letter_counts VALUES (?, ?) ON CONFLICT (reason) "
-                    "DO UPDATE SET count = count + excluded.count",
-                    list(counts.items()),
-                )
-                self._db.execute(
-                    "DELETE FROM dead_letters WHERE id <= "
-                    "(SELECT max(id) FROM dead_letters) - ?", (self.max_entries,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-
-    def latest(self, limit: int = 20, reason: str | None = None) -> list[DeadLetter]:
-        sql = "SELECT at_ms, topic, reason, detail, payload FROM dead_letters"
-        args: tuple = ()
-        if reason:
-            sql += " WHERE reason = ?"
-            args = (reason,)
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
-        return [DeadLetter(*row) for row in rows]
-
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._db.execute("SELECT reason, count FROM dead_letter_counts"))
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+__all__ = ["DeadLetter", "DeadLetterStore", "read_dead_letter_counts"]
 
 
 def read_dead_letter_counts(data_dir: str | Path) -> dict[str, int]:
     """Dead letters by reason, all time, for other services (read-only; empty before ingest
     has run)."""
-    return dict(statedb.read_rows(Path(data_dir) / "ingest.sqlite",
-                                  "SELECT reason, count FROM dead_letter_counts"))
+    return read_counts(Path(data_dir) / "ingest.sqlite")

@@ -37,7 +37,7 @@ from citygrid.contract import (
     decode_readings,
     topic_filter,
 )
-from citygrid.registry import Registry
+from citygrid.registry import Follower, Registry
 from citygrid.settings import MqttUrl, Settings
 from citygrid.store import (
     DatabaseNotFound,
@@ -52,7 +52,7 @@ from citygrid.store.lineproto import encode, series_key
 from ingest.deadletter import DeadLetter, DeadLetterStore
 from ingest.metrics import IngestMetrics
 from ingest.spool import Spool
-from ingest.unregistered import UNKNOWN_DEVICE, RegistryWatch, UnregisteredLog
+from ingest.unregistered import UNKNOWN_DEVICE, UnregisteredLog
 
 log = logging.getLogger("citygrid.ingest")
 SELF_MEASUREMENT = "citygrid_ingest"
@@ -119,8 +119,9 @@ class IngestService:
         self.dead_letters = DeadLetterStore(state, self.config.dead_letter_max)
         self.spool = Spool(state)
         self.unregistered = UnregisteredLog(state)
-        self._registry_watch = RegistryWatch(state.parent, registry)
-        self._known: frozenset[str] = self._registry_watch.changed() or frozenset()
+        self._registry_watch = Follower(state.parent, registry)
+        fleet = self._registry_watch.changed()
+        self._known: frozenset[str] = frozenset(fleet.by_id) if fleet else frozenset()
         self._quarantine = settings.unknown_devices == "quarantine"
         self.metrics = IngestMetrics(self.config.client_id, self._clock)
         self._lock = threading.Lock()  # guards the open batch and the counters below
@@ -492,9 +493,10 @@ class IngestService:
     def refresh_registry(self) -> bool:
         """Re-read the registry's ids if it changed; True if it had. Devices it knows now
         drop off the unregistered list."""
-        ids = self._registry_watch.changed()
-        if ids is None:
+        fleet = self._registry_watch.changed()
+        if fleet is None:
             return False
+        ids = frozenset(fleet.by_id)
         added, before = ids - self._known, len(self._known)
         self._known = ids  # one reference swap: the network thread sees old or new, whole
         if added:

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from citygrid import statedb
+from citygrid.contract import UNKNOWN_DEVICE  # noqa: F401 (the reason, re-exported)
 from citygrid.registry import FILENAME as REGISTRY_FILE
 from citygrid.registry import Registry
 
 log = logging.getLogger("citygrid.ingest")
 
-UNKNOWN_DEVICE = "unknown_device"  # the dead-letter reason in quarantine
 SAMPLE_BYTES = 4096  # the sample payload kept per device
 MAX_DEVICES = 100_000  # rows kept; the least recently seen go first
 
@@ -129,43 +129,6 @@ class UnregisteredLog:
             self._db.close()
 
 
-class RegistryWatch:
-    """The registry's device ids (those not revoked), re-read only when the registry changed.
-
-    ``changed()`` is cheap (``Registry.version()``, a one-row read); ingest calls it off the
-    hot path. The registry is opened only once its file exists: ingest never creates it.
-    """
-
-    def __init__(self, data_dir: str | Path, registry: Registry | None = None):
-        self.path = Path(data_dir) / REGISTRY_FILE
-        self._registry = registry
-        self._owned = registry is None
-        self._version: int | None = None
-
-    def _open(self) -> Registry | None:
-        if self._registry is None and self.path.exists():
-            self._registry = Registry(self.path.parent)
-        return self._registry
-
-    def changed(self) -> frozenset[str] | None:
-        """The ids, if the registry changed since the last call (the first call reads them);
-        else None."""
-        registry = self._open()
-        if registry is None:
-            return None
-        version = registry.version()
-        if version == self._version:
-            return None
-        self._version = version
-        return frozenset(device_id for device_id, _, _, status in registry.devices()
-                         if status != "revoked")
-
-    def close(self) -> None:
-        if self._owned and self._registry is not None:
-            self._registry.close()
-            self._registry = None
-
-
 def read_unregistered(data_dir: str | Path, *, registry: Registry | None = None,
                       limit: int | None = None) -> list[dict[str, Any]]:
     """The devices ingest saw that the registry does not know (revoked ones included), most
@@ -207,5 +170,5 @@ def _registered_ids(data_dir: Path, registry: Registry | None) -> set[str]:
     return {d for d, _, _, status in registry.devices() if status != "revoked"}
 
 
-__all__ = ["MAX_DEVICES", "SAMPLE_BYTES", "UNKNOWN_DEVICE", "RegistryWatch", "UnregisteredLog",
+__all__ = ["MAX_DEVICES", "SAMPLE_BYTES", "UNKNOWN_DEVICE", "UnregisteredLog",
            "read_unregistered"]

@@ -141,26 +141,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
+    from citygrid.casefiles import run_files
     from rules.loader import RuleFileError
     from rules.testing import run_file
 
-    failed = total = 0
-    for f in args.files:
-        try:
-            results = run_file(f)
-        except RuleFileError as e:
-            print(f"{f}: the rules do not load:\n{e}")
-            return 1
-        for r in results:
-            total += 1
-            if r.ok:
-                print(f"PASS {f}: {r.name}")
-            else:
-                failed += 1
-                print(f"FAIL {f}: {r.name}")
-                print("\n".join(r.failures))
-    print(f"{total - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    return run_files(args.files, run_file, (RuleFileError,), says="the rules do not load",
+                     code=1)
 
 
 def _engine_from_state(settings: Settings):

@@ -170,14 +170,14 @@ class RuleEngine:
             self.last_reading.pop(device_id, None)
             self.windows.pop(device_id, None)
         for key in [k for k in self.instances if k[1] in gone]:
-            self.instances.pop(key)
-            self._dirty_instances.add(key)
+            # Its wishes on the lights that remain (a neighbour's boost) go with it.
+            self._drop_instance(key, clear_alerts=False)
         # What was derived from where devices stand: selections, districts, neighbours.
         self.actions = {name: cls(self) for name, cls in ACTIONS.items()}
         self._plans = {r.id: plan(r, self.actions) for r in self.ruleset.rules}
         self._rules_for = {}
 
-    def _drop_instance(self, key: tuple[str, str]) -> None:
+    def _drop_instance(self, key: tuple[str, str], *, clear_alerts: bool = True) -> None:
         rule_id, source = key
         self.instances.pop(key, None)
         self._dirty_instances.add(key)
@@ -185,7 +185,8 @@ class RuleEngine:
         for light in self.lights.values():
             if light.wishes.pop(wish_key, None) is not None:
                 self._touched.add(light.device_id)
-        self.alerting.clear_rule(rule_id, self.watermark or 0)
+        if clear_alerts:
+            self.alerting.clear_rule(rule_id, self.watermark or 0)
 
     def rules_for(self, device: FleetDevice) -> list[CompiledRule]:
         key = (device.kind, device.device_id)

@@ -26,7 +26,7 @@ from citygrid.city import CityProfile
 from citygrid.clock import SYSTEM_CLOCK, Clock
 from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
 from citygrid.fleet import Fleet, FleetDevice
-from citygrid.registry import Registry
+from citygrid.registry import Follower, Registry
 from citygrid.settings import Settings
 from citygrid.store import Point, StoreError, TelemetryStore
 from rules import loader
@@ -105,7 +105,9 @@ class RuleRunner:
         self.settings, self.fleet, self.config = settings, fleet, config
         # The registry, when the fleet comes from it: re-read whenever it changes.
         self.inventory = inventory
-        self._inventory_version = inventory.version() if inventory is not None else None
+        self._follower = Follower(settings.data_dir, inventory) if inventory else None
+        if self._follower is not None:
+            self._follower.changed()  # the version `fleet` was read at
         self.clock = clock
         make_client = make_client or mqtt.make_client
         self.ruleset = loader.load(config.rules_path)
@@ -283,13 +285,9 @@ class RuleRunner:
     def follow_inventory(self) -> bool:
         """Take the registry's devices again if it changed since the last look (a one-row
         read; a change reaches the engine within ``reload_every_s``)."""
-        if self.inventory is None:
+        fleet = self._follower.changed() if self._follower is not None else None
+        if fleet is None:
             return False
-        version = self.inventory.version()
-        if version == self._inventory_version:
-            return False
-        self._inventory_version = version
-        fleet = self.inventory.fleet()
         old = self.fleet.by_id
         changed = [d for d in fleet if old.get(d.device_id) != d]
         gone = [i for i in old if i not in fleet.by_id]

@@ -24,13 +24,13 @@ from the case's ``start`` (``0s``, ``90s``, ``5m``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from citygrid.casefiles import CaseResult
 from citygrid.city import city as city_profile
 from citygrid.fleet import Fleet, FleetDevice
 from rules import loader
@@ -69,14 +69,6 @@ class _Recorder:
         pass
 
 
-@dataclass
-class CaseResult:
-    name: str
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
 
 
 def _fmt(event: dict) -> str:

@@ -286,3 +286,26 @@ def simulate_elsewhere(url: str, fleet: Fleet, config, timeout_s: float = 240.0)
         if process.is_alive():
             process.kill()
     return stats
+
+
+@contextlib.contextmanager
+def secured_broker(provisioner, tmp_path: Path):
+    """Mosquitto with the provisioner's password and ACL files (no anonymous access) on a free
+    port; yields the port. The provisioner is closed afterwards."""
+    from cityctl.localservices import free_port, wait_for_port
+
+    need("mosquitto")
+    port = free_port()
+    conf = provisioner.broker_config(port, "127.0.0.1")
+    log = open(tmp_path / "mosquitto.log", "wb")  # noqa: SIM115
+    broker = subprocess.Popen([find_binary("mosquitto"), "-c", str(conf)], stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+        wait_until(lambda: provisioner.pid_file.exists())
+        yield port
+    finally:
+        broker.terminate()
+        broker.wait(10)
+        log.close()
+        provisioner.close()

@@ -4,7 +4,6 @@ messages out (and back), dead letters, registry changes without a restart, broke
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,12 +11,11 @@ import orjson
 import pytest
 
 from adapters import AdapterConfig, AdapterService, load_profiles, read_dead_letters
-from cityctl.localservices import find_binary, free_port, wait_for_port
 from citygrid import mqtt
 from citygrid.fleet import FleetDevice
 from citygrid.registry import Registry
 from citygrid.settings import MqttUrl, Settings
-from tests.helpers import REPO, Collector, Publisher, need, wait_until
+from tests.helpers import REPO, Collector, Publisher, secured_broker, wait_until
 
 VENDORS = REPO / "tests/data/vendors"
 TASMOTA_SENSOR = (VENDORS / "tasmota/tele-SENSOR-energy.json").read_bytes().strip()
@@ -178,23 +176,13 @@ def test_a_device_registered_while_it_runs_is_picked_up_without_a_restart(mosqui
 def secured(tmp_path, uid):
     from gateway.provisioning import Provisioner
 
-    need("mosquitto")
     provisioner = Provisioner(tmp_path)
-    port = free_port()
-    conf = provisioner.broker_config(port, "127.0.0.1")
-    creds = {"plug": provisioner.provision(plug(uid)),
-             "other": provisioner.provision(plug(uid, 2)),
-             "adapters": provisioner.service_account("citygrid-adapters"),
-             "ingest": provisioner.service_account("citygrid-ingest")}
-    log = open(tmp_path / "mosquitto.log", "wb")  # noqa: SIM115
-    broker = subprocess.Popen([find_binary("mosquitto"), "-c", str(conf)], stdout=log,
-                              stderr=subprocess.STDOUT)
-    wait_for_port(port)
-    wait_until(lambda: provisioner.pid_file.exists())
-    yield provisioner, port, creds
-    broker.terminate()
-    broker.wait(10)
-    provisioner.close()
+    with secured_broker(provisioner, tmp_path) as port:
+        creds = {"plug": provisioner.provision(plug(uid)),
+                 "other": provisioner.provision(plug(uid, 2)),
+                 "adapters": provisioner.service_account("citygrid-adapters"),
+                 "ingest": provisioner.service_account("citygrid-ingest")}
+        yield provisioner, port, creds
 
 
 def test_a_profiled_device_may_publish_its_own_native_topics_only(secured, uid, tmp_path):

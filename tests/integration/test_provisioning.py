@@ -13,12 +13,11 @@ import time
 import orjson
 import pytest
 
-from cityctl.localservices import find_binary, free_port, wait_for_port
 from citygrid import mqtt
 from citygrid.fleet import FleetDevice
 from citygrid.settings import MqttUrl
 from gateway.provisioning import Provisioner, check_password, hash_password
-from tests.helpers import REPO, need, wait_until
+from tests.helpers import REPO, secured_broker, wait_until
 
 LIGHT_A = FleetDevice("sl-a", "streetlight", "norrebro", 55.69, 12.54, rated_w=50.0)
 LIGHT_B = FleetDevice("sl-b", "streetlight", "norrebro", 55.69, 12.55, rated_w=50.0)
@@ -26,22 +25,12 @@ LIGHT_B = FleetDevice("sl-b", "streetlight", "norrebro", 55.69, 12.55, rated_w=5
 
 @pytest.fixture
 def secured(tmp_path):
-    need("mosquitto")
     registry = Provisioner(tmp_path)
-    port = free_port()
-    conf = registry.broker_config(port, "127.0.0.1")
-    creds = {"a": registry.provision(LIGHT_A), "b": registry.provision(LIGHT_B),
-             "ingest": registry.service_account("citygrid-ingest"),
-             "rules": registry.service_account("citygrid-rules")}
-    log = open(tmp_path / "mosquitto.log", "wb")  # noqa: SIM115
-    broker = subprocess.Popen([find_binary("mosquitto"), "-c", str(conf)], stdout=log,
-                              stderr=subprocess.STDOUT)
-    wait_for_port(port)
-    wait_until(lambda: registry.pid_file.exists())
-    yield registry, port, creds
-    broker.terminate()
-    broker.wait(10)
-    registry.close()
+    with secured_broker(registry, tmp_path) as port:
+        creds = {"a": registry.provision(LIGHT_A), "b": registry.provision(LIGHT_B),
+                 "ingest": registry.service_account("citygrid-ingest"),
+                 "rules": registry.service_account("citygrid-rules")}
+        yield registry, port, creds
 
 
 class Client:

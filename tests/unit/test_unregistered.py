@@ -16,11 +16,11 @@ import pytest
 
 from citygrid import contract
 from citygrid.fleet import FleetDevice
-from citygrid.registry import Registry
+from citygrid.registry import Follower, Registry
 from citygrid.settings import Settings, SettingsError
 from ingest import UNKNOWN_DEVICE, read_unregistered
 from ingest.service import IngestConfig, IngestService
-from ingest.unregistered import SAMPLE_BYTES, RegistryWatch, UnregisteredLog
+from ingest.unregistered import SAMPLE_BYTES, UnregisteredLog
 from tests.helpers import meter, wait_until
 from tests.unit.test_ingest_service import T0, WAIT_S, FakeClient, FakeStore, ManualClock
 
@@ -240,15 +240,15 @@ def test_read_unregistered_leaves_out_devices_registered_since(rig):
 
 
 def test_the_registry_watch_reads_ids_only_when_the_registry_changed(tmp_path):
-    watch = RegistryWatch(tmp_path)
+    watch = Follower(tmp_path)
     assert watch.changed() is None  # no registry yet: nothing to read, nothing created
     assert not (tmp_path / "registry.sqlite").exists()
     register(tmp_path, "m-1")
-    assert watch.changed() == {"m-1"}
+    assert set(watch.changed().by_id) == {"m-1"}
     assert watch.changed() is None  # unchanged: no re-read
     register(tmp_path, "m-2")
     register(tmp_path, "m-1", status="revoked")
-    assert watch.changed() == {"m-2"}
+    assert set(watch.changed().by_id) == {"m-2"}
     watch.close()
 
 
