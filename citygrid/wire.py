@@ -1,0 +1,668 @@
+"""CityGrid's own MQTT client: a socket, a sans-I/O codec, and batches.
+
+Why not paho: paho parses, queues and calls back one message at a time and wakes its loop
+once per acknowledgement; that cost ~40 µs a message here, more than the whole of what
+ingest does with a reading (docs/benchmarks.md, "The MQTT client"). This client reads
+everything the socket holds in one ``recv`` (up to 1 MiB), frames every packet of it in a
+tight loop, hands the service **one list of PUBLISHes per read**, and sends whatever the
+service answers — PUBACKs, commands — as **one write**.
+
+The codec: MQTT 5 control packets (CONNECT with its properties and Will, CONNACK, SUBACK,
+DISCONNECT) are encoded and decoded by ``mqtt5`` (a sans-I/O MQTT 5 codec in Rust, PyPI),
+which gives their reason codes and strings. The hot packets — PUBLISH in and out, PUBACK —
+are framed here in Python: measured against ``mqtt5.read`` on the same buffer they cost the
+same (~1.3–1.5 µs a message, ``bench/mqtt_client.py --codec``), and one framing serves both
+protocol versions. MQTT 3.1.1 (the embedded broker, brokers without MQTT 5), which ``mqtt5``
+does not speak, is hand-encoded here: its control packets are a few fixed fields.
+
+What it covers — what CityGrid uses: MQTT 5 and 3.1.1; TLS with the system's or a named CA
+and client certificates; username and password; persistent sessions (clean start off,
+session expiry); Receive Maximum both ways (the window the broker may send us, and the
+broker's window for our QoS 1 publishes, held back here beyond it); message expiry;
+shared subscriptions (they are topic filters); keepalive; retained messages; a Last Will;
+reconnect with exponential backoff and jitter, re-subscribing and re-sending unacknowledged
+QoS 1 publishes (DUP) on every new connection. QoS 2 is not used by CityGrid: subscriptions
+grant at most QoS 1 and publishes are QoS 0 or 1.
+
+Threads: one I/O thread per client (``start()``), or the service's own thread calling
+``loop()``. Callbacks run on the I/O thread. ``publish()`` and ``ack()`` may be called from
+any thread: from the I/O thread (inside a callback) they join the loop turn's one write;
+from another thread they are written at once under a lock (plain TCP) or handed to the I/O
+thread with a wake-up (TLS, whose state one thread must own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import mqtt5
+
+from citygrid.settings import MqttUrl
+
+log = logging.getLogger("citygrid.mqtt")
+
+MQTT5, MQTT311 = 5, 4  # the protocol levels (paho's numbers too)
+READ_SIZE = 1 << 20
+_U16 = struct.Struct("!H")
+_PUBACK = struct.Struct("!BBH")
+_PINGREQ = b"\xc0\x00"
+_DISCONNECT = b"\xe0\x00"
+
+
+class MqttError(Exception):
+    """The broker refused us (CONNACK, SUBACK) or the connection broke."""
+
+
+class Message:
+    """A received PUBLISH. ``mid`` is its packet id (0 at QoS 0); acknowledge a QoS 1
+    message with ``Client.ack([mid], epoch)`` once it is taken."""
+
+    __slots__ = ("topic", "payload", "mid", "qos", "retain", "epoch")
+
+    def __init__(self, topic: str, payload: bytes, mid: int, qos: int, retain: bool,
+                 epoch: int):
+        self.topic, self.payload, self.mid = topic, payload, mid
+        self.qos, self.retain, self.epoch = qos, retain, epoch
+
+    def __repr__(self) -> str:
+        return f"Message({self.topic!r}, {len(self.payload)} bytes, mid={self.mid})"
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+# --- the codec -------------------------------------------------------------------------
+
+def _vbi(n: int) -> bytes:
+    """A Variable Byte Integer (remaining length, property length)."""
+    if n < 128:
+        return bytes((n,))
+    out = bytearray()
+    while True:
+        b, n = n & 127, n >> 7
+        out.append(b | 128 if n else b)
+        if not n:
+            return bytes(out)
+
+
+def _utf8(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return _U16.pack(len(b)) + b
+
+
+def encode_publish(topic: str | bytes, payload: bytes, qos: int = 0, retain: bool = False,
+                   packet_id: int = 0, *, v5: bool = True, expiry_s: int | None = None,
+                   dup: bool = False) -> bytes:
+    """One PUBLISH packet. The simulator pre-encodes the fixed parts of these."""
+    t = topic.encode() if isinstance(topic, str) else topic
+    var = _U16.pack(len(t)) + t
+    if qos:
+        var += _U16.pack(packet_id)
+    if v5:
+        var += b"\x05\x02" + struct.pack("!I", expiry_s) if expiry_s else b"\x00"
+    head = 0x30 | (qos << 1) | (1 if retain else 0) | (8 if dup else 0)
+    return bytes((head,)) + _vbi(len(var) + len(payload)) + var + payload
+
+
+def encode_acks(mids: Iterable[int]) -> bytes:
+    """PUBACKs, back to back (MQTT is a byte stream): one buffer for one write."""
+    pack = _PUBACK.pack
+    return b"".join([pack(0x40, 2, m) for m in mids])
+
+
+def _connect_311(client_id: str, clean: bool, keepalive: int, username: str | None,
+                 password: str | None, will: Will | None) -> bytes:
+    flags = 0x02 if clean else 0
+    payload = _utf8(client_id)
+    if will is not None:
+        flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
+        payload += _utf8(will.topic) + _utf8(will.payload)
+    if username is not None:
+        flags |= 0x80
+        payload += _utf8(username)
+        if password is not None:
+            flags |= 0x40
+            payload += _utf8(password)
+    var = b"\x00\x04MQTT\x04" + bytes((flags,)) + _U16.pack(keepalive)
+    return b"\x10" + _vbi(len(var) + len(payload)) + var + payload
+
+
+def _subscribe_311(packet_id: int, filters: Sequence[tuple[str, int]]) -> bytes:
+    body = _U16.pack(packet_id) + b"".join(_utf8(t) + bytes((q,)) for t, q in filters)
+    return b"\x82" + _vbi(len(body)) + body
+
+
+def frame(buf: bytes, start: int = 0) -> tuple[list[tuple[int, int, int]], int]:
+    """Every whole packet in ``buf[start:]``: ``(first byte, body start, body end)``, and
+    where the first incomplete packet begins."""
+    out = []
+    n = len(buf)
+    off = start
+    while off + 2 <= n:
+        i = off + 1
+        b = buf[i]
+        if b < 128:
+            rl = b
+            i += 1
+        else:
+            rl, mul = 0, 1
+            while True:
+                if i >= n:
+                    return out, off
+                b = buf[i]
+                rl += (b & 127) * mul
+                i += 1
+                if b < 128:
+                    break
+                mul <<= 7
+                if mul > 1 << 21:
+                    raise MqttError("malformed remaining length")
+        end = i + rl
+        if end > n:
+            break
+        out.append((buf[off], i, end))
+        off = end
+    return out, off
+
+
+# --- the client ------------------------------------------------------------------------
+
+class Client:
+    """An MQTT client for one service connection; see the module's docstring.
+
+    ``on_messages(messages)`` gets every PUBLISH of one read; ``on_connect(session_present)``
+    each accepted CONNACK (after the subscriptions are sent); ``on_published(mids)`` the QoS
+    1 publishes the broker acknowledged in one read; ``on_disconnect(reason)`` each lost or
+    closed connection.
+    """
+
+    def __init__(self, url: MqttUrl, client_id: str = "", *, protocol: int | None = None,
+                 clean_start: bool = True, session_expiry_s: int = 0,
+                 receive_maximum: int | None = None, keepalive: int = 30,
+                 will: Will | None = None, subscriptions: Sequence[tuple[str, int]] = (),
+                 on_messages: Callable[[list[Message]], None] | None = None,
+                 on_connect: Callable[[bool], None] | None = None,
+                 on_published: Callable[[list[int]], None] | None = None,
+                 on_disconnect: Callable[[str], None] | None = None,
+                 max_inflight: int = 1000, reconnect_min_s: float = 0.5,
+                 reconnect_max_s: float = 30.0, connect_timeout_s: float = 10.0):
+        self.url, self.client_id = url, client_id
+        self.protocol = protocol or url.protocol
+        self.v5 = self.protocol == MQTT5
+        self.clean_start, self.session_expiry_s = clean_start, session_expiry_s
+        self.receive_maximum, self.keepalive, self.will = receive_maximum, keepalive, will
+        self.subscriptions = list(subscriptions)
+        self.on_messages, self.on_connect = on_messages, on_connect
+        self.on_published, self.on_disconnect = on_published, on_disconnect
+        self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
+        self.connect_timeout_s = connect_timeout_s
+        # Our QoS 1 publishes: at most this many unacknowledged at once (the broker's Receive
+        # Maximum lowers it), the rest wait here in order.
+        self._max_inflight = self._window = max_inflight
+        self._inflight: dict[int, bytes] = {}
+        self._waiting: deque[tuple[int, bytes]] = deque()
+        self._next_id = 0
+        self.epoch = 0  # +1 for every connection: a message id means nothing on another
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self.refused: list[tuple[str, int]] = []  # subscriptions the broker refused
+        self.last_error: str | None = None
+        self._sock: socket.socket | ssl.SSLSocket | None = None
+        self._out = bytearray()
+        self._lock = threading.RLock()  # the socket's writes, _out, the in-flight table
+        self._io_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = False
+        self._in_loop = False
+        self._io_owner: threading.Thread | None = None
+        self._in = b""
+        self._sub_id = 0
+        self._last_sent = self._last_recv = time.monotonic()
+        self._ping_out = False
+        self._delay = reconnect_min_s
+        self.stats = {"received": 0, "published": 0, "reads": 0, "connects": 0}
+
+    # -- the service's side --
+
+    def start(self) -> Client:
+        """Connect and run the I/O loop on a thread of its own, reconnecting until ``stop()``."""
+        self._io_thread = threading.Thread(target=self.loop_forever,
+                                           name=f"mqtt-{self.client_id or 'client'}",
+                                           daemon=True)
+        self._io_thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Send DISCONNECT (a normal one: the Will is not published) and close."""
+        self._stopping.set()
+        self._wake()
+        if self._io_thread is not None and self._io_thread is not threading.current_thread():
+            self._io_thread.join(timeout_s)
+        with self._lock:
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._flush_now()
+                    self._sock.setblocking(True)
+                    self._sock.settimeout(1.0)
+                    self._sock.sendall(_DISCONNECT)
+                self._close()
+
+    def wait_connected(self, timeout_s: float | None) -> bool:
+        return self.connected.wait(timeout_s)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
+                expiry_s: int | None = None) -> int:
+        """Queue one PUBLISH; its packet id (0 at QoS 0). A QoS 1 publish is kept until the
+        broker acknowledges it, and sent again (DUP) on a new connection."""
+        with self._lock:
+            if not qos:
+                self._send(encode_publish(topic, payload, 0, retain, v5=self.v5,
+                                          expiry_s=expiry_s))
+                return 0
+            mid = self._new_id()
+            packet = encode_publish(topic, payload, 1, retain, mid, v5=self.v5,
+                                    expiry_s=expiry_s)
+            if len(self._inflight) < self._window and not self._waiting:
+                self._inflight[mid] = packet
+                if self.connected.is_set():
+                    self._send(packet)
+            else:
+                self._waiting.append((mid, packet))
+            return mid
+
+    def publish_encoded(self, packets: bytes, count: int = 1) -> None:
+        """Send ready-made QoS 0 PUBLISH packets as they are (the simulator's pre-encoded
+        readings): no copy, no per-message work here."""
+        with self._lock:
+            self.stats["published"] += count
+            self._send(packets)
+
+    def ack(self, mids: Sequence[int], epoch: int | None = None) -> None:
+        """Acknowledge QoS 1 messages of connection ``epoch`` (default: this one) in one
+        write. Ids from an earlier connection are dropped: the broker sends those again."""
+        if not mids:
+            return
+        with self._lock:
+            if epoch is not None and epoch != self.epoch:
+                return
+            if self.connected.is_set():
+                self._send(encode_acks(mids))
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight) + len(self._waiting)
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every QoS 1 publish so far is acknowledged."""
+        deadline = time.monotonic() + timeout_s
+        while self.inflight:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    # -- the loop --
+
+    def loop_forever(self) -> None:
+        while not self._stopping.is_set():
+            self.loop(1.0)
+
+    def loop(self, timeout_s: float = 1.0) -> bool:
+        """One turn: connect if need be (waiting out the backoff), else read what arrived
+        within ``timeout_s``, call back, write. False when there is no connection."""
+        if self._sock is None:
+            if self._stopping.is_set():
+                return False
+            try:
+                self._connect()
+            except (OSError, MqttError) as e:
+                self.last_error = str(e)
+                delay = random.uniform(self._delay / 2, self._delay)  # jitter: no herd
+                log.warning("MQTT %s at %s: %s; again in %.1f s", self.client_id or "client",
+                            self.url, e, delay)
+                self._delay = min(self._delay * 2, self.reconnect_max_s)
+                self._stopping.wait(delay)
+                return False
+        try:
+            self._turn(timeout_s)
+            return True
+        except (OSError, MqttError) as e:
+            self._lost(str(e))
+            return False
+
+    def _wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"\x00")
+
+    def _send(self, data: bytes) -> None:
+        """Under the lock. In the loop: into the turn's one write. Elsewhere: at once on
+        plain TCP; over TLS, to the I/O thread (one thread owns the TLS state)."""
+        self._out += data
+        if self._in_loop and threading.current_thread() is self._io_owner:
+            return
+        if self.url.tls:
+            self._wake()
+        else:
+            with contextlib.suppress(OSError):
+                self._flush_now()
+            if self._out:
+                self._wake()
+
+    def _flush_now(self) -> None:
+        sock = self._sock
+        if sock is None or not self._out:
+            return
+        try:
+            n = sock.send(self._out)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return
+        del self._out[:n]
+        self._last_sent = time.monotonic()
+
+    def _new_id(self) -> int:
+        for _ in range(65535):
+            self._next_id = self._next_id % 65535 + 1
+            if self._next_id not in self._inflight and self._next_id != self._sub_id:
+                return self._next_id
+        raise MqttError("65,535 publishes unacknowledged")
+
+    def _connect(self) -> None:
+        url = self.url
+        raw = socket.create_connection((url.host, url.port), timeout=self.connect_timeout_s)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock: socket.socket | ssl.SSLSocket = raw
+        try:
+            if url.tls:
+                context = ssl.create_default_context(cafile=url.ca_file)
+                if url.cert_file:
+                    context.load_cert_chain(url.cert_file, url.key_file)
+                sock = context.wrap_socket(raw, server_hostname=url.host)
+            sock.sendall(self._connect_packet())
+            buf = b""
+            deadline = time.monotonic() + self.connect_timeout_s
+            while True:
+                packets, _ = frame(buf)
+                if packets:
+                    break
+                if time.monotonic() > deadline:
+                    raise MqttError("no CONNACK")
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise MqttError("the broker closed the connection at CONNECT")
+                buf += chunk
+            first, start, end = packets[0]
+            if first >> 4 != 2:
+                raise MqttError(f"expected CONNACK, got packet type {first >> 4}")
+            session_present = self._connack(buf[:end], buf[start:end])
+            rest = buf[end:]
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        with self._lock:
+            self._sock = sock
+            self._in = rest
+            self.epoch += 1
+            self.stats["connects"] += 1
+            self._last_sent = self._last_recv = time.monotonic()
+            self._ping_out = False
+            self._delay = self.reconnect_min_s
+            if self.subscriptions:
+                self._sub_id = self._new_sub_id()
+                self._out += self._subscribe_packet(self._sub_id, self.subscriptions)
+            else:
+                self.subscribed.set()
+            # What the broker never acknowledged goes again, marked DUP, then the queue.
+            for packet in self._inflight.values():
+                self._out += bytes((packet[0] | 8,)) + packet[1:]
+            self._fill_window()
+            self.connected.set()
+        self.last_error = None
+        log.info("MQTT %s connected to %s (session present: %s)", self.client_id or "client",
+                 url, session_present)
+        if self.on_connect is not None:
+            self.on_connect(session_present)
+        with self._lock:
+            self._flush_now()
+
+    def _connect_packet(self) -> bytes:
+        url = self.url
+        if not self.v5:
+            return _connect_311(self.client_id, self.clean_start, self.keepalive, url.username,
+                                url.password, self.will)
+        will = None
+        if self.will is not None:
+            will = mqtt5.Will(self.will.topic, payload=self.will.payload,
+                              qos=mqtt5.QoS(self.will.qos), retain=self.will.retain)
+        return mqtt5.ConnectPacket(
+            self.client_id, username=url.username,
+            password=url.password.encode() if url.password is not None else None,
+            clean_start=self.clean_start, will=will, keep_alive=self.keepalive,
+            session_expiry_interval=self.session_expiry_s,
+            receive_max=self.receive_maximum or 65535).write()
+
+    def _connack(self, packet: bytes, body: bytes) -> bool:
+        if not self.v5:
+            if len(body) < 2:
+                raise MqttError("short CONNACK")
+            if body[1]:
+                reasons = {1: "unacceptable protocol version", 2: "identifier rejected",
+                           3: "server unavailable", 4: "bad user name or password",
+                           5: "not authorized"}
+                raise MqttError(f"broker refused: {reasons.get(body[1], body[1])}")
+            return bool(body[0] & 1)
+        ack, _ = mqtt5.read(memoryview(packet))
+        if ack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
+            why = f" ({ack.reason_str})" if ack.reason_str else ""
+            reason = ack.reason_code.name.lower().replace("_", " ")
+            raise MqttError(f"broker refused: {reason}{why}")
+        self._window = min(self._max_inflight, ack.receive_max or 65535)
+        if ack.server_keep_alive:
+            self.keepalive = ack.server_keep_alive
+        return ack.session_present
+
+    def _new_sub_id(self) -> int:
+        self._sub_id = 0
+        return self._new_id()
+
+    def _subscribe_packet(self, packet_id: int, filters: Sequence[tuple[str, int]]) -> bytes:
+        if not self.v5:
+            return _subscribe_311(packet_id, filters)
+        return mqtt5.SubscribePacket(packet_id, [
+            mqtt5.TopicFilter(t, max_qos=mqtt5.QoS(q)) for t, q in filters]).write()
+
+    def _fill_window(self) -> None:
+        while self._waiting and len(self._inflight) < self._window:
+            mid, packet = self._waiting.popleft()
+            self._inflight[mid] = packet
+            self._out += packet
+
+    def _turn(self, timeout_s: float) -> None:
+        sock = self._sock
+        assert sock is not None
+        with self._lock:
+            self._flush_now()
+            want_write = bool(self._out)
+        pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
+        if not pending:
+            readable, writable, _ = select.select(
+                [sock, self._wake_r], [sock] if want_write else [], [],
+                self._timeout(timeout_s))
+            if self._wake_r in readable:
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(4096)
+                self._woken = False
+        else:
+            readable = [sock]
+        if sock in readable:
+            self._read(sock)
+        self._keepalive()
+
+    def _timeout(self, timeout_s: float) -> float:
+        if not self.keepalive or self._ping_out:
+            return timeout_s
+        quiet = min(self._last_sent, self._last_recv) + self.keepalive
+        return max(0.0, min(timeout_s, quiet - time.monotonic()))
+
+    def _keepalive(self) -> None:
+        """A PINGREQ when we have sent nothing for a keepalive (the broker's rule) or heard
+        nothing (ours: a publisher that only sends must still learn that the broker is gone);
+        no answer in half a keepalive more and the connection is given up."""
+        if not self.keepalive:
+            return
+        now = time.monotonic()
+        if now - self._last_recv > self.keepalive * 1.5:
+            raise MqttError(f"no packet from the broker in {self.keepalive * 1.5:.0f} s")
+        quiet = now - min(self._last_sent, self._last_recv)
+        if quiet >= self.keepalive and not self._ping_out:
+            with self._lock:
+                self._out += _PINGREQ
+                self._ping_out = True
+                self._flush_now()
+
+    def _read(self, sock) -> None:
+        try:
+            data = sock.recv(READ_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        if not data:
+            raise MqttError("the broker closed the connection")
+        if isinstance(sock, ssl.SSLSocket):
+            while sock.pending():
+                data += sock.recv(READ_SIZE)
+        buf = self._in + data if self._in else data
+        self._last_recv = time.monotonic()
+        self._ping_out = False
+        self.stats["reads"] += 1
+        packets, used = frame(buf)
+        self._in = buf[used:]
+        messages: list[Message] = []
+        acked: list[int] = []
+        append = messages.append
+        v5, epoch = self.v5, self.epoch
+        for first, i, end in packets:
+            kind = first >> 4
+            if kind == 3:  # PUBLISH
+                tl = (buf[i] << 8) | buf[i + 1]
+                i += 2
+                topic = buf[i:i + tl].decode()
+                i += tl
+                qos = (first >> 1) & 3
+                mid = 0
+                if qos:
+                    mid = (buf[i] << 8) | buf[i + 1]
+                    i += 2
+                if v5:
+                    pl = buf[i]
+                    if pl < 128:
+                        i += 1 + pl
+                    else:
+                        j, pl, mul = i, 0, 1
+                        while True:
+                            b = buf[j]
+                            pl += (b & 127) * mul
+                            j += 1
+                            if b < 128:
+                                break
+                            mul <<= 7
+                        i = j + pl
+                append(Message(topic, buf[i:end], mid, qos, bool(first & 1), epoch))
+            elif kind == 4:  # PUBACK of one of ours
+                mid = (buf[i] << 8) | buf[i + 1]
+                if end - i > 2 and buf[i + 2] >= 0x80:
+                    log.warning("broker refused publish %d: reason 0x%02x", mid, buf[i + 2])
+                acked.append(mid)
+            else:
+                self._control(kind, buf[i - 1 - _vbi_len(end - i):end], buf[i:end])
+        self.stats["received"] += len(messages)
+        self._in_loop, self._io_owner = True, threading.current_thread()
+        try:
+            if acked:
+                with self._lock:
+                    for mid in acked:
+                        self._inflight.pop(mid, None)
+                    self._fill_window()
+                if self.on_published is not None:
+                    self.on_published(acked)
+            if messages and self.on_messages is not None:
+                self.on_messages(messages)
+        except Exception:  # a service's bug never stops the connection's loop
+            log.exception("MQTT %s: the message callback failed", self.client_id)
+        finally:
+            self._in_loop = False
+            with self._lock:
+                self._flush_now()
+
+    def _control(self, kind: int, packet: bytes, body: bytes) -> None:
+        if kind == 13:  # PINGRESP
+            return
+        if kind == 9:  # SUBACK
+            mid = (body[0] << 8) | body[1]
+            self._inflight.pop(mid, None)
+            if self.v5:
+                ack, _ = mqtt5.read(memoryview(packet))
+                codes = [int(c) for c in ack.reason_codes]
+            else:
+                codes = list(body[2:])
+            self.refused = [(t, c) for (t, _q), c in zip(self.subscriptions, codes, strict=False)
+                            if c >= 0x80]
+            for t, c in self.refused:
+                log.error("MQTT %s: the broker refused the subscription %s (0x%02x)",
+                          self.client_id, t, c)
+            self.subscribed.set()
+        elif kind == 14:  # DISCONNECT from the broker (MQTT 5)
+            why = "disconnected by the broker"
+            with contextlib.suppress(Exception):
+                d, _ = mqtt5.read(memoryview(packet))
+                why += ": " + d.reason_code.name.lower().replace("_", " ")
+                if d.reason_str:
+                    why += f" ({d.reason_str})"
+            raise MqttError(why)
+        elif kind in (5, 6, 7):  # QoS 2 flow: not subscribed to, not published
+            log.warning("MQTT %s: unexpected QoS 2 packet %d", self.client_id, kind)
+
+    def _lost(self, why: str) -> None:
+        with self._lock:
+            self._close()
+        self.last_error = why
+        if not self._stopping.is_set():
+            log.warning("MQTT %s lost %s: %s", self.client_id or "client", self.url, why)
+        if self.on_disconnect is not None:
+            self.on_disconnect(why)
+
+    def _close(self) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+        self._sock = None
+        self._in = b""
+        # What was queued for the lost connection (acks, publishes) is not sent on the next:
+        # its QoS 1 publishes are still in the in-flight table and go again.
+        self._out.clear()
+
+
+def _vbi_len(n: int) -> int:
+    return 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4
