@@ -1,7 +1,8 @@
 """MQTT → store: validate, batch, write, then acknowledge; spool or dead-letter what cannot go.
 
 Threads:
-- paho's network loop decodes each message and appends it to the open batch;
+- the MQTT client's I/O thread (citygrid.wire) hands over every PUBLISH of one socket read
+  at once; they are decoded and appended to the open batch;
 - the writer takes a batch when it is full or old enough, writes it (store, else
   spool), dead-letters what is invalid, and only then acknowledges its messages;
 - the drainer moves spooled batches into the store once it answers again;
@@ -13,7 +14,9 @@ that many messages before we acknowledge one, so a slow store slows the broker
 down instead of growing our heap.
 
 The MQTT client comes from a factory and time from a clock (both passed in), so the
-acknowledgement and back-pressure logic runs in tests without a broker.
+acknowledgement and back-pressure logic runs in tests without a broker. The factory is
+called like ``citygrid.wire.Client`` (the default) and returns something with its
+``start()``, ``stop()``, ``ack(mids, epoch)``, ``epoch`` and ``subscribed``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from citygrid import mqtt
+from citygrid import wire
 from citygrid.clock import SYSTEM_CLOCK, Clock
 from citygrid.contract import (
     BAD_TOPIC,
@@ -38,7 +41,7 @@ from citygrid.contract import (
     topic_filter,
 )
 from citygrid.registry import Follower, Registry
-from citygrid.settings import MqttUrl, Settings
+from citygrid.settings import Settings
 from citygrid.store import (
     DatabaseNotFound,
     Point,
@@ -58,12 +61,9 @@ log = logging.getLogger("citygrid.ingest")
 SELF_MEASUREMENT = "citygrid_ingest"
 ROUTE_CACHE_MAX = 200_000  # topics (devices) remembered; a city of 100,000 devices fits
 
-ClientFactory = Callable[[MqttUrl, str], mqtt.ConsumerClient]  # (broker, client id) → client
-
-
-def paho_client(url: MqttUrl, client_id: str) -> mqtt.ConsumerClient:
-    """The default client: paho, acknowledging by hand (each PUBACK after the write)."""
-    return mqtt.make_client(url, client_id, manual_ack=True)
+ClientFactory = Callable[..., wire.Client]  # called as citygrid.wire.Client is
+# One hour: a worker that restarts within it finds its unacknowledged messages waiting.
+SESSION_EXPIRY_S = 3600
 
 
 @dataclass
@@ -128,21 +128,21 @@ class IngestService:
         self._cond = threading.Condition(self._lock)
         self._auth_lock = threading.Lock()  # one log line per change of the credentials' state
         self._batch = _Batch(opened=self._clock.monotonic())
-        self._epoch = 0  # bumps on every disconnect: older message ids mean nothing any more
         self._unacked = 0  # messages taken from the broker and not yet acknowledged
         self._routes: dict[str, tuple[str, dict[str, str], str]] = {}
         self._batch_size = self.config.batch_size
         self._window = self.config.receive_maximum
         self._stopping = threading.Event()
         self._store_down = threading.Event()
-        self._subscribed = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._client = (client_factory or paho_client)(settings.mqtt, self.config.client_id)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = self._on_subscribe
-        self._client.reconnect_delay_set(0.1, 5)
+        # A persistent session (what arrives while we are away waits at the broker), and the
+        # Receive Maximum as the window of messages held unacknowledged.
+        self._client = (client_factory or wire.Client)(
+            settings.mqtt, self.config.client_id, clean_start=False,
+            session_expiry_s=SESSION_EXPIRY_S, receive_maximum=self.config.receive_maximum,
+            subscriptions=[(self.config.subscription, 1)], on_messages=self._on_messages,
+            on_connect=self._on_connect, on_disconnect=self._on_disconnect,
+            reconnect_min_s=0.1, reconnect_max_s=5.0)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -171,18 +171,16 @@ class IngestService:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        mqtt.connect(self._client, self.settings.mqtt, clean_start=False,
-                     session_expiry_s=mqtt.DEFAULT_SESSION_EXPIRY_S,
-                     receive_maximum=self.config.receive_maximum, wait=False)
-        self._client.loop_start()
+        self._client.start()
         clock = self._clock
         deadline = None if timeout_s is None else clock.monotonic() + timeout_s
-        while not self._subscribed.wait(5.0 if deadline is None else
-                                        max(0.0, min(5.0, deadline - clock.monotonic()))):
+        while not self._client.subscribed.wait(5.0 if deadline is None else
+                                               max(0.0, min(5.0, deadline - clock.monotonic()))):
             if deadline is not None and clock.monotonic() >= deadline:
                 self.stop()
                 raise TimeoutError(f"not subscribed at {self.settings.mqtt} within {timeout_s}s")
             log.warning("waiting for the broker at %s", self.settings.mqtt)
+        log.info("subscribed to %s", self.config.subscription)
 
     def _ensure_store(self) -> None:
         """Create the database where it can be (the store's ``ensure_ready``)."""
@@ -212,9 +210,7 @@ class IngestService:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout=30)
-        time.sleep(0.1)  # let the loop send the last PUBACKs
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._client.stop()  # the last PUBACKs go before DISCONNECT
         self._close_state()
 
     def _close_state(self) -> None:
@@ -230,61 +226,50 @@ class IngestService:
 
     # ------------------------------------------------------------------ MQTT callbacks
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
-            return
+    def _on_connect(self, session_present: bool) -> None:
+        log.info("connected to %s as %s (session present: %s), subscribing to %s",
+                 self.settings.mqtt, self.config.client_id, session_present,
+                 self.config.subscription)
+
+    def _on_disconnect(self, why: str) -> None:
         if not self._stopping.is_set():
-            client.subscribe(self.config.subscription, qos=1)
-        log.info("connected to %s as %s (session present: %s)", self.settings.mqtt,
-                 self.config.client_id, flags.session_present)
+            log.warning("disconnected from broker (%s); reconnecting", why)
 
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        if any(rc.is_failure for rc in reason_codes):
-            log.error("broker refused subscription %s: %s", self.config.subscription,
-                      reason_codes)
-            return
-        log.info("subscribed to %s", self.config.subscription)
-        self._subscribed.set()
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        with self._cond:
-            self._epoch += 1
-        if not self._stopping.is_set():
-            log.warning("disconnected from broker (%s); reconnecting", reason_code)
-
-    def _on_message(self, client, userdata, message: mqtt.InboundMessage) -> None:
-        topic = message.topic
+    def _on_messages(self, messages: list[wire.Message]) -> None:
+        """Every PUBLISH of one socket read: decoded, then into the open batch at once."""
         points: list[Point] = []
-        dead = None
+        dead: list[DeadLetter] = []
+        acks = []
         now_ms = self._clock.now_ms()
-        try:
-            kind, tags, key = self._routes.get(topic) or self._route(topic)
-            device_id = tags["device_id"]
-            known = device_id in self._known
-            if not known:
-                self.unregistered.seen(device_id, kind, tags["district"], now_ms,
-                                       message.payload)
-            points = [Point(kind, tags, r.fields(), r.ts, key) for r in
-                      decode_readings(kind, message.payload, topic, now_ms=now_ms)]
-            if not known and self._quarantine:
-                points = []
-                dead = DeadLetter(now_ms, topic, UNKNOWN_DEVICE,
-                                  f"device {device_id!r} is not in the registry "
-                                  "(CITYGRID_UNKNOWN_DEVICES=quarantine)", message.payload)
-        except ContractError as e:
-            dead = DeadLetter(now_ms, topic, e.reason, e.detail, message.payload)
+        routes, known, quarantine = self._routes, self._known, self._quarantine
+        for message in messages:
+            topic = message.topic
+            acks.append((message.epoch, message.mid, message.qos))
+            try:
+                kind, tags, key = routes.get(topic) or self._route(topic)
+                device_id = tags["device_id"]
+                if device_id not in known:
+                    self.unregistered.seen(device_id, kind, tags["district"], now_ms,
+                                           message.payload)
+                readings = decode_readings(kind, message.payload, topic, now_ms=now_ms)
+                if device_id not in known and quarantine:
+                    dead.append(DeadLetter(
+                        now_ms, topic, UNKNOWN_DEVICE,
+                        f"device {device_id!r} is not in the registry "
+                        "(CITYGRID_UNKNOWN_DEVICES=quarantine)", message.payload))
+                    continue
+                points += [Point(kind, tags, r.fields(), r.ts, key) for r in readings]
+            except ContractError as e:
+                dead.append(DeadLetter(now_ms, topic, e.reason, e.detail, message.payload))
         with self._lock:
-            self._unacked += 1
+            self._unacked += len(messages)
             batch = self._batch
-            batch.messages += 1
-            batch.acks.append((self._epoch, message.mid, message.qos))
-            if dead is None:
-                batch.points += points
-                if len(batch.points) >= self._batch_size:
-                    self._cond.notify_all()
-            else:
-                batch.dead.append(dead)
+            batch.messages += len(messages)
+            batch.acks += acks
+            batch.points += points
+            batch.dead += dead
+            if len(batch.points) >= self._batch_size:
+                self._cond.notify_all()
             # Mosquitto 2.0.11 overshoots the Receive Maximum once acks flow (README, Ingest):
             # hold the network thread, so TCP pushes back and the broker queues the rest.
             while self._unacked >= self._window and not self._stopping.is_set():
@@ -396,12 +381,11 @@ class IngestService:
         return True
 
     def _acknowledge(self, batch: _Batch) -> None:
-        with self._cond:
-            epoch = self._epoch
         # After a reconnect the broker redelivers older messages under new ids; their
         # points are already stored, and storing them again overwrites them.
-        mqtt.ack_many(self._client, [mid for message_epoch, mid, qos in batch.acks
-                                     if qos == 1 and message_epoch == epoch])
+        epoch = self._client.epoch
+        self._client.ack([mid for message_epoch, mid, qos in batch.acks
+                          if qos == 1 and message_epoch == epoch], epoch)
 
     # ------------------------------------------------------------------ spool drain
 

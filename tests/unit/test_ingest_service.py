@@ -14,10 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import generate_latest
 
 from citygrid import contract
@@ -70,28 +67,36 @@ class Message:
     mid: int
     qos: int = 1
     key: tuple | None = None
+    epoch: int = 1
 
 
 class FakeClient:
-    """A broker session as a paho client presents it, with no network.
+    """A broker session as citygrid.wire.Client presents it, with no network.
 
-    Like paho's network thread, one loop thread runs every callback, so a blocking
-    ``on_message`` holds back all later deliveries. Unlike a well-behaved broker it sends
-    whatever is published without waiting for acknowledgements (as Mosquitto 2.0.11 does
-    once acks flow), so any bound on what ingest holds is ingest's own.
+    Like the real client's I/O thread, one loop thread runs every callback and hands over
+    what has arrived since the last turn as one list, so a blocking ``on_messages`` holds
+    back all later deliveries. Unlike a well-behaved broker it sends whatever is published
+    without waiting for acknowledgements (as Mosquitto 2.0.11 does once acks flow), so any
+    bound on what ingest holds is ingest's own.
 
     Each ``ack`` is checked as it arrives: the message id must be one delivered and not
     acked before, and ``before_ack(message)`` (set by the test) may name what the
     message's data should already be in; a failed check is kept in ``problems``.
     """
 
-    protocol = paho.MQTTv5
-
-    def __init__(self, url=None, client_id: str = ""):
+    def __init__(self, url=None, client_id: str = "", *, clean_start=True,
+                 session_expiry_s=0, receive_maximum=None, subscriptions=(),
+                 on_messages=None, on_connect=None, on_disconnect=None, **_):
         self.client_id = client_id
-        self.on_connect = self.on_subscribe = self.on_disconnect = self.on_message = None
+        self.on_messages, self.on_connect, self.on_disconnect = (on_messages, on_connect,
+                                                                 on_disconnect)
+        self.options = {"clean_start": clean_start, "receive_maximum": receive_maximum,
+                        "session_expiry": session_expiry_s}
         self.connected_with: dict | None = None
+        self.wanted = list(subscriptions)
         self.subscriptions: list[tuple[str, int]] = []
+        self.subscribed = threading.Event()
+        self.epoch = 1
         self.before_ack: Callable[[Message], str | None] | None = None
         self.probe: Callable[[], int] | None = None  # sampled after each delivery
         self.problems: list[str] = []
@@ -107,54 +112,38 @@ class FakeClient:
         self._thread: threading.Thread | None = None
         self._mid = 0
 
-    # --- what the service calls (mqtt.ConsumerClient)
+    # --- what the service calls (citygrid.wire.Client's shape)
 
-    def connect_async(self, host, port=1883, keepalive=60, bind_address="", bind_port=0,
-                      clean_start=None, properties=None) -> None:
-        self.connected_with = {"clean_start": clean_start,
-                               "receive_maximum": getattr(properties, "ReceiveMaximum", None),
-                               "session_expiry": getattr(properties, "SessionExpiryInterval",
-                                                         None)}
-        self._inbox.put(("connack", None))
-
-    def reconnect_delay_set(self, min_delay=1, max_delay=120) -> None:
-        pass
-
-    def subscribe(self, topic, qos=0, options=None, properties=None):
-        self.subscriptions.append((topic, qos))
-        self._inbox.put(("suback", 1))
-        return paho.MQTT_ERR_SUCCESS, 1
-
-    def ack(self, mid: int, qos: int):
-        with self._lock:
-            message = self._messages.get(mid)
-            if message is None:
-                self.problems.append(f"ack of mid {mid}, never delivered")
-            elif mid in self._acked:
-                self.problems.append(f"mid {mid} acknowledged twice")
-            else:
-                problem = self.before_ack(message) if self.before_ack else None
-                if problem:
-                    self.problems.append(f"mid {mid} acknowledged before {problem}")
-                self._acked.add(mid)
-                self.acked.append(mid)
-        return paho.MQTT_ERR_SUCCESS
-
-    def loop_start(self):
+    def start(self):
+        self.connected_with = dict(self.options)
         self._running.set()
         self._thread = threading.Thread(target=self._loop, name="fake-mqtt", daemon=True)
         self._thread.start()
-        return paho.MQTT_ERR_SUCCESS
+        self._inbox.put(("connack", None))
+        return self
 
-    def loop_stop(self):
+    def stop(self, timeout_s: float = 5.0):
         self._running.clear()
         self._inbox.put(("stop", None))
         if self._thread is not None:
             self._thread.join(WAIT_S)
-        return paho.MQTT_ERR_SUCCESS
 
-    def disconnect(self, reasoncode=None, properties=None):
-        return paho.MQTT_ERR_SUCCESS
+    def ack(self, mids, epoch=None):
+        if epoch is not None and epoch != self.epoch:
+            return
+        with self._lock:
+            for mid in mids:
+                message = self._messages.get(mid)
+                if message is None:
+                    self.problems.append(f"ack of mid {mid}, never delivered")
+                elif mid in self._acked:
+                    self.problems.append(f"mid {mid} acknowledged twice")
+                else:
+                    problem = self.before_ack(message) if self.before_ack else None
+                    if problem:
+                        self.problems.append(f"mid {mid} acknowledged before {problem}")
+                    self._acked.add(mid)
+                    self.acked.append(mid)
 
     # --- the test's side: devices publishing
 
@@ -163,6 +152,7 @@ class FakeClient:
             self._mid += 1
             message = Message(topic, payload if isinstance(payload, bytes)
                               else orjson.dumps(payload), self._mid, key=key)
+            message.epoch = self.epoch
             self._messages[message.mid] = message
         self._inbox.put(("publish", message))
         return message.mid
@@ -181,19 +171,33 @@ class FakeClient:
             if kind == "stop" or not self._running.is_set():
                 return
             if kind == "connack":
-                self.on_connect(self, None, paho.ConnectFlags(session_present=False),
-                                ReasonCode(PacketTypes.CONNACK, "Success"), None)
-            elif kind == "suback":
-                self.on_subscribe(self, None, item,
-                                  [ReasonCode(PacketTypes.SUBACK, "Granted QoS 1")], None)
-            else:
-                with self._lock:
-                    self.delivered += 1
-                    self.peak_outstanding = max(self.peak_outstanding,
-                                                self.delivered - len(self._acked))
-                self.on_message(self, None, item)
-                if self.probe is not None:
-                    self.peak_probe = max(self.peak_probe, self.probe())
+                self.on_connect(False)
+                self.subscriptions += self.wanted
+                self.subscribed.set()
+                continue
+            # One "read": this message and whatever else has arrived meanwhile, as much as
+            # the Receive Maximum leaves room for (a broker's first window), at least one
+            # (the overshoot).
+            with self._lock:
+                room = (self.options["receive_maximum"] or 65535) - (self.delivered
+                                                                     - len(self._acked))
+            batch = [item]
+            while len(batch) < min(50, room):
+                try:
+                    kind, more = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if kind != "publish":
+                    self._inbox.put((kind, more))
+                    break
+                batch.append(more)
+            with self._lock:
+                self.delivered += len(batch)
+                self.peak_outstanding = max(self.peak_outstanding,
+                                            self.delivered - len(self._acked))
+            self.on_messages(batch)
+            if self.probe is not None:
+                self.peak_probe = max(self.peak_probe, self.probe())
 
 
 class FakeStore:
@@ -285,8 +289,8 @@ def rig(tmp_path):
                   "retry_window_s": 0.0, **config}
         clients: list[FakeClient] = []
 
-        def factory(url, client_id):
-            clients.append(FakeClient(url, client_id))
+        def factory(url, client_id, **kw):
+            clients.append(FakeClient(url, client_id, **kw))
             return clients[-1]
 
         clock = ManualClock()

@@ -34,8 +34,8 @@ class Rig:
         self.store = FakeStore()
         clients: list[FakeClient] = []
 
-        def factory(url, client_id):
-            clients.append(FakeClient(url, client_id))
+        def factory(url, client_id, **kw):
+            clients.append(FakeClient(url, client_id, **kw))
             return clients[-1]
 
         self.service = IngestService(
