@@ -29,9 +29,9 @@ from ingest.service import IngestConfig, IngestService  # noqa: E402
 assert svc.__file__.startswith(tree), svc.__file__
 
 class Msg:
-    __slots__ = ("topic", "payload", "mid", "qos")
+    __slots__ = ("topic", "payload", "mid", "qos", "epoch")
     def __init__(self, topic, payload, mid):
-        self.topic, self.payload, self.mid, self.qos = topic, payload, mid, 1
+        self.topic, self.payload, self.mid, self.qos, self.epoch = topic, payload, mid, 1, 1
 
 now = int(time.time() * 1000)
 msgs = []
@@ -51,8 +51,12 @@ gc.freeze()
 gc.set_threshold(50_000, 20, 20)  # as `citygrid ingest` does
 t0 = time.process_time()
 for k in range(0, n, 5000):
-    for m in msgs[k:k + 5000]:
-        service._on_message(None, None, m)
+    if hasattr(service, "_on_messages"):  # a read's worth at a time (~1,000 messages)
+        for j in range(k, k + 5000, 1000):
+            service._on_messages(msgs[j:j + 1000])
+    else:
+        for m in msgs[k:k + 5000]:
+            service._on_message(None, None, m)
     batch = service._batch
     service._batch = svc._Batch()
     assert service._write_batch(batch)

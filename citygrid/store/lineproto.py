@@ -52,24 +52,46 @@ def _field_key(name: str) -> str:
     return key
 
 
+def _value(value: object) -> str:
+    """``field_value`` with the common types first (called per field per reading)."""
+    kind = type(value)
+    if kind is float and value - value == 0:
+        return repr(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return f"{value}i"
+    return field_value(value)
+
+
+_ENCODERS: dict[tuple[str, ...], object] = {}
+
+
+def _encoder(names: tuple[str, ...]):
+    """A function that writes the fields of one set of names, made once per set (a city has a
+    handful: one per kind and optional field present): one f-string, no loop per field. The
+    names reach it as values (``n0``…), never as source text."""
+    fn = _ENCODERS.get(names)
+    if fn is None:
+        if len(_ENCODERS) > 1000:  # points of arbitrary shapes: do not grow without bound
+            _ENCODERS.clear()
+        scope: dict[str, object] = {"_value": _value}
+        body = []
+        for i, name in enumerate(names):
+            scope[f"n{i}"] = name
+            scope[f"k{i}"] = ("," if i else "") + (_field_keys.get(name) or _field_key(name)) + "="
+            body.append(f"{{k{i}}}{{_value(f[n{i}])}}")
+        source = f"def enc(key, f, ts):\n    return f\"{{key}} {''.join(body)} {{ts}}\"\n"
+        exec(compile(source, "<lineproto>", "exec"), scope)  # noqa: S102 (no data in it)
+        fn = _ENCODERS[names] = scope["enc"]
+    return fn
+
+
 def encode(point: Point) -> str:
     measurement, tags, fields, ts_ms, key = point
     if key is None:
         key = series_key(measurement, tags)
-    parts = []
-    for name, value in fields.items():
-        # field_value() inlined for the common types: this loop runs per field per reading.
-        kind = type(value)
-        if kind is float and value - value == 0:
-            text = repr(value)
-        elif kind is bool:
-            text = "true" if value else "false"
-        elif kind is int:
-            text = f"{value}i"
-        else:
-            text = field_value(value)
-        parts.append(f"{_field_keys.get(name) or _field_key(name)}={text}")
-    return f"{key} {','.join(parts)} {ts_ms}"
+    return _encoder(tuple(fields))(key, fields, ts_ms)
 
 
 def encode_batch(points: list[Point]) -> bytes:
