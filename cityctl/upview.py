@@ -60,8 +60,7 @@ class CityWatch:
 
     def stop(self) -> None:
         if self._client is not None:
-            self._client.loop_stop()
-            self._client.disconnect()
+            self._client.stop()
 
     def _on_event(self, t: Topic, readings: list | None, body: dict | None) -> None:
         with self._lock:

@@ -134,9 +134,10 @@ def ack_many(client: paho.Client | ConsumerClient, mids: list[int]) -> None:
     queue(0x40, b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids]), 0, 0)
 
 
-def watch_city(url: MqttUrl, on_event) -> paho.Client:
+def watch_city(url: MqttUrl, on_event):
     """A view-only client (the gateway's feed, `citygrid up`'s summary): telemetry, commands
-    and settlements at QoS 0 over MQTT 3.1.1, connecting in the background.
+    and settlements at QoS 0, connecting in the background (citygrid.wire: every message of
+    one read decoded in one call). Stop it with ``.stop()``.
 
     ``on_event(topic, readings, body)``: for telemetry the decoded readings (body None),
     otherwise the JSON object (readings None); what does not decode is not passed on.
@@ -144,25 +145,23 @@ def watch_city(url: MqttUrl, on_event) -> paho.Client:
     import orjson
 
     from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
+    from citygrid.wire import Client
 
-    def on_message(client, userdata, message) -> None:
-        try:
-            t = Topic.parse(message.topic)
-            if t.channel == "telemetry":
-                on_event(t, decode_readings(t.kind, message.payload,
-                                            now_ms=int(time.time() * 1000)), None)
-                return
-            body = orjson.loads(message.payload)
-        except (ContractError, orjson.JSONDecodeError):
-            return
-        if isinstance(body, dict):
-            on_event(t, None, body)
+    def on_messages(messages) -> None:
+        now_ms = int(time.time() * 1000)
+        for message in messages:
+            try:
+                t = Topic.parse(message.topic)
+                if t.channel == "telemetry":
+                    on_event(t, decode_readings(t.kind, message.payload, now_ms=now_ms), None)
+                    continue
+                body = orjson.loads(message.payload)
+            except (ContractError, orjson.JSONDecodeError):
+                continue
+            if isinstance(body, dict):
+                on_event(t, None, body)
 
-    client = make_client(url, "", protocol=paho.MQTTv311)
-    client.on_message = on_message
-    client.on_connect = lambda c, *a: c.subscribe(
-        [(topic_filter(), 0), (topic_filter("cmd", kind="streetlight"), 0),
-         (topic_filter("settlement", kind="meter"), 0)])
-    connect(client, url, wait=False)
-    client.loop_start()
-    return client
+    return Client(url, "", subscriptions=[
+        (topic_filter(), 0), (topic_filter("cmd", kind="streetlight"), 0),
+        (topic_filter("settlement", kind="meter"), 0)], on_messages=on_messages,
+        keepalive=60).start()

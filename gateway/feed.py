@@ -86,8 +86,7 @@ class CityFeed:
 
     def close(self) -> None:
         if self._client is not None:
-            self._client.loop_stop()
-            self._client.disconnect()
+            self._client.stop()
 
     def _on_event(self, t: Topic, readings: list | None, body: dict | None) -> None:
         if readings is not None:
