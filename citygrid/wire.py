@@ -232,6 +232,7 @@ class Client:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._woken = False
+        self._cork = 0
         self._in_loop = False
         self._io_owner: threading.Thread | None = None
         self._in = b""
@@ -288,6 +289,21 @@ class Client:
             else:
                 self._waiting.append((mid, packet))
             return mid
+
+    @contextlib.contextmanager
+    def corked(self):
+        """Everything published or acknowledged inside goes out as one write at the end (a
+        burst from a thread other than the loop's: the simulator's tick, a bulk override),
+        instead of a system call each."""
+        with self._lock:
+            self._cork += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._cork -= 1
+                if not self._cork and self._out:
+                    self._send(b"")
 
     def publish_encoded(self, packets: bytes, count: int = 1) -> None:
         """Send ready-made QoS 0 PUBLISH packets as they are (the simulator's pre-encoded
@@ -359,7 +375,7 @@ class Client:
         """Under the lock. In the loop: into the turn's one write. Elsewhere: at once on
         plain TCP; over TLS, to the I/O thread (one thread owns the TLS state)."""
         self._out += data
-        if self._in_loop and threading.current_thread() is self._io_owner:
+        if self._cork or (self._in_loop and threading.current_thread() is self._io_owner):
             return
         if self.url.tls:
             self._wake()

@@ -348,3 +348,22 @@ def test_framing_waits_for_whole_packets():
         frame(b"\x30\xff\xff\xff\xff\x01")
 
 
+
+
+def test_a_corked_burst_arrives_whole_and_in_order(mosquitto, uid):
+    inbox = Inbox()
+    sub = client(mosquitto.url, f"sub-{uid}", MQTT5, inbox,
+                 subscriptions=[(f"{uid}/c", 1)]).start()
+    pub = client(mosquitto.url, f"pub-{uid}", MQTT5).start()
+    try:
+        assert sub.subscribed.wait(5) and pub.wait_connected(5)
+        with pub.corked():
+            for i in range(2000):
+                pub.publish(f"{uid}/c", b"%d" % i, qos=1)
+            assert pub._out  # held back until the end of the burst
+        assert pub.flush(10)
+        wait_until(lambda: len(inbox.messages) == 2000, 10)
+        assert inbox.payloads() == [b"%d" % i for i in range(2000)]
+    finally:
+        sub.stop()
+        pub.stop()
