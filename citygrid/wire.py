@@ -236,7 +236,7 @@ class Client:
         self._in_loop = False
         self._io_owner: threading.Thread | None = None
         self._in = b""
-        self._sub_id = 0
+        self._requests: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE/UNSUBSCRIBE ids
         self._last_sent = self._last_recv = time.monotonic()
         self._ping_out = False
         self._delay = reconnect_min_s
@@ -399,7 +399,7 @@ class Client:
     def _new_id(self) -> int:
         for _ in range(65535):
             self._next_id = self._next_id % 65535 + 1
-            if self._next_id not in self._inflight and self._next_id != self._sub_id:
+            if self._next_id not in self._inflight and self._next_id not in self._requests:
                 return self._next_id
         raise MqttError("65,535 publishes unacknowledged")
 
@@ -444,9 +444,9 @@ class Client:
             self._last_sent = self._last_recv = time.monotonic()
             self._ping_out = False
             self._delay = self.reconnect_min_s
+            self._requests.clear()
             if self.subscriptions:
-                self._sub_id = self._new_sub_id()
-                self._out += self._subscribe_packet(self._sub_id, self.subscriptions)
+                self._out += self._subscribe_packet(self.subscriptions)
             else:
                 self.subscribed.set()
             # What the broker never acknowledged goes again, marked DUP, then the queue.
@@ -498,15 +498,54 @@ class Client:
             self.keepalive = ack.server_keep_alive
         return ack.session_present
 
-    def _new_sub_id(self) -> int:
-        self._sub_id = 0
-        return self._new_id()
-
-    def _subscribe_packet(self, packet_id: int, filters: Sequence[tuple[str, int]]) -> bytes:
+    def _subscribe_packet(self, filters: Sequence[tuple[str, int]]) -> bytes:
+        packet_id = self._new_id()
+        self._requests[packet_id] = list(filters)
         if not self.v5:
             return _subscribe_311(packet_id, filters)
         return mqtt5.SubscribePacket(packet_id, [
             mqtt5.TopicFilter(t, max_qos=mqtt5.QoS(q)) for t, q in filters]).write()
+
+    def subscribe(self, filters: Sequence[tuple[str, int]]) -> None:
+        """Add subscriptions (kept for every later connection); sent now when connected."""
+        with self._lock:
+            new = [f for f in filters if f not in self.subscriptions]
+            if not new:
+                return
+            self.subscriptions += new
+            if self.connected.is_set():
+                self._send(self._subscribe_packet(new))
+
+    def unsubscribe(self, topics: Sequence[str]) -> None:
+        """Drop subscriptions by topic filter; sent now when connected."""
+        with self._lock:
+            gone = [t for t, _q in self.subscriptions if t in set(topics)]
+            if not gone:
+                return
+            self.subscriptions = [f for f in self.subscriptions if f[0] not in set(gone)]
+            if not self.connected.is_set():
+                return
+            packet_id = self._new_id()
+            self._requests[packet_id] = []
+            if self.v5:
+                packet = mqtt5.UnsubscribePacket(packet_id, gone).write()
+            else:
+                body = _U16.pack(packet_id) + b"".join(_utf8(t) for t in gone)
+                packet = b"\xa2" + _vbi(len(body)) + body
+            self._send(packet)
+
+    def acknowledged(self, mid: int) -> bool:
+        """Whether the broker has acknowledged our QoS 1 publish ``mid``."""
+        with self._lock:
+            return mid not in self._inflight and all(m != mid for m, _p in self._waiting)
+
+    def wait_acknowledged(self, mid: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.acknowledged(mid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
 
     def _fill_window(self) -> None:
         while self._waiting and len(self._inflight) < self._window:
@@ -635,18 +674,23 @@ class Client:
             return
         if kind == 9:  # SUBACK
             mid = (body[0] << 8) | body[1]
-            self._inflight.pop(mid, None)
+            with self._lock:
+                asked = self._requests.pop(mid, [])
             if self.v5:
                 ack, _ = mqtt5.read(memoryview(packet))
                 codes = [int(c) for c in ack.reason_codes]
             else:
                 codes = list(body[2:])
-            self.refused = [(t, c) for (t, _q), c in zip(self.subscriptions, codes, strict=False)
-                            if c >= 0x80]
-            for t, c in self.refused:
+            refused = [(t, c) for (t, _q), c in zip(asked, codes, strict=False) if c >= 0x80]
+            self.refused = [r for r in self.refused if r[0] not in {t for t, _q in asked}]
+            self.refused += refused
+            for t, c in refused:
                 log.error("MQTT %s: the broker refused the subscription %s (0x%02x)",
                           self.client_id, t, c)
             self.subscribed.set()
+        elif kind == 11:  # UNSUBACK
+            with self._lock:
+                self._requests.pop((body[0] << 8) | body[1], None)
         elif kind == 14:  # DISCONNECT from the broker (MQTT 5)
             why = "disconnected by the broker"
             with contextlib.suppress(Exception):

@@ -367,3 +367,27 @@ def test_a_corked_burst_arrives_whole_and_in_order(mosquitto, uid):
     finally:
         sub.stop()
         pub.stop()
+
+
+@PROTOCOLS
+def test_subscriptions_added_and_dropped_while_connected(mosquitto, uid, protocol):
+    inbox = Inbox()
+    sub = client(mosquitto.url, f"dyn-{uid}", protocol, inbox).start()
+    pub = client(mosquitto.url, f"pub-{uid}", protocol).start()
+    try:
+        assert sub.wait_connected(5) and pub.wait_connected(5)
+        sub.subscribe([(f"{uid}/a", 1), (f"{uid}/b", 1)])
+        wait_until(lambda: not sub._requests, 5)
+        mid = pub.publish(f"{uid}/a", b"1", qos=1)
+        assert pub.wait_acknowledged(mid, 5)
+        wait_until(lambda: inbox.payloads() == [b"1"], 5)
+        sub.unsubscribe([f"{uid}/a"])
+        wait_until(lambda: not sub._requests, 5)
+        pub.publish(f"{uid}/a", b"2", qos=1)
+        pub.publish(f"{uid}/b", b"3", qos=1)
+        wait_until(lambda: b"3" in inbox.payloads(), 5)
+        assert inbox.payloads() == [b"1", b"3"]
+        assert sub.subscriptions == [(f"{uid}/b", 1)]
+    finally:
+        sub.stop()
+        pub.stop()
