@@ -201,7 +201,8 @@ class Client:
                  on_published: Callable[[list[int]], None] | None = None,
                  on_disconnect: Callable[[str], None] | None = None,
                  max_inflight: int = 1000, reconnect_min_s: float = 0.5,
-                 reconnect_max_s: float = 30.0, connect_timeout_s: float = 10.0):
+                 reconnect_max_s: float = 30.0, connect_timeout_s: float = 10.0,
+                 read_interval_s: float = 0.0):
         self.url, self.client_id = url, client_id
         self.protocol = protocol or url.protocol
         self.v5 = self.protocol == MQTT5
@@ -212,6 +213,11 @@ class Client:
         self.on_published, self.on_disconnect = on_published, on_disconnect
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
         self.connect_timeout_s = connect_timeout_s
+        # At most one read of the socket per interval: at a low rate, many messages a read
+        # instead of a wake-up, a system call and a callback each (what arrives meanwhile
+        # waits in the socket's buffer). For views and for ingest, whose batches wait anyway.
+        self.read_interval_s = read_interval_s
+        self._read_at = 0.0
         # Our QoS 1 publishes: at most this many unacknowledged at once (the broker's Receive
         # Maximum lowers it), the rest wait here in order.
         self._max_inflight = self._window = max_inflight
@@ -559,6 +565,17 @@ class Client:
         with self._lock:
             self._flush_now()
             want_write = bool(self._out)
+        if self.read_interval_s:
+            hold = self._read_at + self.read_interval_s - time.monotonic()
+            if hold > 0:  # only writes meanwhile (a wake-up from another thread's publish)
+                readable, _, _ = select.select([self._wake_r], [], [], min(hold, timeout_s))
+                if readable:
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                    self._woken = False
+                    with self._lock:
+                        self._flush_now()
+                return
         pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
         if not pending:
             readable, writable, _ = select.select(
@@ -572,6 +589,7 @@ class Client:
             readable = [sock]
         if sock in readable:
             self._read(sock)
+            self._read_at = time.monotonic()
         self._keepalive()
 
     def _timeout(self, timeout_s: float) -> float:

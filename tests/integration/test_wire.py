@@ -391,3 +391,28 @@ def test_subscriptions_added_and_dropped_while_connected(mosquitto, uid, protoco
     finally:
         sub.stop()
         pub.stop()
+
+
+def test_a_read_interval_takes_many_messages_a_read(mosquitto, uid):
+    inbox = Inbox()
+    reads: list[int] = []
+
+    def count(messages):
+        reads.append(len(messages))
+        inbox(messages)
+
+    sub = Client(MqttUrl.parse(mosquitto.url), f"slow-{uid}", on_messages=count,
+                 subscriptions=[(f"{uid}/v", 0)], read_interval_s=0.3)
+    inbox.client = sub
+    sub.start()
+    pub = client(mosquitto.url, f"pub-{uid}", MQTT5).start()
+    try:
+        assert sub.subscribed.wait(5) and pub.wait_connected(5)
+        for i in range(40):
+            pub.publish(f"{uid}/v", b"%d" % i)
+            time.sleep(0.02)  # 40 messages over 0.8 s
+        wait_until(lambda: len(inbox.messages) == 40, 5)
+        assert len(reads) <= 6, reads  # not one read a message
+    finally:
+        sub.stop()
+        pub.stop()
