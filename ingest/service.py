@@ -239,7 +239,23 @@ class IngestService:
             log.warning("disconnected from broker (%s); reconnecting", why)
 
     def _on_messages(self, messages: list[wire.Message]) -> None:
-        """Every PUBLISH of one socket read: decoded, then into the open batch at once."""
+        """Every PUBLISH of one socket read: taken a window's room at a time, decoded, then
+        into the open batch at once."""
+        taken = 0
+        while taken < len(messages):
+            with self._lock:
+                room = max(1, self._window - self._unacked)
+            self._take(messages[taken:taken + room])
+            taken += room
+            with self._lock:
+                # Mosquitto 2.0.11 overshoots the Receive Maximum once acks flow (README,
+                # Ingest): with a window's worth unacknowledged, hold the network thread, so
+                # TCP pushes back and the broker queues the rest.
+                while self._unacked >= self._window and not self._stopping.is_set():
+                    self._cond.notify_all()
+                    self._cond.wait(0.5)
+
+    def _take(self, messages: list[wire.Message]) -> None:
         points: list[Point] = []
         dead: list[DeadLetter] = []
         acks = []
@@ -273,11 +289,6 @@ class IngestService:
             batch.dead += dead
             if len(batch.points) >= self._batch_size:
                 self._cond.notify_all()
-            # Mosquitto 2.0.11 overshoots the Receive Maximum once acks flow (README, Ingest):
-            # hold the network thread, so TCP pushes back and the broker queues the rest.
-            while self._unacked >= self._window and not self._stopping.is_set():
-                self._cond.notify_all()
-                self._cond.wait(0.5)
 
     def _route(self, topic: str) -> tuple[str, dict[str, str], str]:
         """Parse a topic once: kind, tags and the encoded series key, remembered per topic."""
@@ -527,7 +538,8 @@ class IngestService:
             self._batch.points.extend(points)
 
     def unacked(self) -> int:
-        """Messages held in memory: never more than the Receive Maximum."""
+        """Messages taken and not yet acknowledged: never more than the Receive Maximum
+        (beyond it, what one socket read brought waits to be taken, at most 1 MiB)."""
         with self._cond:
             return self._unacked
 
