@@ -129,6 +129,10 @@ class Mosquitto(_Service):
             f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
             # Persistent sessions must hold a whole backlog (docs/platform-facts.md: default 1000).
             "max_queued_messages 0\n"
+            # The in-flight window both ways, as the provisioned broker has it: Mosquitto
+            # advertises it as its Receive Maximum, and citygrid.wire keeps to that
+            # (docs/platform-facts.md: the default of 20 holds a publisher to 20 a round trip).
+            "max_inflight_messages 1000\n"
             f"{self.extra_conf}\n"
         )
         return [binary, "-c", str(conf)]
