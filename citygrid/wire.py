@@ -232,6 +232,7 @@ class Client:
         self._sock: socket.socket | ssl.SSLSocket | None = None
         self._out = bytearray()
         self._lock = threading.RLock()  # the socket's writes, _out, the in-flight table
+        self._turn_lock = threading.Lock()  # one loop turn at a time, and stop() after it
         self._io_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -264,14 +265,24 @@ class Client:
         self._wake()
         if self._io_thread is not None and self._io_thread is not threading.current_thread():
             self._io_thread.join(timeout_s)
-        with self._lock:
-            if self._sock is not None:
-                with contextlib.suppress(OSError):
-                    self._flush_now()
-                    self._sock.setblocking(True)
-                    self._sock.settimeout(1.0)
-                    self._sock.sendall(_DISCONNECT)
-                self._close()
+        # A service driving loop() itself: its turn in progress ends first (no race on the
+        # socket), and no new one starts.
+        got_turn = self._turn_lock.acquire(timeout=timeout_s)
+        try:
+            with self._lock:
+                if self._sock is not None:
+                    with contextlib.suppress(OSError):
+                        # Whole packets only: what is queued goes out completely, then DISCONNECT
+                        # (a packet cut in half would break the stream, and the broker would
+                        # publish the Will).
+                        self._sock.setblocking(True)
+                        self._sock.settimeout(1.0)
+                        self._sock.sendall(bytes(self._out) + _DISCONNECT)
+                        self._out.clear()
+                    self._close()
+        finally:
+            if got_turn:
+                self._turn_lock.release()
 
     def wait_connected(self, timeout_s: float | None) -> bool:
         return self.connected.wait(timeout_s)
@@ -334,7 +345,8 @@ class Client:
         return len(self._inflight) + len(self._waiting)
 
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait until every QoS 1 publish so far is acknowledged."""
+        """Wait until every QoS 1 publish so far is acknowledged (someone must be running the
+        loop meanwhile: the client's own thread, or the service's between its calls)."""
         deadline = time.monotonic() + timeout_s
         while self.inflight:
             if time.monotonic() > deadline:
@@ -351,6 +363,12 @@ class Client:
     def loop(self, timeout_s: float = 1.0) -> bool:
         """One turn: connect if need be (waiting out the backoff), else read what arrived
         within ``timeout_s``, call back, write. False when there is no connection."""
+        with self._turn_lock:
+            if self._stopping.is_set() and self._sock is not None:
+                return False  # stop() says goodbye
+            return self._loop(timeout_s)
+
+    def _loop(self, timeout_s: float) -> bool:
         if self._sock is None:
             if self._stopping.is_set():
                 return False
