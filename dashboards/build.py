@@ -95,11 +95,13 @@ def _dashboard(title: str, uid: str, refresh: str, since: str) -> dashboard.Dash
 def city_overview() -> dashboard.Dashboard:
     d = _dashboard("city overview", "citygrid-overview", "30s", "now-24h")
     d = _variables(d)
-    lights = 'FROM "citygrid_rules" WHERE "rule" = \'\' AND $timeFilter'
+    # Each rule worker reports its own share (tag worker; none with one worker): the city's
+    # figure is the sum of every worker's latest.
+    lights = 'FROM "citygrid_rules" WHERE "rule" = \'\' AND $timeFilter GROUP BY "worker"'
     for title, field in (("Lights on (100 %)", "lights_on"), ("Lights dimmed", "lights_dimmed"),
-                         ("Lights off", "lights_off")):
-        d = d.with_panel(_stat(title, f'SELECT last("{field}") {lights}'))
-    d = d.with_panel(_stat("Active alerts", f'SELECT last("alerts_active") {lights}'))
+                         ("Lights off", "lights_off"), ("Active alerts", "alerts_active")):
+        d = d.with_panel(_stat(title, f'SELECT sum("v") FROM (SELECT last("{field}") AS "v" '
+                                      f'{lights})'))
     d = d.with_panel(_stat(
         "Lighting energy (kWh)",
         f'SELECT sum("energy_wh") / 1000 FROM "citygrid_lighting" WHERE {DISTRICT} AND '
@@ -232,18 +234,20 @@ def platform_health() -> dashboard.Dashboard:
     d = d.with_panel(_ts("Dead letters by reason", (
         'SELECT max("dead_letters_total") FROM "citygrid_ingest" WHERE "reason" != \'\' AND '
         '$timeFilter GROUP BY time($__interval), "reason" fill(none)', "$tag_reason")))
+    # Per worker first (each counts its own share), then summed: the city's figure.
+    def per_worker(select: str, rule: str, by: str = "") -> str:
+        return (f'SELECT sum("v") FROM (SELECT {select} AS "v" FROM "citygrid_rules" WHERE '
+                f'"rule" {rule} \'\' AND $timeFilter GROUP BY time($__interval), "worker"{by} '
+                f"fill(none)) WHERE $timeFilter GROUP BY time($__interval){by} fill(none)")
+
     d = d.with_panel(_ts("Rule evaluations and errors", (
-        'SELECT non_negative_difference(last("evaluations")) FROM "citygrid_rules" WHERE '
-        '"rule" != \'\' AND $timeFilter GROUP BY time($__interval), "rule" fill(none)',
+        per_worker('non_negative_difference(last("evaluations"))', "!=", ', "rule"'),
         "$tag_rule"), (
-        'SELECT non_negative_difference(last("errors")) FROM "citygrid_rules" WHERE '
-        '"rule" != \'\' AND $timeFilter GROUP BY time($__interval), "rule" fill(none)',
+        per_worker('non_negative_difference(last("errors"))', "!=", ', "rule"'),
         "$tag_rule errors")))
     d = d.with_panel(_ts("Commands and acknowledgements", (
-        'SELECT non_negative_difference(last("commands_total")) FROM "citygrid_rules" WHERE '
-        '"rule" = \'\' AND $timeFilter GROUP BY time($__interval) fill(none)', "commands"), (
-        'SELECT last("acks_pending") FROM "citygrid_rules" WHERE "rule" = \'\' AND '
-        "$timeFilter GROUP BY time($__interval) fill(none)", "awaiting an ack")))
+        per_worker('non_negative_difference(last("commands_total"))', "="), "commands"), (
+        per_worker('last("acks_pending")', "="), "awaiting an ack")))
     return d
 
 
