@@ -33,6 +33,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     run.add_argument("--report-interval", type=float, default=10.0,
                      help="seconds between self-report log lines (10)")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    run.add_argument("--batch-window-ms", type=float, default=0.0,
+                     help="after a read, let the next messages gather this long before "
+                          "reading again: less CPU a message, at most this much latency (0)")
     run.set_defaults(func=cmd_run)
 
 
@@ -76,6 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     config = AdapterConfig(client_id=args.client_id, receive_maximum=args.receive_maximum,
                            report_interval_s=args.report_interval,
+                           batch_window_s=args.batch_window_ms / 1000,
                            metrics_port=args.metrics_port)
     service = AdapterService(settings, profiles=profiles, registry_dir=settings.data_dir,
                              config=config)

@@ -23,6 +23,7 @@ FILENAME = "adapters.sqlite"
 NO_PROFILE = "no_profile"  # a registered device's profile is not loaded
 BAD_COMMAND = "bad_command"  # a contract command that does not validate or encode
 BAD_ACK = "bad_ack"  # what the profile made of the device's answer is not a contract ack
+PUBLISH_REFUSED = "publish_refused"  # the broker refused a contract (or native command) publish
 
 _SUBSCRIPTIONS = "CREATE TABLE IF NOT EXISTS subscriptions (filter TEXT PRIMARY KEY);"
 

@@ -8,21 +8,29 @@ device with a profile becomes the device's native command.
 
 Nothing is lost between the two sides. The service consumes QoS 1 in a persistent session
 and acknowledges a message by hand, only once every contract message made from it has been
-acknowledged by the broker (paho's ``on_publish``: the PUBACK of each publish, by message
-id) — or, for a message it cannot map (unknown native device, missing field, bad unit, …),
-once its dead letter is on disk (``adapters.sqlite``, :mod:`adapters.deadletter`). A crash
-before that and the broker delivers the message again to the next run.
+acknowledged by the broker (``on_published``: the PUBACKs of one read, by packet id) — or,
+for a message it cannot map (unknown native device, missing field, bad unit, …) and for a
+contract message the broker refuses (a PUBACK reason ≥ 0x80 under MQTT 5: its ACL), once the
+dead letter is on disk (``adapters.sqlite``, :mod:`adapters.deadletter`). A crash before that
+and the broker delivers the message again to the next run.
 
-One thread runs the MQTT connection (its own ``loop()``, like the rule engine's), so the
-decode, the publishes, their PUBACKs and the acknowledgements need no locks, and the
-acknowledgements of one loop turn go out as one write (``citygrid.mqtt.ack_many``). Beside
+One thread runs the MQTT connection (``citygrid.wire``, driven by the service's own
+``loop()`` calls, like the rule engine's), so the decode, the publishes, their PUBACKs and the
+acknowledgements need no locks: every PUBLISH of one socket read is handled in one call, and
+the contract publishes and acknowledgements that a read causes go out as one write. Beside
 it: the registry watcher (re-reads the devices with a profile when ``Registry.version()``
 changes, polled every ``registry_poll_s``; the loop thread then subscribes or unsubscribes
 what changed), and the dead-letter writer. Memory is bounded by the MQTT 5 Receive Maximum:
 the broker sends no more than that many messages before we acknowledge one.
 
-The MQTT client comes from a factory and time from a clock (both passed in), so all of this
-runs in tests without a broker.
+The subscriptions are the persistent session's, and remembered across runs (in
+``adapters.sqlite``): on each connection the service subscribes what the registry calls for
+and the session lacks (all of it when the broker kept no session), and unsubscribes what no
+device needs any more. A filter the session already has is not subscribed again, so retained
+messages come once, when a subscription is new to the session.
+
+The MQTT client comes from a factory (called as ``citygrid.wire.Client`` is) and time from a
+clock (both passed in), so all of this runs in tests without a broker.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,41 +46,36 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import paho.mqtt.client as paho
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from adapters.deadletter import (
     BAD_ACK,
     BAD_COMMAND,
     FILENAME,
+    PUBLISH_REFUSED,
     UNKNOWN_DEVICE,
     DeadLetter,
     DeadLetterStore,
 )
 from adapters.profile import Decoded, DecodeError, Profile
-from citygrid import mqtt
+from citygrid import wire
 from citygrid.clock import SYSTEM_CLOCK, Clock
 from citygrid.contract import Ack, ContractError, Topic, topic_filter, validate_command
 from citygrid.fleet import Fleet
 from citygrid.registry import Follower
-from citygrid.settings import MqttUrl, Settings
+from citygrid.settings import Settings
 
 log = logging.getLogger("citygrid.adapters")
 
-ClientFactory = Callable[[MqttUrl, str], Any]  # (broker, client id) → a paho-like client
+ClientFactory = Callable[..., wire.Client]  # called as citygrid.wire.Client is
 CMD_PREFIX = "city/v1/"
 TOPIC_CACHE_MAX = 200_000
-
-
-def paho_client(url: MqttUrl, client_id: str) -> paho.Client:
-    """The default client: paho, acknowledging by hand, no limit of its own on publishes in
-    flight: what the service publishes is bounded by the native messages it holds (the Receive
-    Maximum), and paho's limit, once reached, rescans every message in flight on each PUBACK
-    (``_update_inflight``: O(n) per message, which took 460 µs a message in bench/adapters.py)."""
-    client = mqtt.make_client(url, client_id, manual_ack=True)
-    client.max_inflight_messages_set(0)
-    client.max_queued_messages_set(0)
-    return client
+# One hour: a run that restarts within it finds its unacknowledged messages waiting.
+SESSION_EXPIRY_S = 3600
+# PUBACK and SUBACK reason codes ≥ 0x80 (MQTT 5), for dead letters and logs.
+REFUSALS = {0x80: "unspecified error", 0x83: "implementation specific error",
+            0x87: "not authorized", 0x8F: "topic filter invalid", 0x90: "topic name invalid",
+            0x91: "packet identifier in use", 0x97: "quota exceeded",
+            0x99: "payload format invalid"}
 
 
 @dataclass
@@ -84,6 +88,10 @@ class AdapterConfig:
     dead_letter_max: int = 10_000
     command_timeout_s: float = 300.0  # a command no state report confirms is forgotten then
     metrics_port: int | None = None
+    # After a read that brought messages, let the next ones gather this long before reading
+    # again: fewer, fuller reads (a wake-up costs more CPU than a message here, see
+    # bench/adapters.py) for at most this much latency. 0: read as soon as anything arrives.
+    batch_window_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +124,10 @@ _EMPTY = _Inventory({}, {}, (), frozenset())
 class AdapterService:
     """``profiles``: the loaded profiles by name (``adapters.load_profiles()``);
     ``registry_dir``: where ``registry.sqlite`` is (opened once it exists: never created
-    here); ``client_factory(broker url, client id)`` makes the MQTT client (default: paho,
-    ``paho_client``); ``clock`` gives every time stamp and interval."""
+    here); ``client_factory`` makes the MQTT client, called as ``citygrid.wire.Client`` (the
+    default) and returning something with its ``loop()``, ``stop()``, ``publish()``,
+    ``ack()``, ``subscribe()``, ``unsubscribe()``, ``subscriptions``, ``subscribed``,
+    ``refused`` and ``epoch``; ``clock`` gives every time stamp and interval."""
 
     def __init__(self, settings: Settings, *, profiles: Mapping[str, Profile],
                  registry_dir: str | Path | None = None, config: AdapterConfig | None = None,
@@ -135,34 +145,42 @@ class AdapterService:
         self._inventory = _EMPTY
         self._missing_profiles: set[str] = set()
         self._topic_profiles: dict[str, tuple[Profile, ...]] = {}
-        # What the session has subscribed (the loop thread's view), remembered across runs so
-        # that filters no device needs any more are unsubscribed from the persistent session.
-        self._subscribed: set[str] = self.dead_letters.subscriptions()
+        # What the session has subscribed (the loop thread's view; replaced, never changed in
+        # place, as other threads read it), remembered across runs so that filters no device
+        # needs any more are unsubscribed from the persistent session.
+        self._subscribed: frozenset[str] = frozenset(self.dead_letters.subscriptions())
         self._synced: _Inventory | None = None  # the inventory the subscriptions follow
-        self._sub_pending: dict[int, tuple[str, str]] = {}  # (un)subscribe mid → (op, filter)
-        # Acknowledgement bookkeeping, loop thread only; ``_epoch`` bumps on every connection,
-        # so ids of an older one are never acknowledged on a newer one.
-        self._epoch = 0
-        self._out: dict[int, int] = {}  # publish mid → inbound mid it belongs to
+        # The SUBSCRIBE awaiting its SUBACK (one at a time): its filters, for which inventory.
+        self._sub_pending: tuple[tuple[str, ...], _Inventory] | None = None
+        # Filters the broker refused (→ reason): asked again on the next connection, or once
+        # the registry has changed since.
+        self._refused: dict[str, int] = {}
+        self._refused_under: _Inventory | None = None
+        # Acknowledgement bookkeeping, loop thread only. ``_epoch`` is the connection's
+        # (``wire.Client.epoch``, None between connections): ids of an older connection are
+        # never acknowledged on a newer one.
+        self._epoch: int | None = None
+        # publish mid → (inbound mid it belongs to, 0 for none; its topic; its payload)
+        self._out: dict[int, tuple[int, str, bytes]] = {}
         self._waiting: dict[int, int] = {}  # inbound mid → publishes not yet acknowledged
-        self._acks: list[int] = []  # inbound mids to acknowledge at the end of this loop turn
+        self._acks: list[int] = []  # inbound mids done, to acknowledge in this read's write
         self._written: collections.deque[tuple[int, int]] = collections.deque()  # dead, on disk
-        self._dead: list[tuple[DeadLetter, int, int | None]] = []  # (letter, epoch, mid)
+        self._dead: list[tuple[DeadLetter, int | None, int | None]] = []  # (letter, epoch, mid)
         self._dead_lock = threading.Condition()
         self._commands: dict[str, tuple[dict[str, Any], float]] = {}  # device → (cmd, deadline)
+        self._had_messages = False  # since the last loop turn (batch_window_s)
         self._stopping = threading.Event()
         self._connected = threading.Event()
         self._ready = threading.Event()  # connected and the wanted filters subscribed
         self._threads: list[threading.Thread] = []
+        self._writer: threading.Thread | None = None
         self._metrics_server = None
-        self._client = (client_factory or paho_client)(settings.mqtt, self.config.client_id)
-        self._v5 = getattr(self._client, "protocol", paho.MQTTv5) == paho.MQTTv5
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._client.on_publish = self._on_publish
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_unsubscribe = self._on_unsubscribe
+        self._client = (client_factory or wire.Client)(
+            settings.mqtt, self.config.client_id, clean_start=False,
+            session_expiry_s=SESSION_EXPIRY_S, receive_maximum=self.config.receive_maximum,
+            on_messages=self._on_messages, on_connect=self._on_connect,
+            on_published=self._on_published, on_disconnect=self._on_disconnect,
+            reconnect_min_s=0.25, reconnect_max_s=2.0)
         self.refresh_registry()
 
     # ------------------------------------------------------------------ lifecycle
@@ -171,13 +189,14 @@ class AdapterService:
         """Start, and return once subscribed; ``timeout_s=None`` waits for the broker forever."""
         if self.config.metrics_port:
             self._serve_metrics(self.config.metrics_port)
-        for target, name in ((self._run, "adapters-mqtt"),
-                             (self._write_dead_letters, "adapters-dead-letters"),
-                             (self._watch_registry, "adapters-registry"),
-                             (self._reporter, "adapters-report")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads = [threading.Thread(target=target, name=name, daemon=True)
+                         for target, name in ((self._run, "adapters-mqtt"),
+                                              (self._write_dead_letters, "adapters-dead-letters"),
+                                              (self._watch_registry, "adapters-registry"),
+                                              (self._reporter, "adapters-report"))]
+        self._writer = self._threads[1]
+        for thread in self._threads:
             thread.start()
-            self._threads.append(thread)
         clock = self._clock
         deadline = None if timeout_s is None else clock.monotonic() + timeout_s
         while not self._ready.wait(5.0 if deadline is None else
@@ -195,8 +214,14 @@ class AdapterService:
         self._stopping.set()
         with self._dead_lock:
             self._dead_lock.notify_all()
-        for thread in self._threads:
-            thread.join(timeout=30)
+        if self._threads:
+            mqtt_thread, *others = self._threads
+            mqtt_thread.join(timeout=15)
+            if mqtt_thread.is_alive():  # in a connect or its backoff: cut it short
+                self._client.stop()
+                mqtt_thread.join(timeout=10)
+            for thread in others:
+                thread.join(timeout=30)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self._follower.close()
@@ -211,8 +236,8 @@ class AdapterService:
         """Wait until the session has exactly the filters the registry calls for."""
         deadline = self._clock.monotonic() + timeout_s
         while self._clock.monotonic() < deadline:
-            if self._connected.is_set() and not self._sub_pending and \
-                    self._subscribed == set(self._inventory.wanted):
+            if self._connected.is_set() and self._sub_pending is None and \
+                    self._subscribed == self._inventory.wanted:
                 return True
             self._stopping.wait(0.02)
         return False
@@ -220,43 +245,39 @@ class AdapterService:
     # ------------------------------------------------------------------ the MQTT thread
 
     def _run(self) -> None:
+        """The loop thread: the client's loop (connecting, reconnecting with backoff; every
+        callback runs here), and between reads what is not driven by the broker."""
         client = self._client
-        connected = False
-        while not self._stopping.is_set():
-            if not connected:
+        window = self.config.batch_window_s
+        try:
+            while not self._stopping.is_set():
                 try:
-                    mqtt.connect(client, self.settings.mqtt, clean_start=False,
-                                 session_expiry_s=mqtt.DEFAULT_SESSION_EXPIRY_S,
-                                 receive_maximum=self.config.receive_maximum)
-                    _fewer_syscalls(client)
-                    connected = True
-                except OSError as e:
-                    log.warning("waiting for the broker at %s: %s", self.settings.mqtt, e)
-                    self._stopping.wait(1.0)
-                    continue
-            rc = client.loop(timeout=0.05)
-            if rc != paho.MQTT_ERR_SUCCESS:
-                self._lost()
-                log.warning("lost the broker (%s); reconnecting", rc)
-                connected = False
-                self._stopping.wait(0.5)
-                continue
-            self._turn()
-        self._drain_written()
-        if self._acks:
-            mqtt.ack_many(client, self._acks)
-            self._acks = []
-            client.loop(timeout=0.05)  # let the PUBACKs go out
-        client.disconnect()
-        client.loop(timeout=0.05)
+                    client.loop(0.05)
+                    self._turn()
+                    if window and self._had_messages:
+                        self._had_messages = False
+                        time.sleep(window)
+                except Exception:  # a bug must not end the service's connection
+                    log.exception("the MQTT loop failed; going on")
+                    self._stopping.wait(0.5)
+        finally:
+            # The letters the writer still holds go to disk first, so that their messages
+            # are acknowledged with the rest before DISCONNECT.
+            if self._writer is not None and self._writer.is_alive():
+                self._writer.join(timeout=10)
+            self._drain_written()
+            self._flush_acks()
+            client.stop()
 
     def _turn(self) -> None:
-        """After each loop turn: acknowledge what is done, follow the registry."""
-        self._drain_written()
+        """After each loop turn: acknowledge the dead-lettered, follow the registry."""
+        if self._written:
+            self._drain_written()
         if self._acks:
-            mqtt.ack_many(self._client, self._acks)
-            self._acks = []
+            self._flush_acks()
         if self._connected.is_set():
+            if self._sub_pending is not None and self._client.subscribed.is_set():
+                self._subscribe_answered()
             self._sync_subscriptions()
         if self._commands:
             now = self._clock.monotonic()
@@ -271,78 +292,93 @@ class AdapterService:
             if epoch == self._epoch:
                 self._done(mid)
 
+    def _flush_acks(self) -> None:
+        """The inbound messages done: one write (inside a callback, with the read's own)."""
+        if self._acks:
+            if self._epoch is not None:
+                self._client.ack(self._acks, self._epoch)
+            self._acks = []
+
     def _lost(self) -> None:
         """The connection is gone: its message ids mean nothing now. The broker sends the
         unacknowledged messages again on the next connection (clean_start=False)."""
-        self._epoch += 1
+        self._epoch = None
         self._connected.clear()
         self._out.clear()
         self._waiting.clear()
         self._acks = []
-        self._sub_pending.clear()
+        self._sub_pending = None
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
-        if getattr(reason_code, "is_failure", False):
-            log.error("broker refused the connection: %s", reason_code)
-            return
-        session = bool(getattr(flags, "session_present", False))
-        if not session:
-            self._subscribed = set()  # a new session has no subscriptions
+    def _on_connect(self, session_present: bool) -> None:
+        self._epoch = self._client.epoch
+        if not session_present and self._subscribed:
+            self._subscribed = frozenset()  # a new session has no subscriptions
+            self._remember_subscriptions()
+        self._refused.clear()
+        self._sub_pending = None
+        self._synced = None
         self._connected.set()
         log.info("connected to %s as %s (session present: %s)", self.settings.mqtt,
-                 self.config.client_id, session)
-        self._sync_subscriptions(force=True)
+                 self.config.client_id, session_present)
+        self._sync_subscriptions()
 
-    def _on_disconnect(self, client, userdata, flags=None, reason_code=None,
-                       properties=None) -> None:
+    def _on_disconnect(self, why: str) -> None:
         self._lost()
+        # The client subscribes its list again on every connection; the session keeps ours,
+        # and _on_connect decides what it lacks.
+        self._client.subscriptions = []
         if not self._stopping.is_set():
-            log.warning("disconnected from the broker (%s)", reason_code)
+            log.info("disconnected from the broker (%s); unacknowledged messages come again",
+                     why)
 
-    def _sync_subscriptions(self, force: bool = False) -> None:
-        """Subscribe to what the registry calls for and not yet had; unsubscribe the rest.
-        ``force``: after a (re)connect, subscribe everything again (retained messages only
-        for subscriptions new to the session)."""
-        inventory = self._inventory
-        if not force and (self._sub_pending or inventory is self._synced):
+    def _sync_subscriptions(self) -> None:
+        """Subscribe to what the registry calls for and the session lacks; unsubscribe the
+        rest. One SUBSCRIBE at a time. The client's list of subscriptions is set to the
+        session's first: its ``subscribe`` sends only filters not on it (a refused one, asked
+        again, would stay there), and older clients' ``unsubscribe`` only filters on it."""
+        if self._sub_pending is not None:
             return
+        inventory = self._inventory
+        if inventory is self._synced:
+            return
+        if self._refused and inventory is not self._refused_under:
+            self._refused.clear()  # the registry changed: ask again
         wanted = inventory.wanted
-        add = sorted(wanted if force else wanted - self._subscribed)
         drop = sorted(self._subscribed - wanted)
-        if add:
-            options = SubscribeOptions(qos=1, retainHandling=1) if self._v5 else 1
-            _, mid = self._client.subscribe([(f, options) for f in add])
-            if mid is not None:
-                self._sub_pending[mid] = ("subscribe", " ".join(add))
+        add = sorted(wanted - self._subscribed - self._refused.keys())
+        client = self._client
+        if drop or add:
+            client.subscriptions = [(f, 1) for f in sorted(self._subscribed)]
         if drop:
-            _, mid = self._client.unsubscribe(drop)
-            if mid is not None:
-                self._sub_pending[mid] = ("unsubscribe", " ".join(drop))
-        if not add and not drop:
+            client.unsubscribe(drop)
+            self._subscribed = self._subscribed - set(drop)
+            self._remember_subscriptions()
+            log.info("unsubscribed from %s", ", ".join(drop))
+        if add:
+            client.subscribed.clear()  # set again by the SUBACK
+            self._sub_pending = (tuple(add), inventory)
+            client.subscribe([(f, 1) for f in add])
+        else:
             self._synced = inventory
             self._ready.set()
 
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
-        op, filters = self._sub_pending.pop(mid, ("subscribe", ""))
-        names = filters.split()
-        failed = [f for f, rc in zip(names, reason_codes, strict=False)
-                  if getattr(rc, "is_failure", False) or rc == 128]
-        if failed:
-            log.error("the broker refused the subscription to %s: %s", ", ".join(failed),
-                      reason_codes)
-        self._subscribed |= set(names) - set(failed)
-        self._remember_subscriptions()
-        if names:
-            log.info("subscribed to %s", ", ".join(names))
-        if not self._sub_pending:
-            self._ready.set()
-
-    def _on_unsubscribe(self, client, userdata, mid, reason_codes=None, properties=None) -> None:
-        op, filters = self._sub_pending.pop(mid, ("unsubscribe", ""))
-        self._subscribed -= set(filters.split())
-        self._remember_subscriptions()
-        if filters:
-            log.info("unsubscribed from %s", filters.replace(" ", ", "))
+    def _subscribe_answered(self) -> None:
+        """The SUBACK: what the broker granted is the session's; what it refused is logged
+        and not asked again until the registry changes or the next connection."""
+        assert self._sub_pending is not None
+        asked, inventory = self._sub_pending
+        self._sub_pending = None
+        refused = {t: c for t, c in self._client.refused if t in asked}
+        granted = [f for f in asked if f not in refused]
+        if refused:
+            self._refused.update(refused)
+            self._refused_under = inventory
+            log.error("the broker refused the subscription to %s", ", ".join(
+                f"{t} (0x{c:02x} {REFUSALS.get(c, 'refused')})" for t, c in refused.items()))
+        if granted:
+            self._subscribed = self._subscribed | set(granted)
+            self._remember_subscriptions()
+            log.info("subscribed to %s", ", ".join(granted))
 
     def _remember_subscriptions(self) -> None:
         try:
@@ -352,20 +388,29 @@ class AdapterService:
 
     # ------------------------------------------------------------------ inbound
 
-    def _on_message(self, client, userdata, message) -> None:
+    def _on_messages(self, messages: list[wire.Message]) -> None:
+        """Every PUBLISH of one socket read; what they publish and the acknowledgements of
+        what is already done (dead letters aside) go out with the read's one write."""
+        self._had_messages = True
+        on_message = self._on_message
+        for message in messages:
+            on_message(message)
+        if self._acks:
+            self._flush_acks()
+
+    def _on_message(self, message: wire.Message) -> None:
         mid = message.mid if message.qos else 0
         if mid:
             self._waiting[mid] = 1  # a guard: no ack before this handler has published all
+        topic = message.topic
         try:
-            topic = message.topic
             if topic.startswith(CMD_PREFIX):
                 self._command(topic, message.payload, mid)
             else:
                 self._native(topic, message.payload, mid)
         except Exception as e:  # a bug, not the message's fault: keep it, and say so
-            log.exception("could not handle a message on %s", message.topic)
-            self._dead_letter(message.topic, "internal_error", repr(e)[:500], message.payload,
-                              mid)
+            log.exception("could not handle a message on %s", topic)
+            self._dead_letter(topic, "internal_error", repr(e)[:500], message.payload, mid)
         if mid:
             self._release(mid)
 
@@ -421,7 +466,7 @@ class AdapterService:
         """The profiles in use whose subscriptions match the topic (remembered per topic)."""
         found: list[Profile] = []
         for sub, profile in inventory.filters:
-            if profile not in found and paho.topic_matches_sub(sub, topic):
+            if profile not in found and topic_matches(sub, topic):
                 found.append(profile)
         if len(self._topic_profiles) >= TOPIC_CACHE_MAX:
             self._topic_profiles.clear()
@@ -503,23 +548,36 @@ class AdapterService:
     # ------------------------------------------------------------------ publish and ack
 
     def _publish(self, topic: str, payload: bytes, mid: int, retain: bool = False) -> None:
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        self._out[self._client.publish(topic, payload, 1, retain)] = (mid, topic, payload)
         if mid:
-            self._out[info.mid] = mid
             self._waiting[mid] += 1
 
-    def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
-        inbound = self._out.pop(mid, 0)
-        if getattr(reason_code, "is_failure", False):
-            # The broker refused it (its ACL, under MQTT 5): keep the native message
-            # unacknowledged rather than lose it; it comes back on the next connection.
-            self.counts["publish_refused"] += 1
-            log.warning("the broker refused a publish: %s", reason_code)
-            if inbound:
-                self._waiting.pop(inbound, None)
-            return
-        if inbound:
-            self._release(inbound)
+    def _on_published(self, mids: list[int], refused: Mapping[int, int] | None = None) -> None:
+        """The broker's PUBACKs of one read. ``refused``: packet id → reason code (≥ 0x80) of
+        the publishes it refused (default: what the client says, ``refused_publishes``)."""
+        if refused is None:
+            refused = getattr(self._client, "refused_publishes", None) or {}
+        out, release = self._out, self._release
+        for mid in mids:
+            entry = out.pop(mid, None)
+            if entry is None:
+                continue  # an earlier connection's: its message comes again
+            if refused and mid in refused:
+                self._publish_refused(entry, refused[mid])
+            if entry[0]:
+                release(entry[0])
+        if self._acks:
+            self._flush_acks()
+
+    def _publish_refused(self, entry: tuple[int, str, bytes], code: int) -> None:
+        """The broker did not take a contract message (its ACL, under MQTT 5): the message is
+        dead-lettered as it was to go, and its native message acknowledged once the letter is
+        on disk, instead of being held until the next connection brings it back refused
+        again."""
+        mid, topic, payload = entry
+        self.counts["publish_refused"] += 1
+        self._dead_letter(topic, PUBLISH_REFUSED, f"the broker refused the publish: reason "
+                          f"0x{code:02x} ({REFUSALS.get(code, 'refused')})", payload, mid)
 
     def _release(self, mid: int) -> None:
         left = self._waiting.get(mid)
@@ -679,61 +737,19 @@ class AdapterService:
         self._metrics_server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
 
 
-class _BufferedSocket:
-    """The connection's socket, read 64 KiB at a time. paho reads each packet in two or three
-    ``recv`` calls (fixed header, length, body), and a system call is the dearest thing the
-    service does per message on a sandboxed machine; paho's loop asks ``pending()`` (meant
-    for TLS) and reads on without waiting while bytes are buffered."""
-
-    __slots__ = ("_sock", "_buf")
-
-    def __init__(self, sock):
-        self._sock = sock
-        self._buf = b""
-
-    def recv(self, n: int) -> bytes:
-        buf = self._buf
-        if not buf:
-            buf = self._sock.recv(65536)  # BlockingIOError, or b"" at the end: as before
-            if len(buf) <= n:
-                return buf
-        out, self._buf = buf[:n], buf[n:]
-        return out
-
-    def pending(self) -> int:
-        n = len(self._buf)
-        if not n and hasattr(self._sock, "pending"):
-            return self._sock.pending()
-        return n
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def __getattr__(self, name: str):
-        return getattr(self._sock, name)
-
-
-class _NoWake:
-    """paho writes a byte to a socket pair on every publish to wake a loop running in another
-    thread; every call on this client is made in the thread that runs its loop."""
-
-    def send(self, data: bytes) -> int:
-        return len(data)
-
-    def close(self) -> None:
-        pass
-
-
-def _fewer_syscalls(client) -> None:
-    """For a paho client run by our own ``loop()`` calls (paho 2.x internals, pinned)."""
-    if not isinstance(client, paho.Client):
-        return
-    sock = getattr(client, "_sock", None)
-    if sock is not None and not isinstance(sock, _BufferedSocket) and \
-            not hasattr(sock, "pending"):  # TLS sockets buffer already
-        client._sock = _BufferedSocket(sock)  # noqa: SLF001
-    if getattr(client, "_thread", None) is None:
-        client._sockpairW = _NoWake()  # noqa: SLF001
+def topic_matches(sub: str, topic: str) -> bool:
+    """Whether the topic filter ``sub`` (``+``, ``#``) matches ``topic`` (MQTT's rules: a
+    wildcard first level does not match a ``$`` topic; ``a/#`` matches ``a`` too)."""
+    if topic.startswith("$") and sub[:1] in ("+", "#"):
+        return False
+    levels = topic.split("/")
+    parts = sub.split("/")
+    for i, part in enumerate(parts):
+        if part == "#":
+            return True
+        if i >= len(levels) or (part != "+" and part != levels[i]):
+            return False
+    return len(parts) == len(levels)
 
 
 def _takes_commands(profile: Profile) -> bool:

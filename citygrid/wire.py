@@ -228,6 +228,9 @@ class Client:
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.refused: list[tuple[str, int]] = []  # subscriptions the broker refused
+        # During on_published: the publishes of those ids the broker refused (MQTT 5 PUBACK
+        # reason ≥ 0x80, e.g. 0x87 not authorized), id → reason code; they are in the ids too.
+        self.refused_publishes: dict[int, int] = {}
         self.last_error: str | None = None
         self._sock: socket.socket | ssl.SSLSocket | None = None
         self._out = bytearray()
@@ -485,6 +488,8 @@ class Client:
             self.on_connect(session_present)
         with self._lock:
             self._flush_now()
+        if self._in:  # what the broker sent right behind the CONNACK (a session's backlog)
+            self._process(self._in)
 
     def _connect_packet(self) -> bytes:
         url = self.url
@@ -541,9 +546,10 @@ class Client:
                 self._send(self._subscribe_packet(new))
 
     def unsubscribe(self, topics: Sequence[str]) -> None:
-        """Drop subscriptions by topic filter; sent now when connected."""
+        """Drop subscriptions by topic filter, sent now when connected — also filters this
+        client never subscribed to itself (an earlier run's, still in a persistent session)."""
         with self._lock:
-            gone = [t for t, _q in self.subscriptions if t in set(topics)]
+            gone = list(dict.fromkeys(topics))
             if not gone:
                 return
             self.subscriptions = [f for f in self.subscriptions if f[0] not in set(gone)]
@@ -642,14 +648,19 @@ class Client:
         if isinstance(sock, ssl.SSLSocket):
             while sock.pending():
                 data += sock.recv(READ_SIZE)
-        buf = self._in + data if self._in else data
         self._last_recv = time.monotonic()
         self._ping_out = False
         self.stats["reads"] += 1
+        self._process(self._in + data if self._in else data)
+
+    def _process(self, buf: bytes) -> None:
+        """Every whole packet in ``buf``: PUBLISHes to ``on_messages`` as one list, PUBACKs
+        to ``on_published``; the incomplete rest is kept for the next read."""
         packets, used = frame(buf)
         self._in = buf[used:]
         messages: list[Message] = []
         acked: list[int] = []
+        refused: dict[int, int] = {}
         append = messages.append
         v5, epoch = self.v5, self.epoch
         for first, i, end in packets:
@@ -683,6 +694,7 @@ class Client:
                 mid = (buf[i] << 8) | buf[i + 1]
                 if end - i > 2 and buf[i + 2] >= 0x80:
                     log.warning("broker refused publish %d: reason 0x%02x", mid, buf[i + 2])
+                    refused[mid] = buf[i + 2]
                 acked.append(mid)
             else:
                 self._control(kind, buf[i - 1 - _vbi_len(end - i):end], buf[i:end])
@@ -690,6 +702,7 @@ class Client:
         self._in_loop, self._io_owner = True, threading.current_thread()
         try:
             if acked:
+                self.refused_publishes = refused
                 with self._lock:
                     for mid in acked:
                         self._inflight.pop(mid, None)

@@ -4,6 +4,7 @@ message expiry, TLS with and without client certificates, accounts."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -416,3 +417,64 @@ def test_a_read_interval_takes_many_messages_a_read(mosquitto, uid):
     finally:
         sub.stop()
         pub.stop()
+
+
+def test_a_backlog_right_behind_the_connack_is_handed_over_at_once(mosquitto, uid):
+    """A persistent session's queued messages can arrive in the CONNACK's read: they go to
+    the service then, not when the next packet happens to come (a keepalive later)."""
+    topic = f"{uid}/backlog"
+    kw = dict(clean_start=False, session_expiry_s=300)
+    first = client(mosquitto.url, f"bl-{uid}", MQTT5, Inbox(), subscriptions=[(topic, 1)],
+                   **kw).start()
+    assert first.subscribed.wait(5)
+    first.stop()
+    pub = client(mosquitto.url, f"pub-{uid}", MQTT5).start()
+    assert pub.wait_connected(5)
+    for i in range(50):
+        pub.publish(topic, b"%d" % i, qos=1)
+    assert pub.flush(5)
+    inbox = Inbox()
+    again = client(mosquitto.url, f"bl-{uid}", MQTT5, inbox, keepalive=60, **kw)  # no SUBSCRIBE
+    started = time.monotonic()
+    again.start()
+    try:
+        wait_until(lambda: len(inbox.messages) == 50, 10)
+        assert time.monotonic() - started < 5
+    finally:
+        again.stop()
+        pub.stop()
+
+
+def test_a_refused_publish_is_reported_with_its_reason(tmp_path, uid):
+    port = free_port()
+    d = tmp_path / "acl"
+    d.mkdir()
+    (d / "acl").write_text("topic write allowed/#\n")
+    conf = d / "m.conf"
+    import pwd  # Mosquitto started as root would drop to a user who cannot read tmp_path
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nacl_file {d}/acl\n"
+                    f"user {me}\n")
+    import subprocess
+
+    from cityctl.localservices import find_binary, wait_for_port
+
+    proc = subprocess.Popen([find_binary("mosquitto"), "-c", str(conf)],
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        seen: list[tuple[list[int], dict[int, int]]] = []
+        c = Client(MqttUrl("127.0.0.1", port), f"ref-{uid}")
+        c.on_published = lambda mids: seen.append((mids, dict(c.refused_publishes)))
+        c.start()
+        assert c.wait_connected(5)
+        ok = c.publish("allowed/x", b"1", qos=1)
+        bad = c.publish("denied/x", b"2", qos=1)
+        assert c.flush(5)
+        acked = {m for mids, _ in seen for m in mids}
+        refused = {k: v for _, r in seen for k, v in r.items()}
+        assert {ok, bad} <= acked and refused == {bad: 0x87}
+        c.stop()
+    finally:
+        proc.terminate()
+        proc.wait(5)

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-import paho.mqtt.client as paho
 import pytest
 
 from adapters import load_profiles, read_dead_letter_counts, read_dead_letters
 from adapters.deadletter import FILENAME
 from adapters.profile import Decoded, DecodeError
 from adapters.service import AdapterConfig, AdapterService
+from citygrid import wire
 from citygrid.fleet import FleetDevice
 from citygrid.registry import Registry
 from citygrid.settings import Settings
@@ -38,96 +38,136 @@ class Clock:
         return time.monotonic()
 
 
-@dataclass
-class Info:
-    mid: int
-    rc: int = paho.MQTT_ERR_SUCCESS
-
-
-@dataclass
-class Inbound:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int = 1
-
-
-@dataclass
-class ReasonCode:
-    is_failure: bool = False
-
-
-@dataclass
-class Flags:
-    session_present: bool = False
-
-
 class FakeClient:
-    """A broker session as paho presents it, run by the service's own ``loop()`` calls.
-    Every event is logged in order in ``log``: ("publish", mid, topic), ("puback", mid),
-    ("ack", inbound mid), ("subscribe", filters), ("unsubscribe", filters)."""
+    """A broker session as citygrid.wire.Client presents it, run by the service's own
+    ``loop()`` calls: it connects on the first one (and again on the next after ``drop()``),
+    and each later call takes what the test has queued, one "read" at a time — the PUBLISHes
+    that arrived together as one list, the PUBACKs likewise. Every event is logged in order in
+    ``log``: ("publish", mid, topic), ("puback", mid), ("ack", inbound mid),
+    ("subscribe", filters), ("unsubscribe", filters).
 
-    protocol = paho.MQTTv5
+    ``refuse_publish`` (topic suffix → reason code) makes the broker refuse a publish, reported
+    as ``on_published(mids, refused)`` or, with ``refusal_by_attribute``, as citygrid.wire
+    does: the ids in ``on_published`` and the reasons in ``refused_publishes``.
+    ``refuse_subscription`` (filter → reason code) makes its SUBACK refuse a filter."""
 
-    def __init__(self, url=None, client_id=""):
-        self.on_connect = self.on_disconnect = self.on_message = self.on_publish = None
-        self.on_subscribe = self.on_unsubscribe = None
+    v5 = True
+
+    def __init__(self, url=None, client_id="", *, clean_start=True, session_expiry_s=0,
+                 receive_maximum=None, subscriptions=(), on_messages=None, on_connect=None,
+                 on_published=None, on_disconnect=None, **options):
+        self.on_messages, self.on_connect = on_messages, on_connect
+        self.on_published, self.on_disconnect = on_published, on_disconnect
+        self.connected_with = {"clean_start": clean_start, "receive_maximum": receive_maximum,
+                               "session_expiry_s": session_expiry_s}
+        self.subscriptions: list[tuple[str, int]] = list(subscriptions)
+        self.subscribed = threading.Event()
+        self.connected = threading.Event()
+        self.refused: list[tuple[str, int]] = []
+        self.epoch = 0
         self.auto_puback = True
+        self.refuse_publish: dict[str, int] = {}
+        self.refusal_by_attribute = False
+        self.refused_publishes: dict[int, int] = {}
+        self.refuse_subscription: dict[str, int] = {}
         self.log: list[tuple] = []
         self.published: dict[int, tuple[str, bytes, bool]] = {}
         self.held: list[int] = []
         self.session_present = False
+        self.stopped = False
         self._events: queue.Queue = queue.Queue()
         self._mid = 0
         self._lock = threading.Lock()
 
-    # --- what the service calls
-    def connect(self, host, port=1883, keepalive=60, clean_start=None, properties=None):
-        self.connected_with = {"clean_start": clean_start,
-                               "receive_maximum": getattr(properties, "ReceiveMaximum", None)}
-        self._events.put(("connack",))
-
-    def loop(self, timeout=1.0):
+    # --- what the service calls (citygrid.wire.Client's shape)
+    def loop(self, timeout_s=1.0) -> bool:
+        if not self.connected.is_set():
+            self.epoch += 1
+            self.connected.set()
+            if self.subscriptions:  # as the real client does: its list again, every time
+                self._subscribe(self.subscriptions)
+            else:
+                self.subscribed.set()
+            self.on_connect(self.session_present)
+            return True
         try:
-            event = self._events.get(timeout=timeout)
+            event = self._events.get(timeout=timeout_s)
         except queue.Empty:
-            return paho.MQTT_ERR_SUCCESS
+            return True
         kind = event[0]
-        if kind == "connack":
-            self.on_connect(self, None, Flags(self.session_present), ReasonCode(), None)
-        elif kind == "message":
-            self.on_message(self, None, event[1])
-        elif kind == "puback":
-            self.log.append(("puback", event[1]))
-            self.on_publish(self, None, event[1], ReasonCode(), None)
+        if kind in ("message", "puback"):  # one read: whatever else of the kind is there
+            batch = [event[1]]
+            while True:
+                try:
+                    more = self._events.get_nowait()
+                except queue.Empty:
+                    break
+                if more[0] != kind:
+                    self._events.queue.appendleft(more)
+                    break
+                batch.append(more[1])
+            if kind == "message":
+                self.on_messages([wire.Message(m.topic, m.payload, m.mid if m.qos else 0,
+                                               m.qos, False, self.epoch) for m in batch])
+            else:
+                self._pubacks(batch)
         elif kind == "suback":
-            self.on_subscribe(self, None, event[1], [ReasonCode()] * event[2], None)
-        elif kind == "unsuback":
-            self.on_unsubscribe(self, None, event[1], [], None)
+            asked = event[1]
+            self.refused = [r for r in self.refused if r[0] not in asked] + [
+                (f, self.refuse_subscription[f]) for f in asked
+                if f in self.refuse_subscription]
+            self.subscribed.set()
         elif kind == "drop":
-            self.on_disconnect(self, None, None, "lost", None)
-            return paho.MQTT_ERR_CONN_LOST
-        return paho.MQTT_ERR_SUCCESS
+            self.connected.clear()
+            self.subscribed.clear()
+            self.on_disconnect("lost")
+            return False
+        return True
+
+    def _pubacks(self, mids: list[int]) -> None:
+        refused = {}
+        for mid in mids:
+            self.log.append(("puback", mid))
+            topic = self.published[mid][0]
+            for suffix, code in self.refuse_publish.items():
+                if topic.endswith(suffix):
+                    refused[mid] = code
+        if not refused:
+            self.refused_publishes = {}
+            self.on_published(mids)
+        elif self.refusal_by_attribute:  # as citygrid.wire reports it
+            self.refused_publishes = refused
+            self.on_published(mids)
+        else:
+            self.on_published(mids, refused)
 
     def _next(self) -> int:
         with self._lock:
             self._mid += 1
             return self._mid
 
-    def subscribe(self, topics, qos=0, options=None, properties=None):
-        mid = self._next()
-        filters = [t for t, _ in topics]
-        self.log.append(("subscribe", tuple(filters)))
-        self._events.put(("suback", mid, len(filters)))
-        return paho.MQTT_ERR_SUCCESS, mid
+    def _subscribe(self, filters) -> None:
+        topics = tuple(t for t, _ in filters)
+        self.log.append(("subscribe", topics))
+        self._events.put(("suback", topics))
 
-    def unsubscribe(self, topics, properties=None):
-        mid = self._next()
-        self.log.append(("unsubscribe", tuple(topics)))
-        self._events.put(("unsuback", mid))
-        return paho.MQTT_ERR_SUCCESS, mid
+    def subscribe(self, filters) -> None:
+        new = [f for f in filters if f not in self.subscriptions]
+        if not new:
+            return
+        self.subscriptions += new
+        if self.connected.is_set():
+            self._subscribe(new)
 
-    def publish(self, topic, payload, qos=0, retain=False, properties=None):
+    def unsubscribe(self, topics) -> None:
+        gone = list(dict.fromkeys(topics))  # also filters an earlier run subscribed
+        if not gone:
+            return
+        self.subscriptions = [f for f in self.subscriptions if f[0] not in set(gone)]
+        if self.connected.is_set():
+            self.log.append(("unsubscribe", tuple(gone)))
+
+    def publish(self, topic, payload, qos=0, retain=False, expiry_s=None) -> int:
         mid = self._next()
         self.published[mid] = (topic, payload, retain)
         self.log.append(("publish", mid, topic))
@@ -135,13 +175,19 @@ class FakeClient:
             self._events.put(("puback", mid))
         else:
             self.held.append(mid)
-        return Info(mid)
+        return mid
 
-    def ack(self, mid, qos):
-        self.log.append(("ack", mid))
+    def publish_encoded(self, packets: bytes, count: int = 1) -> None:
+        self.log.append(("packets", packets))
 
-    def disconnect(self, *a, **k):
-        pass
+    def ack(self, mids, epoch=None) -> None:
+        if epoch is not None and epoch != self.epoch:
+            return
+        for mid in mids:
+            self.log.append(("ack", mid))
+
+    def stop(self, timeout_s=5.0) -> None:
+        self.stopped = True
 
     # --- what the test does
     def deliver(self, topic: str, payload: bytes | dict, mid: int, qos: int = 1) -> None:
@@ -155,6 +201,7 @@ class FakeClient:
             self._events.put(("puback", mid))
 
     def drop(self) -> None:
+        """The connection breaks; the service's next loop() connects again."""
         self._events.put(("drop",))
 
     def acked(self) -> list[int]:
@@ -163,6 +210,14 @@ class FakeClient:
     def sent(self, suffix: str = "") -> list[tuple[str, dict]]:
         return [(t, orjson.loads(p)) for t, p, _ in list(self.published.values())
                 if t.endswith(suffix)]
+
+
+@dataclass
+class Inbound:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int = 1
 
 
 @dataclass
@@ -191,8 +246,8 @@ def city(tmp_path):
     registry.upsert_many([plug(), LAMP, CONTRACT_LIGHT])
     clients: list[FakeClient] = []
 
-    def factory(url, client_id):
-        clients.append(FakeClient(url, client_id))
+    def factory(url, client_id, **options):
+        clients.append(FakeClient(url, client_id, **options))
         return clients[-1]
 
     service = AdapterService(Settings(mqtt_url="mqtt://127.0.0.1:1", data_dir=str(data)),
@@ -207,7 +262,8 @@ def city(tmp_path):
 
 def test_it_subscribes_in_a_persistent_session_to_what_registered_devices_use(city):
     c = city.client
-    assert c.connected_with == {"clean_start": False, "receive_maximum": 1000}
+    assert c.connected_with == {"clean_start": False, "receive_maximum": 1000,
+                                "session_expiry_s": 3600}
     subscribed = {f for e in c.log if e[0] == "subscribe" for f in e[1]}
     assert subscribed == {"tele/+/SENSOR", "zigbee2mqtt/+", "city/v1/+/streetlight/+/cmd"}
     assert city.service.wait_subscribed(2)
@@ -351,11 +407,10 @@ def test_after_a_lost_connection_old_message_ids_are_never_acknowledged(city):
     c.auto_puback = False
     c.deliver("tele/plug-1/SENSOR", SENSOR, mid=51)
     wait_until(lambda: c.held, 2, 0.01)
-    c.drop()
-    wait_until(lambda: not city.service.stats()["unacked"], 2, 0.01)
-    c.release()  # PUBACKs of the old connection's publishes
     c.session_present = True
-    c.connect("h")
+    c.drop()  # and the service's next loop() connects again, to the same session
+    wait_until(lambda: not city.service.stats()["unacked"] and c.epoch == 2, 2, 0.01)
+    c.release()  # PUBACKs of the old connection's publishes
     import time
 
     time.sleep(0.3)
@@ -380,3 +435,96 @@ def test_a_profile_error_for_every_candidate_names_the_first_reason(city):
     wait_until(lambda: 61 in city.client.acked(), 2, 0.01)
     [letter] = read_dead_letters(city.data)
     assert (letter.reason, letter.detail) == ("bad_unit", "power in furlongs")
+
+
+@pytest.mark.parametrize("report", ["reason codes", "refused_publishes"])
+def test_a_contract_publish_the_broker_refuses_is_dead_lettered_and_its_message_acknowledged(
+        city, report):
+    c = city.client
+    c.refuse_publish = {"/telemetry": 0x87}  # the adapters' ACL does not cover the topic
+    c.refusal_by_attribute = report == "refused_publishes"
+    c.auto_puback = False
+    c.deliver("tele/plug-1/SENSOR", SENSOR, mid=71)
+    wait_until(lambda: c.held, 2, 0.01, message="the contract publish")
+    [(topic, reading)] = c.sent("/telemetry")
+    c.release()
+    wait_until(lambda: 71 in c.acked(), 2, 0.01, message="the native ack")
+    [letter] = read_dead_letters(city.data)
+    assert letter.reason == "publish_refused"
+    assert letter.topic == topic == "city/v1/valby/meter/m-1/telemetry"
+    assert orjson.loads(letter.payload) == reading
+    assert "0x87" in letter.detail and "not authorized" in letter.detail
+    assert city.service.stats()["publish_refused"] == 1
+    # the next one the broker takes is acknowledged as usual, with no letter
+    c.refuse_publish = {}
+    c.deliver("tele/plug-1/SENSOR", SENSOR, mid=72)
+    wait_until(lambda: c.held, 2, 0.01)
+    c.release()
+    wait_until(lambda: 72 in c.acked(), 2, 0.01)
+    assert read_dead_letter_counts(city.data) == {"publish_refused": 1}
+
+
+def test_a_refused_subscription_is_not_the_sessions_and_is_asked_again_after_a_change(city):
+    from adapters.deadletter import DeadLetterStore
+
+    c = city.client
+    service = city.service
+    assert service.wait_subscribed(2)
+    c.refuse_subscription = {"zigbee2mqtt/+": 0x87}
+    c.session_present = False  # the broker lost the session: everything is asked again
+    before = len(c.log)
+    c.drop()
+    wait_until(lambda: c.epoch == 2 and c.subscribed.is_set(), 2, 0.01, message="the SUBACK")
+    assert not service.wait_subscribed(0.3)
+    remembered = DeadLetterStore(city.data / FILENAME).subscriptions()
+    assert remembered == {"tele/+/SENSOR", "city/v1/+/streetlight/+/cmd"}
+    import time
+
+    time.sleep(0.2)  # not asked again on every loop turn
+    assert len([e for e in c.log[before:] if e[0] == "subscribe"]) == 1
+    c.refuse_subscription = {}
+    city.registry.upsert(plug(3))  # the registry changes: asked again, and granted
+    wait_until(lambda: c.log[-1] == ("subscribe", ("zigbee2mqtt/+",)), 2, 0.01)
+    assert service.wait_subscribed(2)
+
+
+@pytest.mark.parametrize("session_present", [True, False])
+def test_a_new_connection_subscribes_only_what_the_session_lacks(city, session_present):
+    """Retained messages come once, when a subscription is new to the session: a session the
+    broker kept is not subscribed again."""
+    c = city.client
+    assert city.service.wait_subscribed(2)
+    before = len(c.log)
+    c.session_present = session_present
+    c.drop()
+    wait_until(lambda: c.epoch == 2, 2, 0.01)
+    assert city.service.wait_subscribed(2)
+    again = {f for e in c.log[before:] if e[0] == "subscribe" for f in e[1]}
+    assert again == (set() if session_present else
+                     {"tele/+/SENSOR", "zigbee2mqtt/+", "city/v1/+/streetlight/+/cmd"})
+
+
+def test_stopping_writes_the_held_dead_letters_and_acknowledges_them(city, monkeypatch):
+    c = city.client
+    store = city.service.dead_letters
+    real_add = store.add
+    gate = threading.Event()
+
+    def slow_add(letters):
+        gate.wait(2)
+        real_add(letters)
+
+    monkeypatch.setattr(store, "add", slow_add)
+    c.deliver("tele/nobody/SENSOR", SENSOR, mid=81)
+    wait_until(lambda: city.service.stats()["unacked"] == 1, 2, 0.01)
+    stopping = threading.Thread(target=city.service.stop)
+    stopping.start()
+    import time
+
+    time.sleep(0.2)
+    gate.set()
+    stopping.join(10)
+    assert 81 in c.acked() and c.stopped
+    assert c.log.index(("ack", 81)) == len(c.log) - 1
+
+
