@@ -93,6 +93,9 @@ class BillingStore:
         # then kept up to date, so the rules' `meter.unbilled_kwh` does not re-read every
         # unbilled row on every reading (bench/pipeline.py's profile); settling drops it.
         self._unbilled: dict[str, tuple[int, int, str | None, Decimal]] = {}
+        # Per meter: mWh priced per period so far (tiers count per month), as the table has
+        # it after the last commit — read once, like the meter state, not on every reading.
+        self._usage: dict[str, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ readings
 
@@ -117,9 +120,11 @@ class BillingStore:
         with self._lock:
             state = self._state(meter_id)
             outcome = account(state, ts_ms, to_mwh(energy_kwh), self.max_power_w(meter_id))
-            used = {p: m for p, m in self.db.execute(
-                "SELECT period, mwh FROM period_usage WHERE meter_id = ?", (meter_id,))}
-            before = dict(used)
+            before = self._usage.get(meter_id)
+            if before is None:
+                before = {p: m for p, m in self.db.execute(
+                    "SELECT period, mwh FROM period_usage WHERE meter_id = ?", (meter_id,))}
+            used = dict(before)
             segments = [s for t0, t1, mwh in outcome.intervals
                         for s in tariffs.price(self.config, binding.tariff, self.tz, t0, t1, mwh,
                                                used)]
@@ -133,6 +138,7 @@ class BillingStore:
                      s.period) for s in segments])
                 self.db.executemany("INSERT OR REPLACE INTO period_usage VALUES (?,?,?)", [
                     (meter_id, p, m) for p, m in used.items() if before.get(p) != m])
+            self._usage[meter_id] = used  # committed
             cached = self._unbilled.get(meter_id)
             if cached is not None and segments:
                 mwh, rows, oldest, amount = cached

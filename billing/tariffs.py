@@ -28,7 +28,10 @@ class Segment:
 
 
 def period_of(ts_ms: int, tz: ZoneInfo) -> str:
-    return datetime.fromtimestamp(ts_ms / 1000, tz).strftime("%Y-%m")
+    local = datetime.fromtimestamp(ts_ms / 1000, tz)
+    if local.year < 1000:  # strftime's %Y is not zero-padded there
+        return local.strftime("%Y-%m")
+    return f"{local.year}-{local.month:02d}"  # = strftime("%Y-%m"), without its cost
 
 
 def _instant(day: date, hhmm: str, tz: ZoneInfo) -> int:
@@ -39,17 +42,34 @@ def _instant(day: date, hhmm: str, tz: ZoneInfo) -> int:
     return int(local.timestamp() * 1000)
 
 
+def _day_cuts(tariff: Tariff, tz: ZoneInfo, day: date) -> tuple[int, ...]:
+    """The instants a price may change on ``day``: its windows' ends, and a month's start."""
+    cuts = []
+    if day.day == 1:
+        cuts.append(int(datetime.combine(day, time(0), tz).timestamp() * 1000))
+    for w in tariff.windows:
+        cuts.append(_instant(day, w.start, tz))
+        cuts.append(_instant(day, w.end, tz))
+    return tuple(cuts)
+
+
+# (id(tariff), tz, day) → (tariff, its cuts): a meter's readings ask for the same few days.
+_CUTS: dict[tuple[int, ZoneInfo, date], tuple[Tariff, tuple[int, ...]]] = {}
+
+
 def _boundaries(tariff: Tariff, tz: ZoneInfo, t0: int, t1: int) -> list[int]:
     first = datetime.fromtimestamp(t0 / 1000, tz).date() - timedelta(days=1)
     last = datetime.fromtimestamp(t1 / 1000, tz).date() + timedelta(days=1)
     cuts = set()
     day = first
     while day <= last:
-        if day.day == 1:
-            cuts.add(int(datetime.combine(day, time(0), tz).timestamp() * 1000))
-        for w in tariff.windows:
-            cuts.add(_instant(day, w.start, tz))
-            cuts.add(_instant(day, w.end, tz))
+        key = (id(tariff), tz, day)
+        known = _CUTS.get(key)
+        if known is None or known[0] is not tariff:
+            if len(_CUTS) > 4096:
+                _CUTS.clear()
+            known = _CUTS[key] = (tariff, _day_cuts(tariff, tz, day))
+        cuts.update(known[1])
         day += timedelta(days=1)
     return sorted(c for c in cuts if t0 < c < t1)
 

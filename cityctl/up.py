@@ -38,6 +38,9 @@ from simulators import generate
 # (docs/platform-facts.md); amqtt about 1,200 QoS 1 messages/s, and each reading goes to four
 # subscribers (ingest, rules, gateway, this summary).
 BROKER_BUDGET = {"mosquitto": 400.0, "embedded": 60.0}
+# Rule engine processes (`rules run --workers`): half the cores — the broker, ingest, the
+# gateway and the simulator share the machine — at least two, at most four.
+RULES_WORKERS = max(2, min(4, (os.cpu_count() or 2) // 2))
 STOP_ORDER = ["simulate", "gateway", "adapters", "rules", "ingest", "broker"]
 
 
@@ -135,7 +138,7 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
         supervisor.start("broker", [sys.executable, "-m", "cityctl.embedded_broker",
                                     str(broker_port)], env)
     supervisor.start("ingest", python + ["ingest", "--report-interval", "5"], env)
-    supervisor.start("rules", python + ["rules", "run"], env)
+    supervisor.start("rules", python + ["rules", "run", "--workers", str(RULES_WORKERS)], env)
     # Off-the-shelf devices (registered with --profile/--native-id) ⇄ the contract.
     supervisor.start("adapters", python + ["adapters", "run", "--report-interval", "30"], env)
     supervisor.start("gateway", python + ["gateway", "--port", str(gateway_port)], env)

@@ -44,8 +44,15 @@ class LightState:
     reason: str | None = None
 
     def decide(self, now_ms: int, default_level: float, floor: float | None) -> Decision:
-        alive = [w for w in self.wishes.values() if w.alive(now_ms)]
-        winner = max(alive, key=lambda w: (RANK[w.cls], w.level), default=None)
+        # The first alive wish with the highest (class, level) — what max() would pick.
+        winner = None
+        rank = level = 0
+        for w in self.wishes.values():
+            if w.expires_ms is not None and now_ms >= w.expires_ms:
+                continue
+            r = RANK[w.cls]
+            if winner is None or r > rank or (r == rank and w.level > level):
+                winner, rank, level = w, r, w.level
         if winner is None:
             level, reason = default_level, "default"
         else:
@@ -56,10 +63,18 @@ class LightState:
 
     def expire(self, now_ms: int) -> bool:
         """Drop wishes that have run out; True if any did."""
-        dead = [k for k, w in self.wishes.items() if not w.alive(now_ms)]
+        dead = None
+        for k, w in self.wishes.items():
+            if w.expires_ms is not None and now_ms >= w.expires_ms:  # not w.alive(now_ms)
+                if dead is None:
+                    dead = [k]
+                else:
+                    dead.append(k)
+        if dead is None:
+            return False
         for k in dead:
             del self.wishes[k]
-        return bool(dead)
+        return True
 
     def next_expiry(self) -> int | None:
         times = [w.expires_ms for w in self.wishes.values() if w.expires_ms is not None]

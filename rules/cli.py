@@ -1,14 +1,27 @@
-"""``citygrid rules …``: run, check, schema, test, explain, backtest, status."""
+"""``citygrid rules …``: run, check, schema, test, explain, backtest, status.
+
+``rules run --workers N`` (N > 1) is a supervisor: N worker processes (``rules run --worker
+i/N --districts …``, each a RuleRunner with its own MQTT session), each owning every N-th of
+the registry's sorted districts (rules.runner.partition). It restarts a worker that dies (with
+backoff), gives up with exit status 1 when they keep dying, stops them all on SIGTERM/SIGINT,
+and follows the registry: when a district appears or goes, or a device moves to another
+worker's district, the workers whose share changed are stopped (their state saved) and started
+again with the new share.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,6 +42,11 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     run.add_argument("--group", help="shared-subscription group for several rule workers")
     run.add_argument("--topic", help="telemetry filter, e.g. city/v1/norrebro/+/+/telemetry")
     run.add_argument("--client-id", default="citygrid-rules")
+    run.add_argument("--workers", type=_positive, default=1,
+                     help="engine processes, each owning a share of the districts (default 1)")
+    # A worker of `--workers N`, started by its supervisor: which one, and its districts.
+    run.add_argument("--worker", help=argparse.SUPPRESS)
+    run.add_argument("--districts", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     check = rs.add_parser("check", help="check rule files: every error with file:line:column "
@@ -65,6 +83,13 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     bt.add_argument("--fleet")
     bt.add_argument("--json", action="store_true", help="the report as JSON")
     bt.set_defaults(func=cmd_backtest)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return n
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -213,20 +238,36 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "workers", 1) > 1 and not getattr(args, "worker", None):
+        if args.topic:
+            raise SystemExit("citygrid rules run: --topic and --workers do not go together "
+                             "(each worker subscribes to its own districts' topics)")
+        return _supervise(args, _settings(args), args.workers)
+    return _run_one(args)
+
+
+def _run_one(args: argparse.Namespace) -> int:
+    """One engine: all districts, or (``--worker``) the share its supervisor gave it."""
     from citygrid.city import city
     from citygrid.contract import topic_filter
     from citygrid.store import StoreUnavailable, open_store
     from rules.runner import RuleRunner, RunnerConfig
 
     settings = _settings(args)
+    worker = getattr(args, "worker", None)
+    districts = None
+    if worker and args.districts is not None:
+        districts = frozenset(d for d in args.districts.split(",") if d)
     config = RunnerConfig(_rules_path(settings), args.topic or topic_filter(), args.group,
-                          args.client_id)
+                          args.client_id, districts=districts,
+                          worker=f"w{worker.split('/')[0]}" if worker else None)
     store = open_store(settings)
     try:
         store.ensure_ready()
     except StoreUnavailable as e:
         log.warning("store not ready (lighting figures will be retried): %s", e)
-    inventory = _inventory(settings)
+    # A worker's supervisor imported the fleet file into the registry already.
+    inventory = _inventory(settings.with_(fleet=None) if worker else settings)
     fleet = inventory.fleet()
     if not len(fleet):
         log.warning("the registry in %s has no devices yet: the engine takes them as they are "
@@ -243,12 +284,310 @@ def cmd_run(args: argparse.Namespace) -> int:
     # collection scan ~1M objects, a 15–20 ms pause every second — bench/rules.py p99.)
     gc.freeze()
     _watch_gc()
-    log.info("rules running: %d rules from %s, %d devices", len(runner.ruleset.rules),
+    share = ""
+    if worker:
+        share = (f" (worker {worker}, {config.client_id}: districts "
+                 f"{', '.join(sorted(districts)) if districts is not None else 'all'})")
+    log.info("rules running%s: %d rules from %s, %d devices", share, len(runner.ruleset.rules),
              config.rules_path, len(runner.fleet))
     try:
-        stop.wait()
+        parent = os.getppid()
+        while not stop.wait(1.0):
+            if worker and os.getppid() != parent:  # the supervisor is gone: so are we
+                log.warning("the rules supervisor is gone; stopping")
+                break
     finally:
         runner.stop()
+    return 0
+
+
+# ------------------------------------------------------------------ the workers' supervisor
+
+QUICK_S = 60.0  # a worker that dies sooner than this after its start counts as failing
+GIVE_UP_AFTER = 5  # quick deaths in a row of one worker: the supervisor gives up
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # in the child, between fork and exec
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class _Worker:
+    index: int
+    count: int
+    client_id: str
+    districts: tuple[str, ...] | None  # None: all of them (the only worker)
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    failures: int = 0  # quick deaths in a row
+    next_start: float | None = None  # dead: when it starts again
+
+
+def _assignment(fleet, workers: int) -> list[tuple[str, ...] | None]:
+    """Each worker's districts; fewer workers than districts make no sense, and a single one
+    owns all (districts to come, too)."""
+    from rules.runner import partition
+
+    districts = {d.district for d in fleet}
+    n = max(1, min(workers, len(districts)))
+    return [None] if n == 1 else list(partition(districts, n))
+
+
+def _owners(fleet, assignment: list[tuple[str, ...] | None]) -> dict[str, int]:
+    by_district = {d: i for i, ds in enumerate(assignment) if ds is not None for d in ds}
+    return {d.device_id: by_district.get(d.district, 0) for d in fleet}
+
+
+class _Workers:
+    def __init__(self, args: argparse.Namespace, settings: Settings):
+        self.args, self.settings = args, settings
+        env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
+        env.pop("CITYGRID_FLEET", None)  # imported into the registry by us, once
+        self.env = env
+        self.workers: list[_Worker] = []
+        self.failed = False
+
+    def _argv(self, w: _Worker) -> list[str]:
+        argv = [sys.executable, "-m", "cityctl", "rules", "run", "--worker",
+                f"{w.index}/{w.count}", "--client-id", w.client_id,
+                "--log-level", getattr(self.args, "log_level", None) or "INFO"]
+        if w.districts is not None:
+            argv += ["--districts", ",".join(w.districts)]
+        if self.args.group:
+            argv += ["--group", self.args.group]
+        return argv
+
+    def _spawn(self, w: _Worker) -> None:
+        w.process = subprocess.Popen(self._argv(w), env=self.env, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
+        w.started_at, w.next_start = time.monotonic(), None
+        share = "every district" if w.districts is None else (
+            f"{len(w.districts)} district{'s' * (len(w.districts) != 1)}: "
+            + ", ".join(w.districts))
+        log.info("rules worker %d/%d (%s, pid %d) owns %s", w.index, w.count, w.client_id,
+                 w.process.pid, share)
+
+    def _stop(self, workers: list[_Worker], timeout_s: float = 20.0) -> None:
+        """SIGTERM (each saves its state), then wait; SIGKILL what does not stop."""
+        for w in workers:
+            if w.process is not None and w.process.poll() is None:
+                w.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for w in workers:
+            if w.process is None:
+                continue
+            try:
+                w.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("rules worker %d did not stop in %.0f s; killed", w.index, timeout_s)
+                w.process.kill()
+                w.process.wait()
+
+    def assign(self, assignment: list[tuple[str, ...] | None], restart: set[int]) -> None:
+        """Workers for ``assignment``: those whose share changed (or in ``restart``) are
+        stopped first, all of them, then started with their new share — a district never has
+        two engines at once."""
+        count = len(assignment)
+        old = {w.index: w for w in self.workers}
+        moved = [w for w in self.workers if w.index >= count or w.count != count
+                 or w.districts != assignment[w.index] or w.index in restart]
+        self._stop(moved)
+        again = {w.index for w in moved}
+        for i in sorted(again):
+            if i < count and assignment[i] is not None:
+                # Its new districts' readings wait in its session from now on, not from
+                # whenever it has started: the hand-over loses nothing but this moment.
+                _presubscribe(self.settings, f"{self.args.client_id}-w{i}", assignment[i],
+                              self.args.group)
+        gone = [w for w in self.workers if w.index >= count]
+        if gone:
+            _retire(self.settings, [w.client_id for w in gone], [f"w{w.index}" for w in gone])
+        workers = []
+        for i, districts in enumerate(assignment):
+            w = old.get(i)
+            if w is None or i in again:
+                w = _Worker(i, count, f"{self.args.client_id}-w{i}", districts)
+                self._spawn(w)
+            workers.append(w)
+        if len(workers) > len(old):
+            _record_sessions(self.settings, [w.client_id for w in workers])
+        self.workers = workers
+
+    def check(self) -> None:
+        """Restart what died, with backoff: 1 s, 2 s, 4 s … 30 s; a run of a minute resets
+        it; a worker that keeps dying makes the supervisor give up."""
+        now = time.monotonic()
+        for w in self.workers:
+            if w.process is None or w.process.poll() is None:
+                continue
+            if w.next_start is None:  # just noticed
+                quick = now - w.started_at < QUICK_S
+                w.failures = w.failures + 1 if quick else 0
+                if w.failures >= GIVE_UP_AFTER:
+                    log.error("rules worker %d died %d times in a row within %.0f s of its "
+                              "start; giving up", w.index, w.failures, QUICK_S)
+                    self.failed = True
+                    return
+                delay = min(30.0, 2.0 ** max(0, w.failures - 1)) if quick else 1.0
+                w.next_start = now + delay
+                log.warning("rules worker %d exited with %s; restarting in %.0f s", w.index,
+                            w.process.returncode, delay)
+            elif now >= w.next_start:
+                self._spawn(w)
+
+    def stop(self) -> None:
+        self._stop(self.workers)
+
+
+def _presubscribe(settings: Settings, client_id: str, districts: tuple[str, ...],
+                  group: str | None) -> None:
+    """Subscribe a (stopped) worker's session to its districts' topics: a connection of a
+    moment, acknowledging nothing (what it is sent goes to the worker again)."""
+    from citygrid import wire
+    from rules.runner import SESSION_EXPIRY_S, share_filters
+
+    client = wire.Client(settings.mqtt, client_id, clean_start=False,
+                         session_expiry_s=SESSION_EXPIRY_S,
+                         subscriptions=share_filters(districts, group), connect_timeout_s=5.0)
+    try:
+        deadline = time.monotonic() + 5.0
+        while not client.subscribed.is_set() and time.monotonic() < deadline:
+            client.loop(0.1)
+        if not client.subscribed.is_set():
+            log.warning("could not subscribe %s to its new districts ahead of its start: %s",
+                        client_id, client.last_error)
+    finally:
+        client.stop()
+
+
+def _forget_sessions(settings: Settings, client_ids: list[str]) -> None:
+    """End the broker sessions of workers there are no more of: they would hold messages
+    for nobody until they expire."""
+    from citygrid import wire
+
+    for client_id in client_ids:
+        client = wire.Client(settings.mqtt, client_id, clean_start=True, session_expiry_s=0,
+                             connect_timeout_s=5.0)
+        try:
+            client.loop(1.0)
+            if client.connected.is_set():
+                log.info("ended the MQTT session of %s (no such worker any more)", client_id)
+        finally:
+            client.stop()
+
+
+def _retire(settings: Settings, client_ids: list[str], names: list[str]) -> None:
+    """Workers there are no more of: their sessions end, their health counts go."""
+    from rules.state import RuleStateStore
+
+    _forget_sessions(settings, client_ids)
+    state = RuleStateStore(Path(settings.data_dir) / "rules.sqlite")
+    try:
+        for client_id in client_ids:
+            state.execute("DELETE FROM rule_meta WHERE key = ?",
+                          (f"mqtt_subscriptions:{client_id}",))
+        for name in names:
+            state.execute("DELETE FROM rule_health_workers WHERE worker = ?", (name,))
+        before = json.loads(state.meta("worker_sessions") or "[]")
+        state.set_meta("worker_sessions",
+                       json.dumps(sorted(set(before) - set(client_ids))))
+    finally:
+        state.close()
+
+
+def _record_sessions(settings: Settings, client_ids: list[str]) -> None:
+    from rules.state import RuleStateStore
+
+    state = RuleStateStore(Path(settings.data_dir) / "rules.sqlite")
+    try:
+        before = json.loads(state.meta("worker_sessions") or "[]")
+        state.set_meta("worker_sessions", json.dumps(sorted(set(before) | set(client_ids))))
+    finally:
+        state.close()
+
+
+def _prepare_state(settings: Settings, workers: list[str]) -> None:
+    """Create the shared state files before the workers open them at once, start the health
+    counts of this set of workers afresh, and end the sessions of workers gone since the
+    last run."""
+    from billing import BillingStore, load_config
+    from citygrid.city import city
+    from rules.state import RuleStateStore
+
+    data = Path(settings.data_dir)
+    BillingStore(data / "billing.sqlite", load_config(settings.billing), None,
+                 city(settings.city).tz).close()
+    state = RuleStateStore(data / "rules.sqlite")
+    try:
+        state.forget_workers()
+        before = json.loads(state.meta("worker_sessions") or "[]")
+        gone = [c for c in before if c not in workers]
+        if gone:
+            _forget_sessions(settings, gone)
+            for c in gone:
+                state.execute("DELETE FROM rule_meta WHERE key = ?", (f"mqtt_subscriptions:{c}",))
+        state.set_meta("worker_sessions", json.dumps(sorted(set(workers))))
+    finally:
+        state.close()
+
+
+def _supervise(args: argparse.Namespace, settings: Settings, wanted: int) -> int:
+    from citygrid.registry import Follower
+    from rules.engine import partition_caveats
+    from rules.loader import load
+
+    settings = settings.with_(data_dir=str(Path(settings.data_dir).resolve()))
+    ruleset = load(_rules_path(settings))  # a broken rule file: refused here, not N times
+    inventory = _inventory(settings)
+    follower = Follower(settings.data_dir, inventory)
+    fleet = follower.changed()
+    for caveat in partition_caveats(ruleset, fleet):
+        log.warning("with the districts shared out, %s", caveat)
+    assignment = _assignment(fleet, wanted)
+    owners = _owners(fleet, assignment)
+    _prepare_state(settings, [f"{args.client_id}-w{i}" for i in range(len(assignment))])
+    workers = _Workers(args, settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    workers.assign(assignment, set())
+    log.info("rules supervising %d workers over %d districts (%s)", len(assignment),
+             len({d.district for d in fleet}), settings.data_dir)
+    last_look = time.monotonic()
+    try:
+        while not stop.wait(0.2):
+            workers.check()
+            if workers.failed:
+                return 1
+            if time.monotonic() - last_look < 1.0:
+                continue
+            last_look = time.monotonic()
+            changed = follower.changed()
+            if changed is None:
+                continue
+            new = _assignment(changed, wanted)
+            new_owners = _owners(changed, new)
+            # Devices that now belong to another worker (moved, or their district did): both
+            # workers start again, so each holds (and saves) only what it owns, the billing
+            # store of neither keeps a meter the other now bills.
+            moved = {i for d, o in owners.items() if d in new_owners and new_owners[d] != o
+                     for i in (o, new_owners[d])}
+            if new != assignment or moved:
+                which = sorted({i for i, ds in enumerate(new) if i >= len(assignment)
+                                or ds != assignment[i]} | moved)
+                log.info("the registry changed the districts' shares: restarting %s",
+                         "all workers" if len(new) != len(assignment) else
+                         "worker" + "s" * (len(which) != 1) + " "
+                         + ", ".join(str(i) for i in which))
+                workers.assign(new, moved)
+            assignment, owners = new, new_owners
+    finally:
+        workers.stop()
+        inventory.close()
     return 0
 
 

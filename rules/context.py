@@ -20,7 +20,8 @@ TEMPLATE = re.compile(r"\{(reading|device|light|sun|local|meter)\.([A-Za-z_][A-Z
 
 
 class Context:
-    """What an expression sees; attribute lookups go through here."""
+    """What an expression sees; attribute lookups go through here (compiled expressions read
+    ``reading``, ``device`` and ``light`` directly, and call :meth:`sun_elevation`)."""
 
     __slots__ = ("reading", "device", "light", "engine", "ts_ms")
 
@@ -28,6 +29,9 @@ class Context:
                  reading: dict | None = None):
         self.engine, self.ts_ms, self.device, self.reading = engine, ts_ms, device, reading
         self.light = engine.lights.get(device.device_id) if device else None
+
+    def sun_elevation(self) -> float:
+        return self.engine.city_time.sun_elevation(self.ts_ms)
 
     def lookup(self, root: str, attr: str) -> Any:
         if root == "reading":

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 STANDBY_W = 0.5
 LIGHTING_MEASUREMENT = "citygrid_lighting"
 MAX_GAP_MS = 900_000  # a light silent longer than this: its energy is not guessed
+_NUMBER = (int, float)
 
 
 class LightingEnergy:
@@ -28,7 +29,7 @@ class LightingEnergy:
         last = self._last_ts.get(device.device_id)
         self._last_ts[device.device_id] = ts_ms
         power = reading.get("power_w")
-        if last is None or not isinstance(power, int | float) or \
+        if last is None or not isinstance(power, _NUMBER) or \
                 not 0 < ts_ms - last <= MAX_GAP_MS:
             return
         hours = (ts_ms - last) / 3_600_000
@@ -40,6 +41,10 @@ class LightingEnergy:
             bucket[1] += (rated * (1 + loss) + STANDBY_W) * hours
         else:
             bucket[1] += power * hours
+
+    def forget(self, device_id: str) -> None:
+        """The light is no longer this engine's to account."""
+        self._last_ts.pop(device_id, None)
 
     def flush(self, now_ms: int) -> list:
         """The points of the minutes that are over (and forgets them)."""

@@ -1,9 +1,16 @@
 """`citygrid rules run`: the engine live on MQTT, with state, reloads and health.
 
-One engine thread runs the inbound MQTT loop and the rules together, so the
-engine needs no locks and a reading meets no queue on its way to a command.
-Event time comes from the readings; while none arrive the watermark follows
-the wall clock.
+One engine thread drives the MQTT connection (``citygrid.wire``, its ``loop()``) and the rules
+together: the PUBLISHes of one socket read are decoded and handed to the engine as one batch,
+acknowledged in one write once the engine has taken them, and the commands they caused go out
+in that same write. The engine needs no locks and a reading meets no queue or thread switch on
+its way to a command. Event time comes from the readings; while none arrive the watermark
+follows the wall clock.
+
+A partitioned worker (``rules run --workers N``, rules/cli.py) owns some districts
+(``RunnerConfig.districts``): it subscribes to their topics and to the telemetry of the foreign
+border devices whose readings reach its lights, follows the registry for both, and writes into
+the shared state files only what it owns (rules/state.py).
 """
 
 from __future__ import annotations
@@ -12,16 +19,16 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
-import paho.mqtt.client as paho
 
 from billing import BillingStore, load_config
-from citygrid import mqtt
+from citygrid import wire
 from citygrid.city import CityProfile
 from citygrid.clock import SYSTEM_CLOCK, Clock
 from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
@@ -32,19 +39,50 @@ from citygrid.store import Point, StoreError, TelemetryStore
 from rules import loader
 from rules.alerts import AlertState
 from rules.engine import RuleEngine
+from rules.report import RULES_MEASUREMENT
 from rules.state import RuleStateStore
 
 log = logging.getLogger("citygrid.rules")
 IDLE_S = 5.0  # no reading for this long: the watermark follows the wall clock
-# Makes an MQTT client: (broker URL, client id, *, protocol=…, manual_ack=…), as
-# citygrid.mqtt.make_client does.
-MqttClientFactory = Callable[..., paho.Client]
+# One hour: an engine that restarts within it finds what arrived meanwhile waiting.
+SESSION_EXPIRY_S = 3600
+ROUTE_CACHE_MAX = 200_000  # topics remembered (parsed once); a city of 100,000 devices fits
+# Makes the MQTT client; called as ``citygrid.wire.Client`` is (the default).
+MqttClientFactory = Callable[..., wire.Client]
+Reading = tuple[str, dict[str, Any], int]  # (device id, fields, ts): what the engine takes
+
+
+def partition(districts: Iterable[str], workers: int) -> list[tuple[str, ...]]:
+    """The districts each of ``workers`` owns: worker i every ``workers``-th of the sorted
+    names from the i-th. The same districts always give the same assignment, and each worker
+    gets as many districts as the next, give or take one."""
+    names = sorted(set(districts))
+    return [tuple(names[i::workers]) for i in range(workers)]
+
+
+def share_filters(districts: Iterable[str], group: str | None = None,
+                  foreign: Iterable[FleetDevice] = ()) -> list[tuple[str, int]]:
+    """What a worker owning ``districts`` subscribes to: their telemetry, the telemetry of the
+    ``foreign`` devices whose readings reach its lights, its lights' acks and overrides."""
+    share = (lambda t: f"$share/{group}/{t}") if group else (lambda t: t)
+    owned = sorted(districts)
+    subs = [(share(topic_filter(district=d)), 1) for d in owned]
+    subs += [(share(str(Topic(d.district, d.kind, d.device_id))), 1)
+             for d in sorted(foreign, key=lambda d: d.device_id)]
+    for d in owned:
+        subs += [(topic_filter("ack", d, "streetlight"), 1),
+                 (topic_filter("override", d, "streetlight"), 1)]
+    return subs
 
 
 class MqttOutbox:
-    def __init__(self, client: paho.Client, store: TelemetryStore | None):
-        self.client = client
+    def __init__(self, client: wire.Client, store: TelemetryStore | None,
+                 worker: str | None = None):
+        self.client = client  # the runner swaps it when its subscriptions change
         self.store = store
+        # A worker's own figures (citygrid_rules: its share's lights, commands, health) carry
+        # its name: N workers' points of one minute would overwrite each other's otherwise.
+        self.worker = worker
         self.commands = 0
         # Storage never blocks the rule loop: a writer thread takes the points.
         self._points: queue.Queue = queue.Queue(maxsize=1000)
@@ -53,8 +91,10 @@ class MqttOutbox:
 
     def command(self, device: FleetDevice, payload: dict[str, Any], expiry_s: float) -> None:
         topic = str(Topic(device.district, "streetlight", device.device_id, "cmd"))
-        expiry = mqtt.message_expiry(self.client, max(1, int(expiry_s)))
-        self.client.publish(topic, orjson.dumps(payload), qos=1, properties=expiry)
+        # QoS 1 with a message expiry (MQTT 5; over 3.1.1 the client leaves it out): a light
+        # that comes back after the expiry does not act on a stale level.
+        self.client.publish(topic, orjson.dumps(payload), qos=1,
+                            expiry_s=max(1, int(expiry_s)))
         self.commands += 1
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
@@ -69,6 +109,9 @@ class MqttOutbox:
     def points(self, points: list[Point]) -> None:
         if self.store is None:
             return
+        if self.worker is not None:
+            points = [p._replace(tags={**p.tags, "worker": self.worker}, key=None)
+                      if p.measurement == RULES_MEASUREMENT else p for p in points]
         try:
             self._points.put_nowait(points)
         except queue.Full:
@@ -92,65 +135,227 @@ class RunnerConfig:
     client_id: str = "citygrid-rules"
     save_every_s: float = 0.2
     reload_every_s: float = 1.0
+    # A partitioned worker: the districts it owns (None: all of them, the one engine), and
+    # its name among the workers (its health rows in the shared state).
+    districts: frozenset[str] | None = None
+    worker: str | None = None
 
 
 class RuleRunner:
-    """``make_client`` makes its MQTT clients (default: citygrid.mqtt.make_client); ``clock``
-    is its wall clock and monotonic clock (default: the system's)."""
+    """``make_client`` makes its MQTT client, called as ``citygrid.wire.Client`` (the
+    default); ``clock`` is its wall clock and monotonic clock (default: the system's)."""
 
     def __init__(self, settings: Settings, fleet: Fleet, city: CityProfile,
                  store: TelemetryStore | None, config: RunnerConfig, *,
                  make_client: MqttClientFactory | None = None, clock: Clock = SYSTEM_CLOCK,
                  inventory: Registry | None = None):
         self.settings, self.fleet, self.config = settings, fleet, config
+        self.owned = config.districts
+        self._districts = {d.district for d in fleet}
         # The registry, when the fleet comes from it: re-read whenever it changes.
         self.inventory = inventory
         self._follower = Follower(settings.data_dir, inventory) if inventory else None
         if self._follower is not None:
             self._follower.changed()  # the version `fleet` was read at
         self.clock = clock
-        make_client = make_client or mqtt.make_client
+        self._make_client = make_client or wire.Client
         self.ruleset = loader.load(config.rules_path)
         self._mtimes = self._rule_mtimes()
-        self.state = RuleStateStore(Path(settings.data_dir) / "rules.sqlite")
-        # Two connections: readings come in over MQTT 3.1.1, whose PUBLISH packets paho
-        # parses without MQTT 5 property objects (a third of its time at 5,000 readings/s,
-        # and that thread shares the GIL with the engine); commands go out over MQTT 5,
-        # which carries their message expiry.
-        # Acknowledged by us, after the engine has taken the reading, all of one loop turn's
-        # PUBACKs in one write (paho's own ack costs a packet and a wake-up per message).
-        self.client = make_client(settings.mqtt, config.client_id + "-in",
-                                  protocol=paho.MQTTv311, manual_ack=True)
-        self._acks: list[int] = []
-        self.publisher = make_client(settings.mqtt, config.client_id + "-out")
-        self.publisher.max_inflight_messages_set(1000)
-        self.publisher.max_queued_messages_set(0)
-        self.outbox = MqttOutbox(self.publisher, store)
-
+        self.state = RuleStateStore(Path(settings.data_dir) / "rules.sqlite",
+                                    worker=config.worker,
+                                    foreign=None if self.owned is None else self.foreign)
         self.billing = BillingStore(Path(settings.data_dir) / "billing.sqlite",
                                     load_config(settings.billing), fleet, city.tz)
-        self.engine = RuleEngine(self.ruleset, fleet, city, self.outbox, billing=self.billing)
+        self.outbox = MqttOutbox(None, store,  # type: ignore[arg-type]  # the client: below
+                                 None if self.owned is None else config.worker)
+        partitioned = {} if self.owned is None else {"owned_districts": frozenset(self.owned)}
+        self.engine = RuleEngine(self.ruleset, fleet, city, self.outbox, billing=self.billing,
+                                 **partitioned)
+        self._routes: dict[str, tuple[str, str, str] | None] = {}
+        # One connection for readings in and commands out, over the settings' protocol (MQTT
+        # 5: commands carry their expiry). A persistent session: what arrives while it is
+        # down (a broker restart, a keepalive lost under load, the engine restarting) waits
+        # at the broker instead of being dropped with a clean session.
+        self._subscriptions = self.subscriptions()
+        self._session_key = f"mqtt_subscriptions:{config.client_id}"
+        self.client = self._new_client()
         # Where every device stands, for maps (the Streetlights dashboard joins on device_id).
         now = clock.now_ms()
         self.outbox.points([Point("citygrid_devices", {
             "device_id": d.device_id, "district": d.district, "kind": d.kind},
-            {"lat": d.lat, "lon": d.lon}, now) for d in fleet])
+            {"lat": d.lat, "lon": d.lon}, now) for d in self._mine(fleet)])
         self.state.restore(self.engine)
         self.stopping = threading.Event()
-        self.subscribed = threading.Event()
         self.last_reload_error: str | None = None
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.thread: threading.Thread | None = None
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.error("broker refused: %s", reason_code)
+    # ------------------------------------------------------------------ the partition
+
+    def foreign(self, name: str) -> bool:
+        """Is ``name`` (a device id or a district) another worker's?"""
+        if self.owned is None:
+            return False
+        device = self.fleet.by_id.get(name)
+        if device is not None:
+            return device.district not in self.owned
+        return name in self._districts and name not in self.owned
+
+    def _mine(self, devices: Iterable[FleetDevice]) -> list[FleetDevice]:
+        owned = self.owned
+        return [d for d in devices if owned is None or d.district in owned]
+
+    def foreign_devices(self) -> list[str]:
+        """The other workers' devices whose readings this one must see too (border devices
+        whose motion reaches its lights), as the engine says."""
+        if self.owned is None:
+            return []
+        return sorted(self.engine.foreign_inputs())
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """The filters this runner subscribes to, at QoS 1."""
+        group = self.config.group
+        if self.owned is None:
+            telemetry = f"$share/{group}/{self.config.topic}" if group else self.config.topic
+            return [(telemetry, 1), (topic_filter("ack", kind="streetlight"), 1),
+                    (topic_filter("override", kind="streetlight"), 1)]
+        foreign = [d for i in self.foreign_devices()
+                   if (d := self.fleet.by_id.get(i)) is not None and d.district not in self.owned]
+        return share_filters(self.owned, group, foreign)
+
+    # ------------------------------------------------------------------ MQTT
+
+    def _new_client(self) -> wire.Client:
+        client = self._make_client(
+            self.settings.mqtt, self.config.client_id, clean_start=False,
+            session_expiry_s=SESSION_EXPIRY_S, subscriptions=self._subscriptions,
+            on_messages=self._on_messages, on_connect=self._on_connect,
+            reconnect_min_s=0.25, reconnect_max_s=2.0)
+        self.outbox.client = client
+        return client
+
+    @property
+    def subscribed(self) -> threading.Event:
+        """Set once the broker has granted the subscriptions of the current connection."""
+        return self.client.subscribed
+
+    def _on_connect(self, session_present: bool) -> None:
+        """On the engine thread. The session may still hold filters an earlier run (another
+        partition) subscribed to: they go, so no worker receives what it no longer owns."""
+        current = [t for t, _ in self._subscriptions]
+        try:
+            before = orjson.loads(self.state.meta(self._session_key) or "[]")
+        except orjson.JSONDecodeError:
+            before = []
+        stale = sorted(set(before) - set(current))
+        if stale:
+            self.client.unsubscribe(stale)
+            log.info("unsubscribed from %d filters this engine no longer needs", len(stale))
+        if stale or before != current:
+            self.state.set_meta(self._session_key, orjson.dumps(current).decode())
+
+    def _resubscribe(self) -> None:
+        """The filters changed (a border device added or moved): a new connection to the same
+        session subscribes to the new ones, drops the old ones; nothing published meanwhile
+        is lost (it waits in the session)."""
+        subs = self.subscriptions()
+        if subs == self._subscriptions:
             return
-        telemetry = (f"$share/{self.config.group}/{self.config.topic}" if self.config.group
-                     else self.config.topic)
-        client.subscribe([(telemetry, 1), (topic_filter("ack", kind="streetlight"), 1),
-                          (topic_filter("override", kind="streetlight"), 1)])
+        self._drain(2.0)
+        self.client.stop()
+        self._subscriptions = subs
+        self.client = self._new_client()
+        log.info("subscriptions changed: %d filters", len(subs))
+
+    def _drain(self, timeout_s: float) -> None:
+        """Run the loop until the broker has acknowledged every command sent (this thread is
+        the one that reads its PUBACKs)."""
+        deadline = time.monotonic() + timeout_s  # real time, whatever the runner's clock
+        while (self.client.inflight and self.client.connected.is_set()
+               and time.monotonic() < deadline):
+            self.client.loop(0.05)
+
+    def _on_messages(self, messages: list[wire.Message]) -> None:
+        """Every PUBLISH of one socket read (on the engine thread): to the engine as one
+        batch, then acknowledged in one write, the commands they caused with it."""
+        self._take(messages)
+        mids = [m.mid for m in messages if m.qos]
+        if mids:
+            self.client.ack(mids, messages[0].epoch)
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One message, as if it had arrived alone (no acknowledgement)."""
+        self._take([wire.Message(topic, payload, 0, 0, False, 0)])
+
+    def _route(self, topic: str) -> tuple[str, str, str] | None:
+        try:
+            t = Topic.parse(topic)
+            route = (t.kind, t.device_id, t.channel)
+        except ContractError:
+            route = None
+        if len(self._routes) >= ROUTE_CACHE_MAX:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    def _take(self, messages: list[wire.Message]) -> None:
+        now_ms = self.clock.now_ms()
+        routes = self._routes
+        batch: list[Reading] = []
+        telemetry = False
+        for m in messages:
+            topic = m.topic
+            route = routes[topic] if topic in routes else self._route(topic)
+            if route is None:
+                continue
+            kind, device_id, channel = route
+            if channel == "telemetry":
+                telemetry = True
+                try:
+                    readings = decode_readings(kind, m.payload, topic, now_ms=now_ms)
+                except ContractError:
+                    continue  # ingest dead-letters it; the rules only act on valid readings
+                batch += [(device_id, r.fields(), r.ts) for r in readings]
+                continue
+            if batch:  # what came before an ack or an override is taken first: in order
+                self._readings(batch)
+                batch = []
+            if channel == "override":
+                self._override(device_id, m.payload)
+            elif channel == "ack":
+                with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                    self.engine.on_ack(device_id, orjson.loads(m.payload))
+        if batch:
+            self._readings(batch)
+        if telemetry:
+            self._last_reading = (self.clock.monotonic(), self.engine.watermark)
+
+    def _readings(self, batch: list[Reading]) -> None:
+        try:
+            self.engine.on_readings(batch)  # one that fails is logged, the others go on
+        except Exception:  # never the end of the loop
+            log.exception("rule evaluation failed in a batch of %d readings", len(batch))
+
+    def _override(self, device_id: str, payload: bytes) -> None:
+        from pydantic import ValidationError
+
+        from citygrid.contract import Override
+
+        if device_id not in self.fleet.by_id or self.foreign(device_id):
+            return
+        try:
+            o = Override.model_validate_json(payload)
+        except ValidationError as e:
+            log.warning("override for %s refused: %s", device_id, e)
+            return
+        now = self.engine.watermark if self.engine.watermark is not None else \
+            self.clock.now_ms()
+        if o.clear:
+            self.engine.clear_override(device_id, now, o.who)
+        elif o.level is not None:
+            until = now + int(o.expires_in_s * 1000) if o.expires_in_s else None
+            self.engine.set_override(device_id, o.level, now, until, o.who)
+
+    # ------------------------------------------------------------------ rules and registry
 
     def _rule_mtimes(self) -> dict[Path, float]:
         return {p: p.stat().st_mtime for p in loader.rule_files(self.config.rules_path)}
@@ -168,119 +373,16 @@ class RuleRunner:
         except loader.RuleFileError as e:
             self.last_reload_error = str(e)
             log.error("rule file refused, the running rules go on:\n%s", e)
-            self.state.execute("INSERT OR REPLACE INTO rule_meta VALUES ('reload_error', ?)",
-                               (str(e),))
+            self.state.set_meta("reload_error", str(e))
             return False
         self.last_reload_error = None
         self.state.execute("DELETE FROM rule_meta WHERE key = 'reload_error'")
         self.engine.set_rules(ruleset)
         self.ruleset = ruleset
         log.info("rules reloaded: %d rules", len(ruleset.rules))
+        if self.owned is not None:
+            self._resubscribe()  # other rules, other border devices
         return True
-
-    def handle(self, topic: str, payload: bytes) -> None:
-        try:
-            t = Topic.parse(topic)
-        except ContractError:
-            return
-        if t.channel == "override":
-            self._override(t, payload)
-            return
-        if t.channel == "ack":
-            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
-                self.engine.on_ack(t.device_id, orjson.loads(payload))
-            return
-        try:
-            readings = decode_readings(t.kind, payload, topic, now_ms=self.clock.now_ms())
-        except ContractError:
-            return  # ingest dead-letters it; the rules only act on valid readings
-        for r in readings:
-            try:
-                self.engine.on_reading(t.device_id, r.fields(), r.ts)
-            except Exception:  # one bad event never stops the loop
-                log.exception("rule evaluation failed for %s", topic)
-
-    def _override(self, t: Topic, payload: bytes) -> None:
-        from pydantic import ValidationError
-
-        from citygrid.contract import Override
-
-        if t.device_id not in self.fleet.by_id:
-            return
-        try:
-            o = Override.model_validate_json(payload)
-        except ValidationError as e:
-            log.warning("override for %s refused: %s", t.device_id, e)
-            return
-        now = self.engine.watermark if self.engine.watermark is not None else \
-            self.clock.now_ms()
-        if o.clear:
-            self.engine.clear_override(t.device_id, now, o.who)
-        elif o.level is not None:
-            until = now + int(o.expires_in_s * 1000) if o.expires_in_s else None
-            self.engine.set_override(t.device_id, o.level, now, until, o.who)
-
-    def start(self, timeout_s: float | None = 10.0) -> None:
-        mqtt.connect(self.publisher, self.settings.mqtt, wait=False)
-        self.publisher.loop_start()
-        self.thread = threading.Thread(target=self.run, name="rules-engine", daemon=True)
-        self.thread.start()
-        if not self.subscribed.wait(timeout_s):
-            raise TimeoutError(f"not subscribed at {self.settings.mqtt}")
-
-    def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
-        topic = message.topic
-        self.handle(topic, message.payload)
-        if message.qos:
-            self._acks.append(message.mid)
-        if topic.endswith("/telemetry"):
-            self._last_reading = (self.clock.monotonic(), self.engine.watermark)
-
-    def run(self) -> None:
-        """The engine thread: it also runs the inbound MQTT connection's loop, so a reading
-        goes from the socket to the rules without a queue or a thread switch."""
-        self._last_reading = (self.clock.monotonic(), self.engine.watermark)
-        last_save = last_reload = last_health = self.clock.monotonic()
-        connected = False
-        while not self.stopping.is_set():
-            if not connected:
-                try:
-                    # A persistent session: what arrives while the connection is down (a
-                    # broker restart, a keepalive lost under load, the engine restarting) waits
-                    # at the broker instead of being dropped with a clean session.
-                    mqtt.connect(self.client, self.settings.mqtt, clean_start=False)
-                    connected = True
-                except OSError as e:
-                    log.warning("waiting for the broker at %s: %s", self.settings.mqtt, e)
-                    self.stopping.wait(1.0)
-                    continue
-            rc = self.client.loop(timeout=0.05)
-            if self._acks:
-                if rc == paho.MQTT_ERR_SUCCESS:  # message ids of a lost connection mean nothing
-                    mqtt.ack_many(self.client, self._acks)
-                self._acks = []
-            if rc != paho.MQTT_ERR_SUCCESS:
-                log.warning("lost the broker (%s); reconnecting", rc)
-                connected = False
-                self.stopping.wait(0.5)
-            now = self.clock.monotonic()
-            last_wall, last_wm = self._last_reading
-            if now - last_wall > IDLE_S and last_wm is not None:
-                # Quiet: time still passes (holds expire, `for:` timers fire).
-                self.engine.advance(last_wm + int((now - last_wall) * 1000))
-            if now - last_save >= self.config.save_every_s:
-                self.state.save(self.engine)
-                last_save = now
-            if now - last_reload >= self.config.reload_every_s:
-                self.reload_if_changed()
-                self.follow_inventory()
-                last_reload = now
-            if now - last_health >= 5:
-                self.state.save_health(self.engine)
-                last_health = now
-        self.state.save(self.engine)
-        self.state.save_health(self.engine)
-        self.client.disconnect()
 
     def follow_inventory(self) -> bool:
         """Take the registry's devices again if it changed since the last look (a one-row
@@ -292,20 +394,68 @@ class RuleRunner:
         changed = [d for d in fleet if old.get(d.device_id) != d]
         gone = [i for i in old if i not in fleet.by_id]
         self.fleet = fleet
+        self._districts = {d.district for d in fleet}
         self.engine.set_fleet(fleet)
         now = self.clock.now_ms()
         self.outbox.points([Point("citygrid_devices", {
             "device_id": d.device_id, "district": d.district, "kind": d.kind},
-            {"lat": d.lat, "lon": d.lon}, now) for d in changed])
+            {"lat": d.lat, "lon": d.lon}, now) for d in self._mine(changed)])
         log.info("inventory changed: %d devices (%d added or edited, %d gone)",
                  len(fleet), len(changed), len(gone))
+        if self.owned is not None:
+            self._resubscribe()  # border devices added, moved or gone
         return True
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def start(self, timeout_s: float | None = 10.0) -> None:
+        self.thread = threading.Thread(target=self.run, name="rules-engine", daemon=True)
+        self.thread.start()
+        if not self.subscribed.wait(timeout_s):
+            raise TimeoutError(f"not subscribed at {self.settings.mqtt}")
+
+    def run(self) -> None:
+        """The engine thread: it drives the MQTT connection's loop (connecting, reconnecting
+        with backoff), so a reading goes from the socket to the rules without a queue or a
+        thread switch; between reads it saves, reloads, follows the registry."""
+        self._last_reading = (self.clock.monotonic(), self.engine.watermark)
+        last_save = last_reload = last_health = self.clock.monotonic()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.client.loop(0.05)
+                except Exception:  # never the end of the engine
+                    log.exception("the MQTT loop failed; going on")
+                    self.stopping.wait(0.5)
+                now = self.clock.monotonic()
+                last_wall, last_wm = self._last_reading
+                if now - last_wall > IDLE_S and last_wm is not None:
+                    # Quiet: time still passes (holds expire, `for:` timers fire).
+                    self.engine.advance(last_wm + int((now - last_wall) * 1000))
+                if now - last_save >= self.config.save_every_s:
+                    self.state.save(self.engine)
+                    last_save = now
+                if now - last_reload >= self.config.reload_every_s:
+                    self.reload_if_changed()
+                    self.follow_inventory()
+                    last_reload = now
+                if now - last_health >= 5:
+                    self.state.save_health(self.engine)
+                    last_health = now
+        finally:
+            self._drain(2.0)  # the last commands acknowledged before DISCONNECT
+            self.state.save(self.engine)
+            self.state.save_health(self.engine)
+            self.client.stop()
 
     def stop(self) -> None:
         self.stopping.set()
-        if hasattr(self, "thread"):
-            self.thread.join(10)
-        self.publisher.disconnect()
-        self.publisher.loop_stop()
+        if self.thread is not None:
+            self.thread.join(15)
+            if self.thread.is_alive():  # in a connect or its backoff: cut it short
+                self.client.stop()
+                self.thread.join(10)
+        else:
+            self.client.stop()
         self.state.close()
         self.billing.close()

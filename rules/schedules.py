@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from citygrid import sun
 from citygrid.city import CityProfile
-from rules.context import Context, selects
+from rules.context import Context
 from rules.expr import EvalError, parse_duration
 from rules.model import SUN_EVENTS, Schedule
 
@@ -30,13 +30,20 @@ class CityTime:
     def __init__(self, city: CityProfile):
         self.city = city
         self._elevation = lru_cache(maxsize=8192)(self._elevation_bucket)
+        self._last = (None, 0.0)  # (bucket, elevation): the one most readings ask for
 
     def _elevation_bucket(self, bucket: int) -> float:
         return sun.elevation(self.city.lat, self.city.lon,
                              datetime.fromtimestamp(bucket * 10, self.city.tz))
 
     def sun_elevation(self, ts_ms: int) -> float:
-        return self._elevation(ts_ms // 10_000)
+        bucket = ts_ms // 10_000
+        last = self._last
+        if last[0] == bucket:
+            return last[1]
+        value = self._elevation(bucket)
+        self._last = (bucket, value)
+        return value
 
     def local_time(self, ts_ms: int) -> datetime:
         return datetime.fromtimestamp(ts_ms / 1000, self.city.tz)
@@ -84,8 +91,9 @@ def run_schedules(engine: RuleEngine, now_ms: int) -> None:
             holds = inside and (rule.condition is None or bool(rule.condition(
                 Context(engine, now_ms))))
         except EvalError as e:
-            engine.health[rule.id].errors += 1
-            engine.health[rule.id].last_error = str(e)
+            if engine._owned_source(rule, SCHEDULE):  # one engine of several counts it
+                engine.health[rule.id].errors += 1
+                engine.health[rule.id].last_error = str(e)
             continue
         key = (rule.id, SCHEDULE)
         active = key in engine.instances and engine.instances[key].active
@@ -102,9 +110,7 @@ def run_absences(engine: RuleEngine, now_ms: int) -> None:
     for rule in engine.absence_rules:
         spec = rule.rule.when.absent
         limit = parse_duration(spec.for_) * 1000
-        for device in engine.fleet:
-            if not selects(spec.select, device):
-                continue
+        for device in engine.absence_devices(rule):  # those it selects, in fleet order
             seen = engine.last_seen.get(device.device_id, engine.started_ms or now_ms)
             key = (rule.id, device.device_id)
             if now_ms - seen >= limit and key not in engine.instances:

@@ -2,6 +2,13 @@
 
 Only what changed since the last save is written: the engine's snapshot() hands out just that,
 as plain data, and its restore() takes it back.
+
+Several workers (``rules run --workers N``) share one ``rules.sqlite``: its rows are keyed by
+device, rule instance (rule, source) or alert (rule@device, rule@district), each worker writes
+and restores only the rows of what it owns (``foreign`` says what it does not), SQLite's WAL
+and busy timeout serialise their commits. What every worker has — a rule's health — is kept per
+worker in ``rule_health_workers`` and summed into ``rule_health`` on every save, so its readers
+see the whole city.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import json
 import queue
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,17 @@ CREATE TABLE IF NOT EXISTS rule_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
 CREATE TABLE IF NOT EXISTS rule_health (
     rule_id TEXT PRIMARY KEY, evaluations INTEGER, fired INTEGER, last_fired_ms INTEGER,
     errors INTEGER, last_error TEXT);
+CREATE TABLE IF NOT EXISTS rule_health_workers (
+    worker TEXT NOT NULL, rule_id TEXT NOT NULL, evaluations INTEGER, fired INTEGER,
+    last_fired_ms INTEGER, errors INTEGER, last_error TEXT, PRIMARY KEY (worker, rule_id));
+"""
+# rule_health as the sum over the workers' rows (the last error: of the worker with most).
+_SUM_HEALTH = """
+INSERT OR REPLACE INTO rule_health
+SELECT rule_id, sum(evaluations), sum(fired), max(last_fired_ms), sum(errors),
+       (SELECT o.last_error FROM rule_health_workers o WHERE o.rule_id = w.rule_id
+        AND o.last_error IS NOT NULL ORDER BY o.errors DESC LIMIT 1)
+FROM rule_health_workers w GROUP BY rule_id
 """
 
 
@@ -39,8 +58,13 @@ class RuleStateStore:
     """Saves in a writer thread: the engine only snapshots what changed (a few ms at most),
     and the SQLite commit never holds up reading→command latency."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, worker: str | None = None,
+                 foreign: Callable[[str], bool] | None = None):
+        """``worker``: this worker's name among several sharing the file (None: the only
+        one); ``foreign(name)``: True for a device id or district another worker owns — its
+        rows are neither written nor restored here."""
         self.path = Path(path)
+        self.worker, self.foreign = worker, foreign
         self.db = statedb.connect(self.path)
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process crash
         self.db.executescript(_SCHEMA)
@@ -52,6 +76,8 @@ class RuleStateStore:
     def save(self, engine: RuleEngine) -> None:
         """Snapshot what changed since the last save and queue it for the writer."""
         snap = engine.snapshot()
+        if self.foreign is not None:
+            _drop_foreign(snap, self.foreign)
         ops: list[tuple[str, tuple]] = []
         for device_id, light in snap.lights.items():
             if light is None:
@@ -104,17 +130,48 @@ class RuleStateStore:
             return self.db.execute(sql, params).fetchall()
 
     def save_health(self, engine: RuleEngine) -> None:
-        with self._lock, self.db:
-            self.db.executemany(
-                "INSERT OR REPLACE INTO rule_health VALUES (?, ?, ?, ?, ?, ?)",
-                [(rid, h.evaluations, h.fired, h.last_fired_ms, h.errors, h.last_error)
-                 for rid, h in engine.health.items()])
+        rows = [(rid, h.evaluations, h.fired, h.last_fired_ms, h.errors, h.last_error)
+                for rid, h in engine.health.items()]
+        if self.worker is None:
+            with self._lock, self.db:
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO rule_health VALUES (?, ?, ?, ?, ?, ?)", rows)
+            return
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO rule_health_workers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(self.worker, *r) for r in rows])
+                self.db.execute(_SUM_HEALTH)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def forget_workers(self) -> None:
+        """A new set of workers starts: the counts of the last set go (counts are since a
+        worker started, as a single engine's are since it started)."""
+        with self._lock:
+            self.db.execute("DELETE FROM rule_health_workers")
 
     def restore(self, engine: RuleEngine) -> None:
         """Put the saved state into a fresh engine (which drops the state of rules whose text
-        changed)."""
+        changed); a worker takes only what it owns."""
         with self._lock:
-            engine.restore(_saved(self.db))
+            saved = _saved(self.db)
+        if self.foreign is not None:
+            # A border device's instance of a rule crossing into this worker's district is
+            # saved by the device's owner, and taken here too (the engine keeps those).
+            _drop_foreign(saved, self.foreign, instances=False)
+        engine.restore(saved)
+
+    def meta(self, key: str) -> str | None:
+        rows = self.execute("SELECT value FROM rule_meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.execute("INSERT OR REPLACE INTO rule_meta VALUES (?, ?)", (key, value))
 
     def health(self) -> list[tuple]:
         return self.execute("SELECT * FROM rule_health ORDER BY rule_id")
@@ -123,6 +180,18 @@ class RuleStateStore:
         self._queue.put(None)
         self._writer.join(30)
         self.db.close()
+
+
+def _drop_foreign(snap: Snapshot, foreign: Callable[[str], bool], *,
+                  instances: bool = True) -> None:
+    """Leave out what another worker owns: its lights, the instances its devices are the
+    source of, the alerts of its devices and districts (``rule@device``, ``rule@district``)."""
+    for device_id in [d for d in snap.lights if foreign(d)]:
+        del snap.lights[device_id]
+    for key in [k for k in snap.instances if instances and foreign(k[1])]:
+        del snap.instances[key]
+    for key in [k for k in snap.alerts if foreign(k.rpartition("@")[2])]:
+        del snap.alerts[key]
 
 
 def _saved(db: sqlite3.Connection) -> Snapshot:

@@ -10,7 +10,7 @@ rules/model.py's ``Action``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from citygrid.fleet import FleetDevice
@@ -73,11 +73,15 @@ class Plan(NamedTuple):
     deactivate: tuple[Step, ...]
 
 
-def plan(rule: CompiledRule, actions: dict[str, ActionType]) -> Plan:
+def plan(rule: CompiledRule, actions: dict[str, ActionType],
+         only: Collection[str] | None = None) -> Plan:
+    """``only``: just these actions (an engine that owns some districts runs only the
+    ``set_light`` of a rule for a device it does not own)."""
     steps = []
     for action in rule.rule.then:
         [(name, spec)] = [(k, v) for k, v in action if v is not None]  # the model: one each
-        steps.append((actions[name], spec))
+        if only is None or name in only:
+            steps.append((actions[name], spec))
     return Plan(tuple((a.activate, spec) for a, spec in steps),
                 tuple((a.refresh, spec) for a, spec in steps if a.refreshes(spec)),
                 tuple((a.deactivate, spec) for a, spec in steps if a.deactivates(spec)))

@@ -9,7 +9,6 @@ from datetime import datetime
 
 import jsonschema
 import orjson
-import paho.mqtt.client as paho
 import pytest
 import yaml
 
@@ -504,9 +503,9 @@ class TestReloadAndRestart:
         assert not missing.parent.exists()  # no state yet: nothing created
 
 
-def test_the_runner_takes_its_mqtt_clients_and_clock_from_its_caller(tmp_path):
-    from citygrid import mqtt
-    from citygrid.contract import Topic
+def test_the_runner_takes_its_mqtt_client_and_clock_from_its_caller(tmp_path):
+    from citygrid import wire
+    from citygrid.contract import Topic, topic_filter
     from citygrid.settings import Settings
     from rules.runner import RuleRunner, RunnerConfig
 
@@ -514,7 +513,7 @@ def test_the_runner_takes_its_mqtt_clients_and_clock_from_its_caller(tmp_path):
 
     def make_client(url, client_id, **options):
         made.append((client_id, options))
-        return mqtt.make_client(url, client_id, **options)
+        return wire.Client(url, client_id, **options)
 
     class Clock:
         ms = NIGHT - 3_600_000
@@ -530,8 +529,13 @@ def test_the_runner_takes_its_mqtt_clients_and_clock_from_its_caller(tmp_path):
                         COPENHAGEN, None, RunnerConfig(DEFAULT_RULES), make_client=make_client,
                         clock=clock)
     try:
-        assert made == [("citygrid-rules-in", {"protocol": paho.MQTTv311, "manual_ack": True}),
-                        ("citygrid-rules-out", {})]
+        # One connection, readings in and commands out, in a persistent session.
+        [(client_id, options)] = made
+        assert client_id == "citygrid-rules"
+        assert options["clean_start"] is False and options["session_expiry_s"] > 0
+        assert options["subscriptions"] == [
+            (topic_filter(), 1), (topic_filter("ack", kind="streetlight"), 1),
+            (topic_filter("override", kind="streetlight"), 1)]
         topic = str(Topic("norrebro", "streetlight", "sl-1"))
         runner.handle(topic, orjson.dumps(light_reading(1, NIGHT)))
         assert "sl-1" not in runner.engine.lights  # an hour ahead of the runner's clock
