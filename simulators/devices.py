@@ -4,11 +4,19 @@ A device is driven by its ``tick(ts_ms, interval_s)``: it returns the payloads
 to publish on its telemetry topic for that reading time (none while offline or
 during a gap, two for a duplicate). Everything random comes from the device's
 own generator, seeded from the run's ``--seed``, so a run is reproducible.
+
+A reading costs a few µs (the load generator's budget, ``bench/simulator.py``): what
+depends only on the time is in the world's snapshot (daylight, traffic, weather, air, the
+load profiles), noise is a table look-up (``physics.NORMAL``), and the payload is one
+``bytes`` template — the contract's fields in the order ``orjson`` would write them, the
+values rounded by the format (``%.2f`` is ``round(x, 2)``, digits and all).
 """
 
 from __future__ import annotations
 
+import math
 import random
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +37,18 @@ FAULTS = tuple(dict.fromkeys(STREETLIGHT_FAULTS + METER_FAULTS))
 STANDBY_W = 0.5
 DRIVER_LOSS = 0.08
 PHOTOCELL_ON_LUX, PHOTOCELL_OFF_LUX = 30.0, 60.0
+CHARACTERS = ("downtown", "urban", "suburban")
+MAX_CLOUD = 0.8  # a reading's cloud cover is uniform in 0 … MAX_CLOUD
+LUX_SIGMA = 0.08  # the photocell's own scatter (lognormal)
+
+# brightness_pct and power_w: kept as text while the level stays (see StreetlightSim).
+_LIGHT = (b'{"ts":%d,"seq":%d,"brightness_pct":%b,"power_w":%b,"energy_wh":%.3f,"lux":%.2f,'
+          b'"motion":%b,"motion_count":%d,"temp_c":%.2f,"no2_ugm3":%.1f,"pm25_ugm3":%.1f}')
+_LIGHT_FAILED = _LIGHT[:-1] + b',"fault":"lamp_failure"}'
+_METER = b'{"ts":%d,"seq":%d,"energy_kwh":%.4f,"power_w":%.1f,"voltage_v":%.1f}'
+_MOTION = (b"false", b"true")
+_N, _NBITS, _NMASK = physics.NORMAL, physics.NORMAL_BITS, physics.NORMAL_MASK
+_exp = math.exp
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,32 +62,47 @@ class Snapshot:
     no2: dict[str, float]
     pm25: dict[str, float]
     season: float
+    # Ambient light is linear in the cloud cover: lux0 at a clear sky, + lux_span × u for
+    # a cloud cover of u × MAX_CLOUD (``sun.ambient_lux`` at both ends).
+    lux0: float = 0.0
+    lux_span: float = 0.0
+    household_w: float = 0.0  # the load profiles' deterministic part (physics.*_base_w)
+    business_w: float = 0.0
 
 
 class World:
     def __init__(self, city: CityProfile):
         self.city = city
         self.tz = city.tz
-        self._at = lru_cache(maxsize=4096)(self._snapshot)
+        # The snapshot of a 10 s bucket (``ts_ms // 10_000``): what a device's reading asks.
+        self.bucket = lru_cache(maxsize=4096)(self._snapshot)
 
     def at(self, ts_ms: int) -> Snapshot:
-        return self._at(ts_ms // 10_000)
+        return self.bucket(ts_ms // 10_000)
 
     def _snapshot(self, bucket: int) -> Snapshot:
         local = datetime.fromtimestamp(bucket * 10, self.tz)
-        characters = ("downtown", "urban", "suburban")
+        elevation = sun.elevation(self.city.lat, self.city.lon, local)
+        season = physics.season(local)
+        lux0 = sun.ambient_lux(elevation, 0.0)
         return Snapshot(
             local=local,
-            elevation=sun.elevation(self.city.lat, self.city.lon, local),
-            traffic={c: physics.traffic_per_min(local, c) for c in characters},
+            elevation=elevation,
+            traffic={c: physics.traffic_per_min(local, c) for c in CHARACTERS},
             temp_c=physics.air_temp_c(local, self.city.monthly_temp_c),
-            no2={c: physics.no2_ugm3(local, c, 0) for c in characters},
-            pm25={c: physics.pm25_ugm3(local, c, 0) for c in characters},
-            season=physics.season(local),
+            no2={c: physics.no2_ugm3(local, c, 0) for c in CHARACTERS},
+            pm25={c: physics.pm25_ugm3(local, c, 0) for c in CHARACTERS},
+            season=season,
+            lux0=lux0,
+            lux_span=sun.ambient_lux(elevation, MAX_CLOUD) - lux0,
+            household_w=physics.household_base_w(local, season),
+            business_w=physics.business_base_w(local, season),
         )
 
 
-@dataclass
+# Slots: a device is one compact object (the engine visits 10,000 of them in phase order,
+# all over memory). A slots dataclass cannot use super() in 3.11: the parents are named.
+@dataclass(slots=True)
 class SimDevice:
     spec: FleetDevice
     character: str
@@ -104,7 +139,7 @@ class SimDevice:
         if self.offline_for > 0:
             self.offline_for -= 1
             return []
-        if self._fault("offline"):
+        if self.faults and self._fault("offline"):
             self.offline_for = self.rng.randint(5, 30) - 1
             return []
         return self._reading(ts_ms, interval_s, world)
@@ -117,7 +152,7 @@ class SimDevice:
         raise NotImplementedError
 
 
-@dataclass
+@dataclass(slots=True)
 class StreetlightSim(SimDevice):
     level: float = 0.0
     commanded: float | None = None
@@ -127,11 +162,18 @@ class StreetlightSim(SimDevice):
     stuck: dict[str, Any] | None = None
     commands: int = 0
     rejected_commands: int = 0
+    # While the level (and the lamp) stay: the power drawn, and the level and the power as
+    # the payload writes them (the level in orjson's form, the power as ``%.2f``).
+    _level_json: bytes | None = field(init=False, default=None, repr=False)
+    _power: float = field(init=False, default=0.0, repr=False)
+    _power_text: bytes = field(init=False, default=b"", repr=False)
+    rated_w: float = field(init=False, default=0.0)  # the spec's, at hand
     SAVED = ("seq", "energy_wh", "level")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        SimDevice.__post_init__(self)
         self.energy_wh = round(self.rng.uniform(50_000, 400_000), 1)
+        self.rated_w = self.spec.rated_w or 0.0
 
     def _program_level(self, lux: float) -> float:
         """The controller's own photocell, with hysteresis, when no command holds."""
@@ -141,39 +183,64 @@ class StreetlightSim(SimDevice):
             return 0.0
         return 100.0 if self.level > 0 else 0.0
 
+    def restore(self, saved: dict[str, Any]) -> None:
+        SimDevice.restore(self, saved)
+        self._level_json = None  # the level's and the power's texts are made again
+
+    def _set_power(self) -> None:
+        if self.lamp_failed:
+            self._power = STANDBY_W
+        else:
+            self._power = self.rated_w * self.level / 100 * (1 + DRIVER_LOSS) + STANDBY_W
+        self._power_text = b"%.2f" % self._power
+
     def _reading(self, ts_ms: int, interval_s: float, world: World) -> list[bytes]:
-        snap = world.at(ts_ms)
-        if not self.lamp_failed and self._fault("lamp_failure"):
-            self.lamp_failed = True
-        if self.stuck is None and self._fault("stuck_sensor"):
-            self.stuck = {}
-        lux = sun.ambient_lux(snap.elevation, self.rng.random() * 0.8) * self.rng.lognormvariate(
-            0, 0.08)
-        passing = physics.poisson(self.rng, snap.traffic[self.character] * interval_s / 60)
+        snap = world.bucket(ts_ms // 10_000)
+        rng = self.rng
+        if self.faults:
+            if not self.lamp_failed and self._fault("lamp_failure"):
+                self.lamp_failed = True
+                self._level_json = None  # the power changes
+            if self.stuck is None and self._fault("stuck_sensor"):
+                self.stuck = {}
+        bits = rng.getrandbits(4 * _NBITS)  # four normal draws: the photocell, temp, air
+        lux = (snap.lux0 + snap.lux_span * rng.random()) * _exp(LUX_SIGMA * _N[bits & _NMASK])
+        mean = snap.traffic[self.character] * interval_s / 60
+        if mean <= 0:
+            passing = 0
+        elif mean <= physics.POISSON_TABLE_MAX:
+            passing = bisect_right(physics.poisson_cdf(mean), rng.random())
+        else:
+            passing = physics.poisson(rng, mean)
         if self.stuck is not None:
             self.stuck.setdefault("lux", lux)
             self.stuck.setdefault("passing", passing)
             lux, passing = self.stuck["lux"], self.stuck["passing"]
         if self.hold_until_ms is not None and ts_ms >= self.hold_until_ms:
             self.commanded = self.hold_until_ms = None  # the hold ran out: back to the program
-        self.level = self.commanded if self.commanded is not None else self._program_level(lux)
-        if self.lamp_failed:
-            power = STANDBY_W
+        if self.commanded is not None:
+            level = self.commanded
+        elif lux < PHOTOCELL_ON_LUX:  # the photocell (_program_level), inline: the hot path
+            level = 100.0
+        elif lux > PHOTOCELL_OFF_LUX:
+            level = 0.0
         else:
-            power = self.spec.rated_w * self.level / 100 * (1 + DRIVER_LOSS) + STANDBY_W
+            level = 100.0 if self.level > 0 else 0.0
+        if level != self.level or self._level_json is None:
+            self._level_json = orjson.dumps(level)
+            self.level = level
+            self._set_power()
+        power = self._power
         self.energy_wh += power * interval_s / 3600
         self.seq += 1
-        reading = {
-            "ts": ts_ms, "seq": self.seq, "brightness_pct": self.level,
-            "power_w": round(power, 2), "energy_wh": round(self.energy_wh, 3),
-            "lux": round(lux, 2), "motion": passing > 0, "motion_count": passing,
-            "temp_c": round(snap.temp_c + self.rng.gauss(0, 0.3), 2),
-            "no2_ugm3": round(max(0.0, snap.no2[self.character] + self.rng.gauss(0, 2)), 1),
-            "pm25_ugm3": round(max(0.0, snap.pm25[self.character] + self.rng.gauss(0, 1)), 1),
-        }
-        if self.lamp_failed:
-            reading["fault"] = "lamp_failure"
-        return [orjson.dumps(reading)]
+        character = self.character
+        no2 = snap.no2[character] + 2 * _N[(bits >> (2 * _NBITS)) & _NMASK]
+        pm25 = snap.pm25[character] + _N[bits >> (3 * _NBITS)]
+        return [(_LIGHT_FAILED if self.lamp_failed else _LIGHT) % (
+            ts_ms, self.seq, self._level_json, self._power_text, self.energy_wh, lux,
+            _MOTION[passing > 0],
+            passing, snap.temp_c + 0.3 * _N[(bits >> _NBITS) & _NMASK],
+            no2 if no2 > 0.0 else 0.0, pm25 if pm25 > 0.0 else 0.0)]
 
     def command(self, payload: bytes, now_ms: int) -> dict[str, Any]:
         """Apply a command like a real controller; returns the ack to publish.
@@ -196,37 +263,51 @@ class StreetlightSim(SimDevice):
         self.commanded = cmd.brightness_pct
         self.hold_until_ms = now_ms + int(cmd.hold_s * 1000) if cmd.hold_s else None
         self.level = cmd.brightness_pct  # applied now; the next reading shows it
+        self._level_json = None
         return {"id": cmd.id, "ts": now_ms, "brightness_pct": self.level, "ok": True}
 
 
-@dataclass
+@dataclass(slots=True)
 class MeterSim(SimDevice):
     register_kwh: float = 0.0
     held: bytes | None = None  # a reading kept back to arrive out of order
+    business: bool = field(init=False, default=False)  # its load profile: a shop or a home
     SAVED = ("seq", "register_kwh")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        SimDevice.__post_init__(self)
         self.register_kwh = round(self.rng.uniform(1_000, 40_000), 3)
+        self.business = self.spec.profile == "business"
 
     def _reading(self, ts_ms: int, interval_s: float, world: World) -> list[bytes]:
-        snap = world.at(ts_ms)
-        if self.spec.profile == "business":
-            watts = physics.business_w(snap.local, snap.season, self.rng)
+        snap = world.bucket(ts_ms // 10_000)
+        rng = self.rng
+        bits = rng.getrandbits(2 * _NBITS)  # two normal draws: the load's, the voltage's
+        if self.business:
+            watts = snap.business_w * _exp(physics.BUSINESS_SIGMA * _N[bits & _NMASK])
+            if watts < physics.BUSINESS_MIN_W:
+                watts = physics.BUSINESS_MIN_W
         else:
-            watts = physics.household_w(snap.local, snap.season, self.rng)
+            w = snap.household_w
+            if rng.random() < physics.APPLIANCE_CHANCE:
+                w += rng.choice(physics.APPLIANCES_W)
+            watts = w * _exp(physics.HOUSEHOLD_SIGMA * _N[bits & _NMASK])
+            if watts < physics.HOUSEHOLD_MIN_W:
+                watts = physics.HOUSEHOLD_MIN_W
         self.register_kwh += watts * interval_s / 3_600_000
-        if self._fault("reset"):  # a meter swap: the new meter starts near zero
-            self.register_kwh = round(min(self.rng.uniform(0, 2), self.register_kwh / 2), 3)
+        faults = self.faults
+        if faults and self._fault("reset"):  # a meter swap: the new meter starts near zero
+            self.register_kwh = round(min(rng.uniform(0, 2), self.register_kwh / 2), 3)
         self.seq += 1
-        if self._fault("gap"):
+        if faults and self._fault("gap"):
             return []  # lost on the way: the next seq shows the gap, the register keeps counting
         register = self.register_kwh
-        if self._fault("spike"):
-            register += self.rng.uniform(5_000, 20_000)  # one implausible reading
-        payload = orjson.dumps({"ts": ts_ms, "seq": self.seq, "energy_kwh": round(register, 4),
-                                "power_w": round(watts, 1),
-                                "voltage_v": round(self.rng.gauss(230, 1.5), 1)})
+        if faults and self._fault("spike"):
+            register += rng.uniform(5_000, 20_000)  # one implausible reading
+        payload = _METER % (ts_ms, self.seq, register, watts,
+                            230 + 1.5 * _N[bits >> _NBITS])
+        if not faults:
+            return [payload]
         out = [payload]
         if self._fault("duplicate"):
             out.append(payload)
