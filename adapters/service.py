@@ -69,8 +69,6 @@ log = logging.getLogger("citygrid.adapters")
 ClientFactory = Callable[..., wire.Client]  # called as citygrid.wire.Client is
 CMD_PREFIX = "city/v1/"
 TOPIC_CACHE_MAX = 200_000
-# One hour: a run that restarts within it finds its unacknowledged messages waiting.
-SESSION_EXPIRY_S = 3600
 # PUBACK and SUBACK reason codes ≥ 0x80 (MQTT 5), for dead letters and logs.
 REFUSALS = {0x80: "unspecified error", 0x83: "implementation specific error",
             0x87: "not authorized", 0x8F: "topic filter invalid", 0x90: "topic name invalid",
@@ -177,7 +175,7 @@ class AdapterService:
         self._metrics_server = None
         self._client = (client_factory or wire.Client)(
             settings.mqtt, self.config.client_id, clean_start=False,
-            session_expiry_s=SESSION_EXPIRY_S, receive_maximum=self.config.receive_maximum,
+            session_expiry_s=wire.SESSION_EXPIRY_S, receive_maximum=self.config.receive_maximum,
             on_messages=self._on_messages, on_connect=self._on_connect,
             on_published=self._on_published, on_disconnect=self._on_disconnect,
             reconnect_min_s=0.25, reconnect_max_s=2.0)

@@ -1,66 +1,16 @@
-"""The one place CityGrid makes paho-mqtt clients: MQTT 5 (or 3.1.1), settings-driven."""
+"""paho-mqtt clients for tools, benchmarks and tests (MQTT 5 or 3.1.1, settings-driven), and
+the view-only city watch. The services' hot paths use citygrid.wire."""
 
 from __future__ import annotations
 
 import ssl
-import struct
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from citygrid.settings import MqttUrl
-
-# One hour: a worker that restarts within it finds its unacknowledged messages waiting.
-DEFAULT_SESSION_EXPIRY_S = 3600
-
-
-class InboundMessage(Protocol):
-    """What a consumer reads of a received PUBLISH (paho's ``MQTTMessage`` has it)."""
-
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-
-
-class ConsumerClient(Protocol):
-    """The part of a paho client a consumer that acknowledges by hand uses (ingest): what
-    ``connect()`` and ``ack_many()`` call, the loop, and paho's VERSION2 callbacks::
-
-        on_connect(client, userdata, flags, reason_code, properties)
-        on_subscribe(client, userdata, mid, reason_codes, properties)
-        on_disconnect(client, userdata, flags, reason_code, properties)
-        on_message(client, userdata, message: InboundMessage)
-
-    ``paho.Client`` is one; a test's fake is another (no broker needed).
-    """
-
-    protocol: int  # paho.MQTTv5 or paho.MQTTv311
-    on_connect: Callable[..., None] | None
-    on_subscribe: Callable[..., None] | None
-    on_disconnect: Callable[..., None] | None
-    on_message: Callable[..., None] | None
-
-    def connect_async(self, host: str, port: int = 1883, keepalive: int = 60,
-                      bind_address: str = "", bind_port: int = 0, clean_start: Any = ...,
-                      properties: Properties | None = None) -> None: ...
-
-    def reconnect_delay_set(self, min_delay: int = 1, max_delay: int = 120) -> None: ...
-
-    def subscribe(self, topic: Any, qos: int = 0, options: Any = None,
-                  properties: Properties | None = None) -> tuple[Any, int | None]: ...
-
-    def ack(self, mid: int, qos: int) -> Any: ...
-
-    def loop_start(self) -> Any: ...
-
-    def loop_stop(self) -> Any: ...
-
-    def disconnect(self, reasoncode: Any = None, properties: Properties | None = None) -> Any: ...
 
 
 def make_client(url: MqttUrl, client_id: str = "", *, manual_ack: bool = False,
@@ -79,7 +29,7 @@ def make_client(url: MqttUrl, client_id: str = "", *, manual_ack: bool = False,
     return client
 
 
-def connect(client: paho.Client | ConsumerClient, url: MqttUrl, *, clean_start: bool = True,
+def connect(client: paho.Client, url: MqttUrl, *, clean_start: bool = True,
             session_expiry_s: int = 0, receive_maximum: int | None = None,
             keepalive: int = 30, wait: bool = True) -> None:
     """Connect; CONNACK comes via the loop.
@@ -112,26 +62,6 @@ def message_expiry(client: paho.Client, seconds: int) -> Properties | None:
     props = Properties(PacketTypes.PUBLISH)
     props.MessageExpiryInterval = seconds
     return props
-
-
-_PUBACK = struct.Struct("!BBH")  # fixed header 0x40, remaining length 2, packet id
-
-
-def ack_many(client: paho.Client | ConsumerClient, mids: list[int]) -> None:
-    """Acknowledge many QoS 1 messages in one write.
-
-    paho's ``ack()`` queues one packet and wakes its loop once per message, which
-    costs ingest more than the rest of its per-message work; MQTT is a byte
-    stream, so the PUBACKs can go out back to back as one buffer.
-    """
-    if not mids:
-        return
-    queue = getattr(client, "_packet_queue", None)
-    if queue is None:  # a paho without the internal we lean on: the slow, public way
-        for mid in mids:
-            client.ack(mid, 1)
-        return
-    queue(0x40, b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids]), 0, 0)
 
 
 def watch_city(url: MqttUrl, on_event):

@@ -53,6 +53,9 @@ from citygrid.settings import MqttUrl
 log = logging.getLogger("citygrid.mqtt")
 
 MQTT5, MQTT311 = 5, 4  # the protocol levels (paho's numbers too)
+# A persistent session's expiry: a service that restarts within an hour finds its
+# unacknowledged messages waiting.
+SESSION_EXPIRY_S = 3600
 READ_SIZE = 1 << 20
 _U16 = struct.Struct("!H")
 _PUBACK = struct.Struct("!BBH")
@@ -89,7 +92,7 @@ class Will:
 
 # --- the codec -------------------------------------------------------------------------
 
-def _vbi(n: int) -> bytes:
+def vbi(n: int) -> bytes:
     """A Variable Byte Integer (remaining length, property length)."""
     if n < 128:
         return bytes((n,))
@@ -101,7 +104,7 @@ def _vbi(n: int) -> bytes:
             return bytes(out)
 
 
-def _utf8(s: str | bytes) -> bytes:
+def utf8(s: str | bytes) -> bytes:
     b = s.encode() if isinstance(s, str) else s
     return _U16.pack(len(b)) + b
 
@@ -117,7 +120,7 @@ def encode_publish(topic: str | bytes, payload: bytes, qos: int = 0, retain: boo
     if v5:
         var += b"\x05\x02" + struct.pack("!I", expiry_s) if expiry_s else b"\x00"
     head = 0x30 | (qos << 1) | (1 if retain else 0) | (8 if dup else 0)
-    return bytes((head,)) + _vbi(len(var) + len(payload)) + var + payload
+    return bytes((head,)) + vbi(len(var) + len(payload)) + var + payload
 
 
 def encode_acks(mids: Iterable[int]) -> bytes:
@@ -129,23 +132,23 @@ def encode_acks(mids: Iterable[int]) -> bytes:
 def _connect_311(client_id: str, clean: bool, keepalive: int, username: str | None,
                  password: str | None, will: Will | None) -> bytes:
     flags = 0x02 if clean else 0
-    payload = _utf8(client_id)
+    payload = utf8(client_id)
     if will is not None:
         flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
-        payload += _utf8(will.topic) + _utf8(will.payload)
+        payload += utf8(will.topic) + utf8(will.payload)
     if username is not None:
         flags |= 0x80
-        payload += _utf8(username)
+        payload += utf8(username)
         if password is not None:
             flags |= 0x40
-            payload += _utf8(password)
+            payload += utf8(password)
     var = b"\x00\x04MQTT\x04" + bytes((flags,)) + _U16.pack(keepalive)
-    return b"\x10" + _vbi(len(var) + len(payload)) + var + payload
+    return b"\x10" + vbi(len(var) + len(payload)) + var + payload
 
 
 def _subscribe_311(packet_id: int, filters: Sequence[tuple[str, int]]) -> bytes:
-    body = _U16.pack(packet_id) + b"".join(_utf8(t) + bytes((q,)) for t, q in filters)
-    return b"\x82" + _vbi(len(body)) + body
+    body = _U16.pack(packet_id) + b"".join(utf8(t) + bytes((q,)) for t, q in filters)
+    return b"\x82" + vbi(len(body)) + body
 
 
 def frame(buf: bytes, start: int = 0) -> tuple[list[tuple[int, int, int]], int]:
@@ -560,8 +563,8 @@ class Client:
             if self.v5:
                 packet = mqtt5.UnsubscribePacket(packet_id, gone).write()
             else:
-                body = _U16.pack(packet_id) + b"".join(_utf8(t) for t in gone)
-                packet = b"\xa2" + _vbi(len(body)) + body
+                body = _U16.pack(packet_id) + b"".join(utf8(t) for t in gone)
+                packet = b"\xa2" + vbi(len(body)) + body
             self._send(packet)
 
     def acknowledged(self, mid: int) -> bool:

@@ -62,8 +62,6 @@ SELF_MEASUREMENT = "citygrid_ingest"
 ROUTE_CACHE_MAX = 200_000  # topics (devices) remembered; a city of 100,000 devices fits
 
 ClientFactory = Callable[..., wire.Client]  # called as citygrid.wire.Client is
-# One hour: a worker that restarts within it finds its unacknowledged messages waiting.
-SESSION_EXPIRY_S = 3600
 
 
 @dataclass
@@ -139,7 +137,7 @@ class IngestService:
         # Receive Maximum as the window of messages held unacknowledged.
         self._client = (client_factory or wire.Client)(
             settings.mqtt, self.config.client_id, clean_start=False,
-            session_expiry_s=SESSION_EXPIRY_S, receive_maximum=self.config.receive_maximum,
+            session_expiry_s=wire.SESSION_EXPIRY_S, receive_maximum=self.config.receive_maximum,
             subscriptions=[(self.config.subscription, 1)], on_messages=self._on_messages,
             on_connect=self._on_connect, on_disconnect=self._on_disconnect,
             reconnect_min_s=0.1, reconnect_max_s=5.0,

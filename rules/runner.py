@@ -44,8 +44,7 @@ from rules.state import RuleStateStore
 
 log = logging.getLogger("citygrid.rules")
 IDLE_S = 5.0  # no reading for this long: the watermark follows the wall clock
-# One hour: an engine that restarts within it finds what arrived meanwhile waiting.
-SESSION_EXPIRY_S = 3600
+SESSION_EXPIRY_S = wire.SESSION_EXPIRY_S  # rules/cli.py and the tests name it here
 ROUTE_CACHE_MAX = 200_000  # topics remembered (parsed once); a city of 100,000 devices fits
 # Makes the MQTT client; called as ``citygrid.wire.Client`` is (the default).
 MqttClientFactory = Callable[..., wire.Client]

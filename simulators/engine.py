@@ -164,17 +164,10 @@ class Schedule:
 
 def _topic_part(topic: str) -> bytes:
     """A PUBLISH's topic as it goes on the wire (length-prefixed UTF-8)."""
-    t = topic.encode()
-    return len(t).to_bytes(2, "big") + t
+    return wire.utf8(topic)
 
 
-def _vbi(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 127, n >> 7
-        out.append(b | 128 if n else b)
-        if not n:
-            return bytes(out)
+_vbi = wire.vbi
 
 
 # A QoS 1 PUBLISH's fixed header by remaining length, for the readings' lengths (a reading
