@@ -40,7 +40,8 @@ def test_backups_taken_while_settling_restore_to_a_ledger_that_verifies(
                                                               energy_kwh=1000.0 + 10 * h))
                 for h in range(300) for m in meters]
     device = Publisher(mosquitto.url, f"meters-{uid}")
-    sender = threading.Thread(target=device.send_all, args=(readings, 1500.0))
+    # 1,000 a second: six seconds of settling, room for eight backups on a loaded machine.
+    sender = threading.Thread(target=device.send_all, args=(readings, 1000.0))
     try:
         sender.start()
         def settled() -> int:
