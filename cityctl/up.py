@@ -144,7 +144,7 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
     supervisor.start("gateway", python + ["gateway", "--port", str(gateway_port)], env)
     interval = args.interval or max(60.0, len(fleet) * args.speed / BROKER_BUDGET[broker_kind])
     if not args.no_simulator:
-        sim = ["simulate", "--mode", "per-device", "--speed", str(args.speed),
+        sim = ["simulate", "--mode", "multiplexed", "--speed", str(args.speed),
                "--interval", f"{interval:g}s", "--state", str(data / "simulator.json"),
                "--report-every", "30"]
         if not (data / "simulator.json").exists():

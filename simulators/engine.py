@@ -270,8 +270,9 @@ class _WireConnection:
         queued, self.waiting = self.waiting, deque()
         self.up = False  # (put() queues them all, in order)
         parts = self.engine.status_parts
+        silent = self.engine.silent
         for i in self.devices:
-            self.put(parts[i], [ONLINE], 0x33)
+            self.put(parts[i], [OFFLINE if i in silent else ONLINE], 0x33)
         self.waiting.extend(queued)
         self.up = True
         self._fill()
@@ -470,6 +471,7 @@ class Engine:
         self.connection_of: list[_WireConnection | _Connection] = []
         self.stats = Counter()
         self._next_poll = 0.0
+        self.silent: set[int] = set()  # multiplexed: devices in an offline fault, by index
         self.stopping = False
         self._stop = threading.Event()
 
@@ -599,6 +601,7 @@ class Engine:
         world, interval_s = self.world, self.config.interval_s
         fixed, heads, mid_bytes = self._fixed, _HEADS, self._mid_bytes
         readings, left = 0, SERVICE_EVERY
+        silent = self.silent if "offline" in self.config.faults else None
         result: _WireConnection | bool = True
         try:
             while True:
@@ -615,6 +618,17 @@ class Engine:
                     pos = 0
                     base += step
                 payloads = devices[i].tick(due, interval_s, world)
+                if silent is not None:
+                    # An offline fault (5–30 silent readings) on a shared connection: the
+                    # retained status a per-device connection's Last Will would give, and
+                    # online again with its first reading back.
+                    if payloads:
+                        if i in silent:
+                            silent.discard(i)
+                            conn.put(self.status_parts[i], [ONLINE], 0x33)
+                    elif devices[i].went_offline and i not in silent:
+                        silent.add(i)
+                        conn.put(self.status_parts[i], [OFFLINE], 0x33)
                 if payloads:
                     readings += len(payloads)
                     # put(), inline for the usual case: one reading, room in the window.

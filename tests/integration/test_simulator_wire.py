@@ -143,16 +143,19 @@ def test_last_will_fires_when_the_device_process_dies(mosquitto, uid, collect, t
     assert offline == {d.device_id for d in fleet}
 
 
-def test_offline_fault_drops_the_connection_and_comes_back(mosquitto, uid, collect):
+@pytest.mark.parametrize("mode", ["per-device", "multiplexed"])
+def test_offline_fault_says_offline_and_comes_back(mosquitto, uid, collect, mode):
+    """Per-device: the connection drops and the Last Will says offline. Multiplexed (one
+    connection for many): the simulator publishes the same retained status itself."""
     fleet = fleet_for(uid, 6, 0)
     seen = collect(f"city/v1/{uid}/+/+/status")
-    config = SimConfig(speed=10, interval_s=1, mode="per-device", seed=5,
+    config = SimConfig(speed=10, interval_s=1, mode=mode, seed=5,
                        faults={"offline": 0.05})
     engine = Engine(MqttUrl.parse(mosquitto.url), fleet, COPENHAGEN, config)
     thread = run_in_thread(engine)
     try:
         wait_until(lambda: any(p == b'{"online":false}' for _, p, _ in seen.messages),
-                   message="a Last Will from a device gone offline")
+                   message="offline from a device gone silent")
         gone = next(Topic.parse(t).device_id for t, p, _ in seen.messages
                     if p == b'{"online":false}')
         n = len(seen.messages)
