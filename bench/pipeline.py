@@ -97,14 +97,31 @@ class Proc:
                 raise RuntimeError(f"{self.name} did not say {needle!r}:\n{self.text()[-2000:]}")
             time.sleep(0.05)
 
+    def _stat(self) -> tuple[float, float, float]:
+        """The process and its children (`rules run --workers N`: a supervisor and N
+        workers): CPU summed, the largest process's peak and current RSS (each one's own)."""
+        import psutil
+
+        pids = [self.process.pid]
+        with contextlib.suppress(psutil.Error):
+            pids += [c.pid for c in psutil.Process(self.process.pid).children(recursive=True)]
+        stats = []
+        for pid in pids:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError, KeyError):
+                stats.append(proc_stat(pid))
+        if not stats:
+            raise ProcessLookupError(self.process.pid)
+        return (sum(c for c, _, _ in stats), max(h for _, h, _ in stats),
+                max(r for _, _, r in stats))
+
     def mark(self) -> None:
-        self.cpu0 = proc_stat(self.process.pid)[0]
-        self.last = proc_stat(self.process.pid)
+        self.last = self._stat()
+        self.cpu0 = self.last[0]
 
     def sample(self) -> None:
         """Keep the latest figures: /proc forgets a process once it is reaped."""
         with contextlib.suppress(FileNotFoundError, ProcessLookupError, KeyError):
-            self.last = proc_stat(self.process.pid)
+            self.last = self._stat()
 
     def usage(self) -> dict[str, float]:
         self.sample()
@@ -241,8 +258,13 @@ class Bench:
         if rules:
             procs.append(Proc(f"rules-{self.step_no}", [
                 sys.executable, "-m", "cityctl", "rules", "run", *common,
-                "--fleet", str(self.tmp / "fleet.geojson")], self.logs))
-            procs[-1].wait_log("rules running")
+                "--fleet", str(self.tmp / "fleet.geojson"),
+                "--workers", str(self.args.rules_workers)], self.logs))
+            for _ in range(60 * 20):  # every worker says it (one process: the same line)
+                if procs[-1].text().count("rules running") >= self.args.rules_workers:
+                    break
+                procs[-1].wait_log("rules running")
+                time.sleep(0.05)
         return procs
 
     def nodered(self, db: str) -> list[Proc]:
@@ -416,6 +438,8 @@ def main() -> None:
     ap.add_argument("--steps", default="2000,3000,4000,5000,6000,8000,10000")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--workers", default="1,2,4", help="ingest workers to scale out over")
+    ap.add_argument("--rules-workers", type=int, default=2,
+                    help="rule engine processes, by district (up and compose run 2)")
     ap.add_argument("--ingest-steps", default="6000,9000,12000,15000,18000,21000")
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--probes", type=int, default=1000, help="probe lights (one motion "

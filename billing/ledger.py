@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 from billing import tariffs
 from billing.accounting import MeterState, account, to_mwh
-from billing.config import BillingConfig
+from billing.config import BillingConfig, MeterBinding
 from citygrid import statedb
 from citygrid.fleet import Fleet
 
@@ -88,6 +88,7 @@ class BillingStore:
         self.db.executescript(_SCHEMA)
         self._checkpoints = statedb.checkpoint_in_background(self.db, self.path)
         self._lock = threading.Lock()
+        self._bindings: dict[str, tuple[Any, MeterBinding | None]] = {}
         self._states: dict[str, MeterState] = {}
         # Per meter: unbilled (mwh, rows, oldest period, amount) — summed from the table once,
         # then kept up to date, so the rules' `meter.unbilled_kwh` does not re-read every
@@ -114,7 +115,7 @@ class BillingStore:
 
     def on_reading(self, meter_id: str, ts_ms: int, energy_kwh: float) -> list[tuple[str, str]]:
         """Account one meter reading; returns events worth an alert (reset, spike, held)."""
-        binding = self.config.binding(meter_id, self.fleet)
+        binding = self._binding(meter_id)
         if binding is None:
             return [("unbilled_meter", f"{meter_id} has no account and tariff")]
         with self._lock:
@@ -147,6 +148,19 @@ class BillingStore:
                     mwh + sum(s.mwh for s in segments), rows + len(segments), min(periods),
                     amount + sum((s.amount for s in segments), Decimal(0)))
         return outcome.events
+
+    def _binding(self, meter_id: str) -> MeterBinding | None:
+        """``config.binding``, kept per meter while its fleet entry is the same object (a
+        reading per meter a minute: no model built for each)."""
+        device = self.fleet.by_id.get(meter_id) if self.fleet else None
+        hit = self._bindings.get(meter_id)
+        if hit is not None and hit[0] is device:
+            return hit[1]
+        binding = self.config.binding(meter_id, self.fleet)
+        if len(self._bindings) > 100_000:
+            self._bindings.clear()
+        self._bindings[meter_id] = (device, binding)
+        return binding
 
     def unbilled(self, meter_id: str) -> dict[str, Any]:
         with self._lock:

@@ -63,15 +63,51 @@ def _boundaries(tariff: Tariff, tz: ZoneInfo, t0: int, t1: int) -> list[int]:
     cuts = set()
     day = first
     while day <= last:
-        key = (id(tariff), tz, day)
-        known = _CUTS.get(key)
-        if known is None or known[0] is not tariff:
-            if len(_CUTS) > 4096:
-                _CUTS.clear()
-            known = _CUTS[key] = (tariff, _day_cuts(tariff, tz, day))
-        cuts.update(known[1])
+        cuts.update(_known_cuts(tariff, tz, day))
         day += timedelta(days=1)
     return sorted(c for c in cuts if t0 < c < t1)
+
+
+def _known_cuts(tariff: Tariff, tz: ZoneInfo, day: date) -> tuple[int, ...]:
+    key = (id(tariff), tz, day)
+    known = _CUTS.get(key)
+    if known is None or known[0] is not tariff:
+        if len(_CUTS) > 4096:
+            _CUTS.clear()
+        known = _CUTS[key] = (tariff, _day_cuts(tariff, tz, day))
+    return known[1]
+
+
+# (id(tariff), tz) → (tariff, lo, hi): the last span between two cuts (lo ≤ t < hi, no cut
+# in between) that an interval fell in. A meter reads every minute or so and the cuts are a
+# few a day: almost every interval lies in the span of the one before, any meter's.
+_SPANS: dict[tuple[int, ZoneInfo], tuple[Tariff, int, int]] = {}
+
+
+def _midnight(day: date, tz: ZoneInfo) -> int:
+    return int(datetime.combine(day, time(0), tz).timestamp() * 1000)
+
+
+def _cuts_inside(tariff: Tariff, tz: ZoneInfo, t0: int, t1: int) -> list[int]:
+    """``_boundaries(tariff, tz, t0, t1)``, answered from the span cache when it can be."""
+    key = (id(tariff), tz)
+    span = _SPANS.get(key)
+    if span is not None and span[0] is tariff and span[1] <= t0 and t1 <= span[2]:
+        return []
+    inside = _boundaries(tariff, tz, t0, t1)
+    # Learn the span around t0 from its day and the days either side (all their cuts known).
+    day = datetime.fromtimestamp(t0 / 1000, tz).date()
+    lo, hi = _midnight(day - timedelta(days=1), tz), _midnight(day + timedelta(days=2), tz)
+    for d in (day - timedelta(days=1), day, day + timedelta(days=1)):
+        for c in _known_cuts(tariff, tz, d):
+            if c <= t0:
+                lo = max(lo, c)
+            else:
+                hi = min(hi, c)
+    if len(_SPANS) > 256:
+        _SPANS.clear()
+    _SPANS[key] = (tariff, lo, hi)
+    return inside
 
 
 def _price_at(tariff: Tariff, tz: ZoneInfo, ts_ms: int) -> Decimal:
@@ -98,7 +134,7 @@ def price(config: BillingConfig, tariff_name: str, tz: ZoneInfo, t0: int, t1: in
     """Price ``mwh`` consumed between t0 and t1. ``used_in_period`` (period → mWh already
     priced) is read and updated, for tiers."""
     tariff = config.tariffs[tariff_name]
-    cuts = [t0, *_boundaries(tariff, tz, t0, t1), t1] if t1 > t0 else [t0, t1]
+    cuts = [t0, *_cuts_inside(tariff, tz, t0, t1), t1] if t1 > t0 else [t0, t1]
     pieces = list(zip(cuts, cuts[1:], strict=False)) or [(t0, t1)]
     shares = _share(mwh, [b - a for a, b in pieces])
     segments = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 import uuid
 from datetime import datetime
@@ -72,6 +73,25 @@ colour: red
 class TestTariffs:
     def price(self, tariff, t0, t1, mwh, used=None):
         return tariffs.price(CONFIG, tariff, TZ, t0, t1, mwh, used if used is not None else {})
+
+    @pytest.mark.parametrize("start", [ms(2026, 3, 27), ms(2026, 10, 23), ms(2026, 11, 29)])
+    def test_the_span_cache_finds_the_cuts_the_days_give(self, start):
+        """``price`` skips the day-by-day search when the interval lies between two cuts
+        already known: it must find exactly the cuts the search finds, whatever came first.
+        Meter-like intervals (a minute to three hours, each after the one before, now and
+        then a jump) across a DST change or a month's end."""
+        rng = random.Random(start)
+        t, crossed = start, 0
+        for _ in range(5000):
+            t0 = t if rng.random() < 0.9 else start + rng.randrange(8 * 86_400_000)
+            t1 = t0 + rng.choice((60_000, 600_000, rng.randrange(1, 3 * 3_600_000)))
+            for name in ("household-tou", "business-flat"):
+                tariff = CONFIG.tariffs[name]
+                want = tariffs._boundaries(tariff, TZ, t0, t1)
+                assert tariffs._cuts_inside(tariff, TZ, t0, t1) == want, (name, t0, t1)
+                crossed += bool(want)
+            t = t1
+        assert crossed > 50  # the intervals did cross cuts
 
     def test_an_interval_is_split_at_the_evening_boundary(self):
         segs = self.price("household-tou", ms(2026, 11, 27, 16), ms(2026, 11, 27, 18), 2_000_000)
