@@ -64,26 +64,42 @@ def _value(value: object) -> str:
     return field_value(value)
 
 
-_ENCODERS: dict[tuple[str, ...], object] = {}
+_ENCODERS: dict[tuple, object] = {}
 
 
-def _encoder(names: tuple[str, ...]):
-    """A function that writes the fields of one set of names, made once per set (a city has a
-    handful: one per kind and optional field present): one f-string, no loop per field. The
-    names reach it as values (``n0``…), never as source text."""
-    fn = _ENCODERS.get(names)
+def _bad(value: float) -> None:
+    raise ValueError(f"line protocol has no {value}")
+
+
+def _encoder(names: tuple[str, ...], kinds: tuple[type, ...]):
+    """A function that writes the fields of one set of names and value types, made once per
+    set (a city has a handful: one per kind and optional field present): one f-string, no
+    call per field. The names reach it as values (``n0``…), never as source text."""
+    fn = _ENCODERS.get((names, kinds))
     if fn is None:
         if len(_ENCODERS) > 1000:  # points of arbitrary shapes: do not grow without bound
             _ENCODERS.clear()
-        scope: dict[str, object] = {"_value": _value}
-        body = []
-        for i, name in enumerate(names):
+        scope: dict[str, object] = {"_value": _value, "_bad": _bad, "_STRING": _STRING}
+        take, checks, body = [], [], []
+        for i, (name, kind) in enumerate(zip(names, kinds, strict=True)):
             scope[f"n{i}"] = name
             scope[f"k{i}"] = ("," if i else "") + (_field_keys.get(name) or _field_key(name)) + "="
-            body.append(f"{{k{i}}}{{_value(f[n{i}])}}")
-        source = f"def enc(key, f, ts):\n    return f\"{{key}} {''.join(body)} {{ts}}\"\n"
+            take.append(f"    v{i} = f[n{i}]\n")
+            if kind is float:  # NaN and ±Infinity: line protocol has neither
+                checks.append(f"    if v{i} - v{i} != 0:\n        _bad(v{i})\n")
+                body.append(f"{{k{i}}}{{v{i}!r}}")
+            elif kind is bool:
+                body.append(f"{{k{i}}}{{'true' if v{i} else 'false'}}")
+            elif kind is int:
+                body.append(f"{{k{i}}}{{v{i}}}i")
+            elif kind is str:
+                body.append(f'{{k{i}}}\\"{{v{i}.translate(_STRING)}}\\"')
+            else:  # what field_value refuses, it refuses here too
+                body.append(f"{{k{i}}}{{_value(v{i})}}")
+        source = ("def enc(key, f, ts):\n" + "".join(take) + "".join(checks)
+                  + f"    return f\"{{key}} {''.join(body)} {{ts}}\"\n")
         exec(compile(source, "<lineproto>", "exec"), scope)  # noqa: S102 (no data in it)
-        fn = _ENCODERS[names] = scope["enc"]
+        fn = _ENCODERS[names, kinds] = scope["enc"]
     return fn
 
 
@@ -91,7 +107,7 @@ def encode(point: Point) -> str:
     measurement, tags, fields, ts_ms, key = point
     if key is None:
         key = series_key(measurement, tags)
-    return _encoder(tuple(fields))(key, fields, ts_ms)
+    return _encoder(tuple(fields), tuple(map(type, fields.values())))(key, fields, ts_ms)
 
 
 def encode_batch(points: list[Point]) -> bytes:

@@ -30,3 +30,14 @@ def test_bool_is_not_an_integer():
 def test_non_finite_cannot_be_encoded(bad):
     with pytest.raises(ValueError):
         encode(Point("m", {}, {"v": bad}, 1))
+
+
+def test_one_shape_with_other_value_types():
+    """Encoders are made per field names and value types: a field that was a float and comes
+    as an int (or a bad value after good ones) is written by its own rule."""
+    assert encode(Point("m", {}, {"v": 1.5, "w": True}, 1)) == "m v=1.5,w=true 1"
+    assert encode(Point("m", {}, {"v": 2, "w": "x"}, 2)) == 'm v=2i,w="x" 2'
+    with pytest.raises(ValueError):
+        encode(Point("m", {}, {"v": float("-inf"), "w": True}, 3))
+    with pytest.raises(TypeError):
+        encode(Point("m", {}, {"v": [1], "w": True}, 4))
