@@ -15,7 +15,7 @@ run: one bare paho subscriber draining a QoS 1 backlog while JSON-decoding it.
 
 Usage:
   .venv/bin/python bench/pipeline.py [--steps 5000,10000,...] [--seconds 20]
-      [--workers 1,2,4] [--no-nodered] [--json F] [--plot F.png]
+      [--workers 1,2,4] [--rules-workers 2] [--no-nodered] [--json F] [--plot F.png]
   .venv/bin/python bench/pipeline.py --quick      # one small step: that it runs (CI)
 Node-RED: `cd bench/nodered && npm install` (from the npm registry) before a full run.
 """
