@@ -175,3 +175,37 @@ class Influxd(_Service):
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"influxd not ready on {self.url} after 30 s; see {self.log_path}")
+
+
+class Alertmanager(_Service):
+    """Debian's ``prometheus-alertmanager`` with its own storage, on 127.0.0.1, alone (no
+    cluster), with the configuration text it is given (tests)."""
+
+    name = "prometheus-alertmanager"
+
+    def __init__(self, directory: Path, config: str, port: int | None = None):
+        super().__init__(directory, port)
+        self.config = config
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        conf = self.dir / "alertmanager.yml"
+        conf.write_text(self.config)
+        self._spawn([find_binary("prometheus-alertmanager"), f"--config.file={conf}",
+                     f"--storage.path={self.dir / 'data'}",
+                     f"--web.listen-address=127.0.0.1:{self.port}",
+                     "--cluster.listen-address="])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise RuntimeError(f"alertmanager exited; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"alertmanager not ready on {self.url}; see {self.log_path}")

@@ -122,7 +122,8 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
     fleet_path = Path(settings.fleet) if settings.fleet else data / "fleet.geojson"
     if not fleet_path.exists():
         generate(profile, args.streetlights, args.meters).dump(fleet_path)
-    settings = settings.with_(fleet=str(fleet_path))
+    settings = settings.with_(fleet=str(fleet_path),  # alerts link to their light here
+                              status_url=settings.status_url or f"http://127.0.0.1:{gateway_port}")
     fleet = Fleet.load(fleet_path)
     registry = Registry(data)
     registry.import_fleet(fleet)  # the gateway's map and device list

@@ -79,6 +79,10 @@ class Settings:
     raw_retention: str = "30d"  # raw readings (InfluxDB: the default retention policy)
     rollup_retention: str = "1825d"  # hourly rollups, five years
     rollup_horizon: str = "7d"  # aggregates over longer ranges read the rollups
+    # Prometheus Alertmanager (API v2): the rule engine posts its alerts there when set.
+    alertmanager_url: str = ""
+    # The status page's address as operators reach it: alerts link to their light there.
+    status_url: str = ""
     unknown_devices: str = "store"  # readings from devices the registry lacks: UNKNOWN_DEVICES
     mqtt: MqttUrl = field(init=False, repr=False)
 
@@ -100,6 +104,11 @@ class Settings:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise SettingsError("CITYGRID_INFLUX_URL",
                                     f"{self.influx_url!r} must be http(s)://host:port")
+        for name in ("alertmanager_url", "status_url"):
+            value = getattr(self, name)
+            parts = urlsplit(value)
+            if value and (parts.scheme not in ("http", "https") or not parts.hostname):
+                raise SettingsError(_env(name), f"{value!r} must be http(s)://host[:port]")
         from citygrid.store.lifecycle import hours
 
         for name in ("raw_retention", "rollup_retention", "rollup_horizon"):

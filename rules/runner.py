@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -37,6 +38,7 @@ from citygrid.registry import Follower, Registry
 from citygrid.settings import Settings
 from citygrid.store import Point, StoreError, TelemetryStore
 from rules import loader
+from rules.alertmanager import AlertmanagerNotifier
 from rules.alerts import AlertState
 from rules.engine import RuleEngine
 from rules.report import RULES_MEASUREMENT
@@ -83,6 +85,7 @@ class MqttOutbox:
         # its name: N workers' points of one minute would overwrite each other's otherwise.
         self.worker = worker
         self.commands = 0
+        self.notifier: AlertmanagerNotifier | None = None  # CITYGRID_ALERTMANAGER_URL
         # Storage never blocks the rule loop: a writer thread takes the points.
         self._points: queue.Queue = queue.Queue(maxsize=1000)
         if store is not None:
@@ -104,6 +107,8 @@ class MqttOutbox:
             log.warning("ALERT %s [%s] %s", alert.key, alert.severity, alert.message)
         else:
             log.info("alert cleared %s", alert.key)
+        if self.notifier is not None:
+            self.notifier.update(alert, raised)
 
     def points(self, points: list[Point]) -> None:
         if self.store is None:
@@ -184,9 +189,37 @@ class RuleRunner:
             "device_id": d.device_id, "district": d.district, "kind": d.kind},
             {"lat": d.lat, "lon": d.lon}, now) for d in self._mine(fleet)])
         self.state.restore(self.engine)
+        if settings.alertmanager_url:
+            self.outbox.notifier = AlertmanagerNotifier(
+                settings.alertmanager_url, self.alert_labels, self.alert_link)
+            for alert in self.engine.alerting.by_key.values():
+                if alert.active:  # restored: Alertmanager hears of them again at once
+                    self.outbox.notifier.update(alert, True)
         self.stopping = threading.Event()
         self.last_reload_error: str | None = None
         self.thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ alerts
+
+    def alert_labels(self, alert: AlertState) -> dict[str, str]:
+        """Alertmanager's labels for an alert's scope: a device (its id, district and
+        cabinet), a district, or an account."""
+        device = self.fleet.by_id.get(alert.scope)
+        if device is not None:
+            return {"device_id": device.device_id, "district": device.district,
+                    "cabinet": getattr(device, "cabinet", None) or ""}
+        if alert.scope in self._districts:
+            return {"district": alert.scope}
+        return {"account": alert.scope}
+
+    def alert_link(self, alert: AlertState) -> str:
+        """The status page, on the alert's light or meter (CITYGRID_STATUS_URL)."""
+        base = self.settings.status_url.rstrip("/")
+        if not base:
+            return ""
+        if alert.scope in self.fleet.by_id:
+            return f"{base}/#device={quote(alert.scope)}"
+        return f"{base}/"
 
     # ------------------------------------------------------------------ the partition
 
@@ -458,3 +491,5 @@ class RuleRunner:
             self.client.stop()
         self.state.close()
         self.billing.close()
+        if self.outbox.notifier is not None:
+            self.outbox.notifier.close()

@@ -44,6 +44,8 @@ citygrid_setup() {
       citygrid_has influxd || missing+=(influxdb)
       if [ "$1" = test ]; then
         citygrid_has chromium || missing+=(chromium)
+        # the alert-routing tests run a real Alertmanager (README: Alerts through Alertmanager)
+        citygrid_has prometheus-alertmanager || missing+=(prometheus-alertmanager)
       fi
       citygrid_apt_install "${missing[@]}" || [ "${CI:-}" != true ] || return 1
       ;;

@@ -13,6 +13,12 @@ const state = { devices: new Map(), selected: null, tz: "UTC", charts: {}, summa
 
 function token() { return sessionStorage.getItem("citygrid-token"); }
 
+// `#device=ID` (an alert's link) opens that light or meter once the devices are loaded.
+function deviceFromAddress() {
+  const m = location.hash.match(/device=([^&]+)/);
+  return m ? decodeURIComponent(m[1]) : null;
+}
+
 function takeTokenFromAddress() {
   const m = location.hash.match(/token=([^&]+)/);
   if (m) {
@@ -475,6 +481,10 @@ async function open() {
   }
   $("login").hidden = true;
   $("main").hidden = false;
+  if (state.linked && state.devices.has(state.linked)) {
+    select(state.linked);
+    state.linked = null;
+  }
   $("logout").hidden = false;
   await Promise.all([loadSummary(), loadUnregistered()]);
   clearInterval(state.summaryTimer);
@@ -507,5 +517,6 @@ $("register-pick").addEventListener("click", () => {
 });
 $("map").addEventListener("click", pickOnMap, true);
 
+state.linked = deviceFromAddress();
 takeTokenFromAddress();
 if (token()) open(); else showLogin();

@@ -173,3 +173,15 @@ def test_status_page_lists_an_unregistered_device_and_an_admin_registers_it(city
         registry.close()
     assert (record["kind"], record["district"], record["rated_w"]) == ("streetlight", "valby", 55)
     assert abs(record["lat"] - lat) < 1e-5 and page.problems == [], page.problems
+
+
+def test_an_alerts_link_opens_its_light(city_up, page):
+    """Alertmanager's `status_page` annotation is `STATUS_URL/#device=ID`: the page opens
+    with that light's details, its reading and why it is at its level."""
+    fleet = Fleet.load(city_up.data_dir / "fleet.geojson")
+    light = fleet.of_kind("streetlight")[3]
+    page.goto(f"{city_up.url}/#token={city_up.token}&device={light.device_id}")
+    page.wait_for_selector("#detail:not([hidden])", timeout=15_000)
+    assert page.inner_text("#detail-title") == light.device_id
+    assert page.locator(f"#dev-{light.device_id}.selected").count() == 1
+    assert page.problems == [], page.problems
