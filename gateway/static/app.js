@@ -237,7 +237,15 @@ async function loadSummary() {
     $("used-kwh").textContent = `${l.actual_total_kwh.toFixed(1)} kWh`;
     $("co2").textContent = `${l.co2_avoided_kg.toFixed(1)} kg`;
     chart("energy", $("energy-chart"), {
-      scales: { x: { time: true } }, axes, tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), state.tz),
+      // One hour of data is one point, which uPlot pads to years (before it asks `range`):
+      // the axis spans the data itself, at least an hour.
+      scales: { x: { time: true, range: (u) => {
+        const xs = u.data[0];
+        if (!xs.length) return [Date.now() / 1000 - 3600, Date.now() / 1000];
+        const lo = xs[0], hi = xs[xs.length - 1];
+        return hi - lo < 3600 ? [lo - 1800, hi + 1800] : [lo, hi];
+      } } },
+      axes, tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), state.tz),
       series: [{}, { label: "used kWh", stroke: "#ffd84a", fill: "#ffd84a33" },
                { label: "all night at full", stroke: "#8b97ad", dash: [4, 4] }],
     }, [l.hours_ms.map((t) => t / 1000), l.actual_kwh, l.baseline_kwh]);

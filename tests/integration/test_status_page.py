@@ -5,6 +5,7 @@ Screenshots go to test-artifacts/."""
 from __future__ import annotations
 
 import shutil
+import time
 from datetime import datetime, timedelta
 
 import orjson
@@ -184,4 +185,29 @@ def test_an_alerts_link_opens_its_light(city_up, page):
     page.wait_for_selector("#detail:not([hidden])", timeout=15_000)
     assert page.inner_text("#detail-title") == light.device_id
     assert page.locator(f"#dev-{light.device_id}.selected").count() == 1
+    assert page.problems == [], page.problems
+
+
+def test_the_energy_chart_spans_its_data_not_years(city_up, page):
+    """With a single hour of lighting data (a new city) the chart's time axis is that hour,
+    give or take half an hour — not May 2027 to May 2029 (uPlot pads a single point)."""
+    fleet = Fleet.load(city_up.data_dir / "fleet.geojson")
+    light = fleet.of_kind("streetlight")[0]
+    device = Publisher(city_up.mqtt_url, "test-energy-device")
+    now = int(time.time() * 1000)
+    try:  # a few minutes of one light, this hour: the rule engine's first lighting minutes
+        for i in range(5):
+            device.send(f"city/v1/{light.district}/streetlight/{light.device_id}/telemetry",
+                        {"ts": now - 300_000 + i * 70_000, "seq": i + 1, "brightness_pct": 30.0,
+                         "power_w": 20.0, "energy_wh": 1000.0 + i, "lux": 1.0,
+                         "motion": False}).wait_for_publish(5)
+    finally:
+        device.close()
+    page.goto(f"{city_up.url}/#token={city_up.token}")
+    page.wait_for_function("typeof state !== 'undefined' && state.charts.energy"
+                           " && state.charts.energy.data[0].length > 0", timeout=60_000)
+    x_min, x_max, d_min, d_max = page.evaluate(
+        "() => { const u = state.charts.energy; const xs = u.data[0];"
+        " return [u.scales.x.min, u.scales.x.max, Math.min(...xs), Math.max(...xs)]; }")
+    assert x_min >= d_min - 1800 and x_max <= d_max + 1800, (x_min, x_max, d_min, d_max)
     assert page.problems == [], page.problems
