@@ -90,9 +90,10 @@ class Proc:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_log(self, needle: str, timeout_s: float = 60) -> None:
+    def wait_log(self, needle: str, timeout_s: float = 60, times: int = 1) -> None:
+        """Until the log says ``needle`` ``times`` times (e.g. once per rule worker)."""
         deadline = time.monotonic() + timeout_s
-        while needle not in self.text():
+        while self.text().count(needle) < times:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not say {needle!r}:\n{self.text()[-2000:]}")
             time.sleep(0.05)
@@ -260,11 +261,7 @@ class Bench:
                 sys.executable, "-m", "cityctl", "rules", "run", *common,
                 "--fleet", str(self.tmp / "fleet.geojson"),
                 "--workers", str(self.args.rules_workers)], self.logs))
-            for _ in range(60 * 20):  # every worker says it (one process: the same line)
-                if procs[-1].text().count("rules running") >= self.args.rules_workers:
-                    break
-                procs[-1].wait_log("rules running")
-                time.sleep(0.05)
+            procs[-1].wait_log("rules running", times=self.args.rules_workers)
         return procs
 
     def nodered(self, db: str) -> list[Proc]:

@@ -70,6 +70,21 @@ class _Service:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def _wait_http(self, url: str, status: int, timeout_s: float = 30.0) -> None:
+        """Until ``url`` answers ``status`` (the service is ready), or it exited, or time."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise RuntimeError(f"{self.name} exited; see {self.log_path}")
+            try:
+                if httpx.get(url, timeout=1).status_code == status:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} not ready on {url} after {timeout_s:.0f} s; "
+                           f"see {self.log_path}")
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
         if not self.running():
             return
@@ -164,17 +179,7 @@ class Influxd(_Service):
             "[monitor]\n  store-enabled = false\n"
         )
         self._spawn([binary, "-config", str(conf)])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise RuntimeError(f"influxd exited; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/ping", timeout=1).status_code == 204:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"influxd not ready on {self.url} after 30 s; see {self.log_path}")
+        self._wait_http(f"{self.url}/ping", 204)
 
 
 class Alertmanager(_Service):
@@ -198,14 +203,4 @@ class Alertmanager(_Service):
                      f"--storage.path={self.dir / 'data'}",
                      f"--web.listen-address=127.0.0.1:{self.port}",
                      "--cluster.listen-address="])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise RuntimeError(f"alertmanager exited; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"alertmanager not ready on {self.url}; see {self.log_path}")
+        self._wait_http(f"{self.url}/-/ready", 200)

@@ -202,12 +202,11 @@ class RuleRunner:
     # ------------------------------------------------------------------ alerts
 
     def alert_labels(self, alert: AlertState) -> dict[str, str]:
-        """Alertmanager's labels for an alert's scope: a device (its id, district and
-        cabinet), a district, or an account."""
+        """Alertmanager's labels for an alert's scope: a device (its id and district), a
+        district, or an account."""
         device = self.fleet.by_id.get(alert.scope)
         if device is not None:
-            return {"device_id": device.device_id, "district": device.district,
-                    "cabinet": getattr(device, "cabinet", None) or ""}
+            return {"device_id": device.device_id, "district": device.district}
         if alert.scope in self._districts:
             return {"district": alert.scope}
         return {"account": alert.scope}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email
 import json
+import subprocess
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -95,8 +96,6 @@ def _alert(key: str, rule: str, severity: str, scope: str, message: str) -> Aler
 
 def test_the_shipped_configuration_is_valid():
     need("amtool")
-    import subprocess
-
     done = subprocess.run(["amtool", "check-config", str(SHIPPED)], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stdout + done.stderr
