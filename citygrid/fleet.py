@@ -3,7 +3,9 @@
 One feature per device; its properties say what it is:
 
 - every device: ``device_id``, ``kind`` (streetlight | meter), ``district``;
-- streetlights: ``rated_w`` (electrical power at 100 %), optional ``street``;
+- streetlights: ``rated_w`` (electrical power at 100 %), optional ``street``, ``road`` (the
+  road class: arterial | residential | footpath | park), ``cabinet`` (the control cabinet
+  that feeds it) and ``lamp_type`` (a name from the lamp types, citygrid/lamps.py);
 - meters: ``account_id``, ``tariff``, optional ``profile`` (household | business) and
   ``max_power_w`` (what the connection can draw; faster register increases are implausible);
 - an off-the-shelf device: ``device_profile`` (how it talks, ``adapters/profiles``) and
@@ -29,6 +31,7 @@ EARTH_RADIUS_M = 6_371_000
 PROFILE_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
 # A native id may be a topic level (no MQTT wildcards or separators) or a payload value.
 NATIVE_ID_PATTERN = r"^[^/+#\x00-\x1f]{1,128}$"
+ROADS = ("arterial", "residential", "footpath", "park")
 
 
 class FleetError(ValueError):
@@ -48,6 +51,9 @@ class _Properties(BaseModel):
     max_power_w: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     device_profile: Annotated[str, Field(pattern=PROFILE_PATTERN)] | None = None
     native_id: Annotated[str, Field(pattern=NATIVE_ID_PATTERN)] | None = None
+    road: Literal["arterial", "residential", "footpath", "park"] | None = None
+    cabinet: Annotated[str, Field(pattern=f"^{ID_PATTERN}$")] | None = None
+    lamp_type: Annotated[str, Field(pattern=PROFILE_PATTERN)] | None = None
 
     @model_validator(mode="after")
     def _by_kind(self) -> _Properties:
@@ -57,6 +63,8 @@ class _Properties(BaseModel):
             raise ValueError("a streetlight needs rated_w")
         if self.kind == "meter" and not (self.account_id and self.tariff):
             raise ValueError("a meter needs account_id and tariff")
+        if self.kind != "streetlight" and (self.road or self.cabinet or self.lamp_type):
+            raise ValueError("road, cabinet and lamp_type are a streetlight's")
         if (self.device_profile is None) != (self.native_id is None):
             raise ValueError("device_profile and native_id go together: a device with a "
                              "profile needs its native id, and a native id needs a profile")
@@ -78,6 +86,9 @@ class FleetDevice:
     max_power_w: float | None = None
     device_profile: str | None = None
     native_id: str | None = None
+    road: str | None = None
+    cabinet: str | None = None
+    lamp_type: str | None = None
 
     def feature(self) -> dict[str, Any]:
         props = {k: v for k, v in asdict(self).items() if v is not None and k not in ("lat", "lon")}

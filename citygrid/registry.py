@@ -27,9 +27,11 @@ FILENAME = "registry.sqlite"
 STATUSES = ("registered", "provisioned", "revoked")
 # What a device record carries (FleetDevice's fields); `status` comes on top.
 FIELDS = ("device_id", "kind", "district", "lat", "lon", "rated_w", "account_id", "tariff",
-          "profile", "max_power_w", "street", "device_profile", "native_id")
+          "profile", "max_power_w", "street", "device_profile", "native_id", "road", "cabinet",
+          "lamp_type")
 EDITABLE = ("district", "lat", "lon", "rated_w", "account_id", "tariff", "profile",
-            "max_power_w", "street", "device_profile", "native_id")
+            "max_power_w", "street", "device_profile", "native_id", "road", "cabinet",
+            "lamp_type")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -37,12 +39,14 @@ CREATE TABLE IF NOT EXISTS devices (
     lat REAL NOT NULL, lon REAL NOT NULL, rated_w REAL, account_id TEXT, tariff TEXT,
     profile TEXT, max_power_w REAL, street TEXT,
     status TEXT NOT NULL DEFAULT 'registered', created_ms INTEGER NOT NULL,
-    device_profile TEXT, native_id TEXT);
+    device_profile TEXT, native_id TEXT, road TEXT, cabinet TEXT, lamp_type TEXT);
 CREATE TABLE IF NOT EXISTS registry_version (id INTEGER PRIMARY KEY CHECK (id = 1),
                                              version INTEGER NOT NULL);
 INSERT OR IGNORE INTO registry_version VALUES (1, 0);
 """
-_ADDED_COLUMNS = (("device_profile", "TEXT"), ("native_id", "TEXT"))  # registries from before
+# Registries from before: the columns added since.
+_ADDED_COLUMNS = (("device_profile", "TEXT"), ("native_id", "TEXT"), ("road", "TEXT"),
+                  ("cabinet", "TEXT"), ("lamp_type", "TEXT"))
 
 
 @dataclass(frozen=True)

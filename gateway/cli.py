@@ -91,6 +91,10 @@ def _entry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", dest="device_profile", metavar="PROFILE",
                    help="an off-the-shelf device: its device profile (e.g. tasmota-energy)")
     p.add_argument("--native-id", help="with --profile: the device's own name on its topics")
+    p.add_argument("--road", choices=("arterial", "residential", "footpath", "park"),
+                   help="streetlights: the road class it lights")
+    p.add_argument("--cabinet", help="streetlights: the control cabinet that feeds it")
+    p.add_argument("--lamp-type", help="streetlights: its lamp type (see the lamp types file)")
 
 
 def _data_dir(args: argparse.Namespace) -> str:
@@ -149,7 +153,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         ("district", args.district), ("lat", args.lat), ("lon", args.lon),
         ("rated_w", args.rated_w), ("account_id", args.account), ("tariff", args.tariff),
         ("street", args.street), ("max_power_w", args.max_power_w),
-        ("device_profile", args.device_profile), ("native_id", args.native_id))
+        ("device_profile", args.device_profile), ("native_id", args.native_id),
+        ("road", args.road), ("cabinet", args.cabinet), ("lamp_type", args.lamp_type))
         if v is not None}
     if not changes:
         print("citygrid devices edit: nothing to change (see --help)", file=sys.stderr)
@@ -177,7 +182,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     device = FleetDevice(args.device_id, args.kind, args.district, args.lat, args.lon,
                          rated_w=args.rated_w, account_id=args.account, tariff=args.tariff,
                          street=args.street, max_power_w=args.max_power_w,
-                         device_profile=args.device_profile, native_id=args.native_id)
+                         device_profile=args.device_profile, native_id=args.native_id,
+                         road=args.road, cabinet=args.cabinet, lamp_type=args.lamp_type)
     try:
         creds = _provisioner(args).provision(device)
     except (ContractError, ProvisioningError, RegistryError) as e:

@@ -9,9 +9,14 @@ from pydantic import BaseModel, Field, model_validator
 
 from citygrid.fleet import NATIVE_ID_PATTERN, PROFILE_PATTERN
 
+Road = Literal["arterial", "residential", "footpath", "park"]
+CabinetId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", examples=["cab-norrebro-03"])]
+LampTypeName = Annotated[str, Field(pattern=PROFILE_PATTERN, examples=["led-56w"])]
+
 # What the API shows of a registry record, in this order (the registry keeps more).
 DEVICE_KEYS = ("device_id", "kind", "district", "lat", "lon", "rated_w", "account_id",
-               "tariff", "status", "device_profile", "native_id")
+               "tariff", "status", "device_profile", "native_id", "road", "cabinet",
+               "lamp_type")
 
 
 class Device(BaseModel):
@@ -26,6 +31,9 @@ class Device(BaseModel):
     tariff: str | None = None
     device_profile: str | None = Field(None, description="Off-the-shelf: its device profile.")
     native_id: str | None = Field(None, description="Its own name on its native topics.")
+    road: Road | None = Field(None, description="Streetlights: the road class it lights.")
+    cabinet: str | None = Field(None, description="Streetlights: the cabinet that feeds it.")
+    lamp_type: str | None = Field(None, description="Streetlights: its lamp type.")
     latest: dict[str, Any] | None = Field(None, description="The newest stored reading.")
 
 
@@ -44,6 +52,9 @@ class NewDevice(BaseModel):
                                          examples=["tasmota-energy"])] | None = None
     native_id: Annotated[str, Field(pattern=NATIVE_ID_PATTERN,
                                     examples=["livingroom-lamp"])] | None = None
+    road: Road | None = None
+    cabinet: CabinetId | None = None
+    lamp_type: LampTypeName | None = None
 
 
 class DeviceChange(BaseModel):
@@ -55,6 +66,9 @@ class DeviceChange(BaseModel):
     tariff: Annotated[str, Field(max_length=64)] | None = None
     device_profile: Annotated[str, Field(pattern=PROFILE_PATTERN)] | None = None
     native_id: Annotated[str, Field(pattern=NATIVE_ID_PATTERN)] | None = None
+    road: Road | None = None
+    cabinet: CabinetId | None = None
+    lamp_type: LampTypeName | None = None
 
     model_config = {"extra": "forbid", "json_schema_extra": {"examples": [{"rated_w": 55}]}}
 

@@ -101,6 +101,14 @@ def selects(select: Select, device: FleetDevice) -> bool:
         districts = [select.district] if isinstance(select.district, str) else select.district
         if not any(fnmatchcase(device.district, d) for d in districts):
             return False
+    if select.road:
+        roads = [select.road] if isinstance(select.road, str) else select.road
+        if device.road not in roads:
+            return False
+    if select.cabinet:
+        cabinets = [select.cabinet] if isinstance(select.cabinet, str) else select.cabinet
+        if device.cabinet is None or not any(fnmatchcase(device.cabinet, c) for c in cabinets):
+            return False
     return not select.devices or any(fnmatchcase(device.device_id, p) for p in select.devices)
 
 

@@ -35,6 +35,9 @@ class Select(_Model):
     kind: Literal["streetlight", "meter"] | None = None
     district: str | list[str] | None = None
     devices: list[str] | None = None
+    road: Literal["arterial", "residential", "footpath", "park"] | list[
+        Literal["arterial", "residential", "footpath", "park"]] | None = None
+    cabinet: str | list[str] | None = None
 
 
 class ReadingTrigger(Select):

@@ -143,7 +143,8 @@ def test_listing_devices_includes_the_feeds_latest_reading(gw):
     assert one == {"device_id": "sl-1", "kind": "streetlight", "district": "valby",
                    "lat": 55.66, "lon": 12.5, "rated_w": 40.0, "account_id": None,
                    "tariff": None, "status": "registered", "device_profile": None,
-                   "native_id": None, "latest": feed.latest["sl-1"]}
+                   "native_id": None, "road": None, "cabinet": None, "lamp_type": None,
+                   "latest": feed.latest["sl-1"]}
     assert next(d for d in devices if d["device_id"] == "sl-2")["latest"] is None
     valby = client.get("/api/v1/devices", params={"district": "valby", "kind": "streetlight"},
                        headers=tokens["viewer"]).json()
