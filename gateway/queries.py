@@ -148,6 +148,25 @@ def lighting(store: TelemetryStore, start_ms: int, end_ms: int) -> dict[str, Any
     }
 
 
+def lighting_by_district(store: TelemetryStore, districts: list[str], start_ms: int,
+                         end_ms: int) -> list[dict[str, Any]]:
+    """Per district with lights: energy used and the all-night-full baseline over the window,
+    and the share saved (None where the window holds no lighting minutes for it)."""
+    out = []
+    for district in sorted(districts):
+        sums = {}
+        for name in ("energy_wh", "baseline_wh"):
+            buckets = store.aggregate("citygrid_lighting", name, "sum", start_ms=start_ms,
+                                      end_ms=end_ms, every_ms=HOUR_MS, district=district)
+            sums[name] = sum(_hourly(buckets, start_ms, end_ms).values()) / 1000
+        used, baseline = sums["energy_wh"], sums["baseline_wh"]
+        out.append({"district": district, "used_kwh": round(used, 3),
+                    "baseline_kwh": round(baseline, 3),
+                    "saved_pct": round((baseline - used) / baseline * 100, 1)
+                    if baseline > 0 else None})
+    return out
+
+
 def consumption(store: TelemetryStore, meters: dict[str, int], start_ms: int, end_ms: int
                 ) -> list[dict[str, Any]]:
     """kWh per district over the window: hourly mean meter power × meters in the district."""
@@ -174,11 +193,13 @@ def status_summary(settings: Settings, registry: Registry, store: TelemetryStore
     start = end - WINDOW_MS
     meters: dict[str, int] = {}
     lights = 0
+    light_districts: list[str] = []
     for kind, district, n in registry.counts():
         if kind == "meter":
             meters[district] = n
         else:
             lights += n
+            light_districts.append(district)
     out: dict[str, Any] = {
         "city": {"name": profile.name, "lat": profile.lat, "lon": profile.lon,
                  "timezone": profile.timezone},
@@ -187,10 +208,12 @@ def status_summary(settings: Settings, registry: Registry, store: TelemetryStore
     }
     try:
         out["lighting"] = lighting(store, start, end)
+        out["lighting_districts"] = lighting_by_district(store, light_districts, start, end)
         out["districts"] = consumption(store, meters, start, end)
         out["store_error"] = None
     except StoreError as e:
         out["lighting"], out["districts"], out["store_error"] = None, [], str(e)
+        out["lighting_districts"] = []
     out["ledger"] = ledger(settings.data_dir).model_dump()
     out["alerts"] = [a.model_dump() for a in alerts(settings.data_dir, acks, active=True,
                                                     limit=20)]

@@ -250,6 +250,15 @@ async function loadSummary() {
                { label: "all night at full", stroke: "#8b97ad", dash: [4, 4] }],
     }, [l.hours_ms.map((t) => t / 1000), l.actual_kwh, l.baseline_kwh]);
   }
+  const saving = $("lighting-districts");
+  saving.replaceChildren();
+  for (const x of s.lighting_districts || []) {
+    const row = saving.insertRow();
+    cell(row, x.district);
+    cell(row, `${x.used_kwh.toFixed(1)} kWh`);
+    cell(row, `${x.baseline_kwh.toFixed(1)} kWh`);
+    cell(row, x.saved_pct == null ? "–" : `${x.saved_pct} %`, "num");
+  }
   const d = s.districts || [];
   if (d.length) {
     chart("districts", $("district-chart"), {

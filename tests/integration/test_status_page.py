@@ -211,3 +211,52 @@ def test_the_energy_chart_spans_its_data_not_years(city_up, page):
         " return [u.scales.x.min, u.scales.x.max, Math.min(...xs), Math.max(...xs)]; }")
     assert x_min >= d_min - 1800 and x_max <= d_max + 1800, (x_min, x_max, d_min, d_max)
     assert page.problems == [], page.problems
+
+
+def test_the_saving_by_district_shows_each_districts_lighting(city_up, page):
+    """A night of two lights in two districts, dimmed to 30 %: the page's table gives each
+    district's energy used, its all-night-full baseline and the share saved, the figures
+    the summary route computes from the rule engine's lighting minutes."""
+    import httpx
+
+    fleet = Fleet.load(city_up.data_dir / "fleet.geojson")
+    lights = fleet.of_kind("streetlight")
+    first = lights[0]
+    second = next(d for d in lights if d.district != first.district)
+    device = Publisher(city_up.mqtt_url, "test-saving-devices")
+    night = _night_ms()
+    try:
+        for i in range(6):
+            for light in (first, second):
+                power = light.rated_w * 0.3 * 1.08 + 0.5
+                device.send(f"city/v1/{light.district}/streetlight/{light.device_id}/telemetry",
+                            {"ts": night + i * 70_000, "seq": i + 1, "brightness_pct": 30.0,
+                             "power_w": power, "energy_wh": 1000.0 + i, "lux": 1.0,
+                             "motion": False}).wait_for_publish(5)
+    finally:
+        device.close()
+
+    def districts():
+        s = httpx.get(f"{city_up.url}/api/v1/status",
+                      headers={"Authorization": f"Bearer {city_up.token}"}).json()
+        rows = {x["district"]: x for x in s["lighting_districts"]}
+        wanted = [rows.get(d.district) for d in (first, second)]
+        return rows if all(r and r["saved_pct"] is not None for r in wanted) else None
+
+    rows = wait_until(districts, 90, message="both districts' lighting minutes")
+    for light in (first, second):
+        row = rows[light.district]
+        # 30 % of the rated power against the rated power with its losses, all night.
+        full = light.rated_w * 1.08 + 0.5
+        expected = (1 - (light.rated_w * 0.3 * 1.08 + 0.5) / full) * 100
+        assert row["saved_pct"] == pytest.approx(expected, abs=0.15), row
+    page.goto(f"{city_up.url}/#token={city_up.token}")
+    page.wait_for_function("document.querySelectorAll('#lighting-districts tr').length >= 2",
+                           timeout=30_000)
+    table = {r[0]: r for r in page.eval_on_selector_all(
+        "#lighting-districts tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))")}
+    for light in (first, second):
+        row = rows[light.district]
+        assert table[light.district][3] == f"{row['saved_pct']} %", table
+        assert table[light.district][1] == f"{row['used_kwh']:.1f} kWh", table
+    assert page.problems == [], page.problems
