@@ -275,9 +275,15 @@ async function loadSummary() {
     const li = document.createElement("li");
     li.className = `sev-${a.severity}`;
     li.textContent = `${fmtTime(a.since_ms)} [${a.severity}] ${a.message}`;
+    const lights = alarmedLights(a.scope);
+    if (lights.length) {  // a light's alarm (or a cabinet's): click to open the light
+      li.classList.add("link");
+      li.addEventListener("click", () => select(lights[0]));
+    }
     alerts.appendChild(li);
   }
   $("alert-count").textContent = String(s.alerts.length);
+  markAlarms(s.alerts);
   const ledger = $("ledger");
   ledger.textContent = s.ledger.ok ? `ledger verified · ${s.ledger.entries} entries` : `ledger BROKEN: ${s.ledger.error}`;
   ledger.className = `badge ${s.ledger.ok ? "ok" : "bad"}`;
@@ -290,6 +296,52 @@ async function loadSummary() {
     cell(row, Number(e.kwh).toFixed(2));
     cell(row, `${(e.amount_minor / 100).toFixed(2)} ${e.currency}`);
   }
+}
+
+// The lamps with the most burning hours (the rule engine's lamp monitor counts them).
+async function loadLamps() {
+  let lamps;
+  try { lamps = await api("/api/v1/lamps?limit=8"); } catch (e) { return; }
+  const body = $("lamps");
+  body.replaceChildren();
+  for (const l of lamps) {
+    const row = body.insertRow();
+    row.addEventListener("click", () => select(l.device_id));
+    cell(row, l.device_id);
+    cell(row, l.lamp_type || "–");
+    cell(row, `${Math.round(l.burning_h).toLocaleString("en")} h`, "num");
+    cell(row, String(l.switch_ons), "num");
+    cell(row, l.remaining_life_h == null ? "–"
+      : `${Math.round(l.remaining_life_h).toLocaleString("en")} h`, "num");
+  }
+  $("lamps-note").textContent = lamps.length ? ""
+    : "No burning hours yet: the rule file's lamp monitor counts them (settings.lamp_monitor).";
+}
+
+// The lights an alert's scope names: the light itself, or every light of a cabinet.
+function alarmedLights(scope) {
+  const dev = state.devices.get(scope);
+  if (dev) return dev.info.kind === "streetlight" ? [scope] : [];
+  const ids = [];
+  for (const [id, d] of state.devices) if (d.info.cabinet === scope) ids.push(id);
+  return ids;
+}
+
+// Lights with an active alarm get a ring on the map in the colour of its severity.
+function markAlarms(alerts) {
+  const rank = { info: 0, minor: 1, major: 2, critical: 3 };
+  const worst = new Map();
+  for (const a of alerts) {
+    for (const id of alarmedLights(a.scope)) {
+      if (!worst.has(id) || rank[a.severity] > rank[worst.get(id)]) worst.set(id, a.severity);
+    }
+  }
+  for (const [id, dev] of state.devices) {
+    const severity = worst.get(id);
+    dev.el.classList.toggle("alarm", !!severity);
+    if (severity) dev.el.dataset.alarm = severity; else delete dev.el.dataset.alarm;
+  }
+  $("map-alarms").textContent = worst.size ? `${worst.size} with an alarm` : "";
 }
 
 // ------------------------------------------------------------------ one light
@@ -503,9 +555,11 @@ async function open() {
     state.linked = null;
   }
   $("logout").hidden = false;
-  await Promise.all([loadSummary(), loadUnregistered()]);
+  await Promise.all([loadSummary(), loadUnregistered(), loadLamps()]);
   clearInterval(state.summaryTimer);
   state.summaryTimer = setInterval(loadSummary, 15000);
+  clearInterval(state.lampsTimer);
+  state.lampsTimer = setInterval(loadLamps, 60000);
   clearInterval(state.unregisteredTimer);
   state.unregisteredTimer = setInterval(loadUnregistered, 5000);
   stream();

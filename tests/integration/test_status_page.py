@@ -260,3 +260,32 @@ def test_the_saving_by_district_shows_each_districts_lighting(city_up, page):
         assert table[light.district][3] == f"{row['saved_pct']} %", table
         assert table[light.district][1] == f"{row['used_kwh']:.1f} kWh", table
     assert page.problems == [], page.problems
+
+
+def test_a_lamp_failure_rings_its_light_on_the_map_and_its_alarm_opens_it(city_up, page):
+    """A light commanded on at night that draws only its standby power for minutes raises a
+    lamp-failure alarm: the map rings that light in the alarm's colour, the alert list says
+    so, and clicking the alarm opens the light."""
+    fleet = Fleet.load(city_up.data_dir / "fleet.geojson")
+    light = fleet.of_kind("streetlight")[5]
+    device = Publisher(city_up.mqtt_url, "test-failing-lamp")
+    night = _night_ms()
+    try:
+        for i in range(9):  # eight minutes at 30 %, drawing 0.5 W
+            device.send(f"city/v1/{light.district}/streetlight/{light.device_id}/telemetry",
+                        {"ts": night + i * 60_000, "seq": i + 1, "brightness_pct": 30.0,
+                         "power_w": 0.5, "energy_wh": 1000.0, "lux": 1.0,
+                         "motion": False}).wait_for_publish(5)
+    finally:
+        device.close()
+    page.goto(f"{city_up.url}/#token={city_up.token}")
+    ring = f"#dev-{light.device_id}.alarm"
+    page.wait_for_selector(ring, state="attached", timeout=60_000)
+    assert page.get_attribute(ring, "data-alarm") in ("major", "critical")
+    assert page.locator("circle.light.alarm").count() == 1
+    item = page.locator("#alerts li.link", has_text=light.device_id).first
+    item.click()
+    page.wait_for_selector("#detail:not([hidden])", timeout=5_000)
+    assert page.inner_text("#detail-title") == light.device_id
+    page.screenshot(path=str(ARTIFACTS / "status-page-alarm.png"))
+    assert page.problems == [], page.problems
