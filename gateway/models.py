@@ -194,6 +194,13 @@ class RegisterDevice(BaseModel):
 
 # ------------------------------------------------------------------ work orders
 
+
+class WhoAmI(BaseModel):
+    """The caller's token: its role (what it may do) and name."""
+
+    role: Literal["viewer", "operator", "admin"]
+    name: str | None
+
 WorkOrderState = Literal["open", "assigned", "done"]
 Cause = Literal["lamp_replaced", "driver_replaced", "cable_fault", "no_fault_found"]
 
@@ -258,8 +265,13 @@ class RepairStats(BaseModel):
 # ------------------------------------------------------------------ Open311 (GeoReport v2)
 
 
+# What a citizen can report (GET /api/v1/services describes each).
+ServiceCode = Literal["streetlight-out", "streetlight-day-burning", "streetlight-flickering",
+                      "streetlight-damaged"]
+
+
 class Open311Service(BaseModel):
-    service_code: str
+    service_code: ServiceCode
     service_name: str
     description: str
     metadata: bool = False
@@ -273,8 +285,7 @@ class ReportBody(BaseModel):
     Unknown keys (``api_key``, ``jurisdiction_id``, ``attribute[…]``) are ignored."""
 
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
-    service_code: Annotated[str, Field(min_length=1, max_length=64,
-                                       examples=["streetlight-out"])]
+    service_code: Annotated[ServiceCode, Field(examples=["streetlight-out"])]
     lat: Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False, examples=[55.6961])]
     long: Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False, examples=[12.5442])]
     description: Annotated[str, Field(max_length=4000)] | None = None

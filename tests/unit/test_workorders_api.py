@@ -176,7 +176,7 @@ def test_a_report_far_from_any_light_or_malformed_is_refused_with_a_problem(wo):
     body = {"service_code": "streetlight-out", "lat": 55.6610, "long": 12.5}  # 111 m off
     _problem(client.post("/api/v1/reports", json=body), 422, "no streetlight within 50 m")
     _problem(client.post("/api/v1/reports", json={**body, "service_code": "pothole"}), 422,
-             "body.service_code", "streetlight-out")
+             "body.service_code", "'streetlight-out'")
     _problem(client.post("/api/v1/reports", json={"service_code": "streetlight-out",
                                                   "lat": 95, "long": 12.5}), 422, "body.lat")
     _problem(client.post("/api/v1/reports", headers={"Content-Type": FORM},
