@@ -1,6 +1,9 @@
 """Citizens' reports of streetlights, Open311 GeoReport v2 style: the service list, a new
 service request (JSON or a form, as Open311 clients post it), and its status.
 
+They are served under ``/api/v1`` and, for Open311 clients that take an endpoint, as
+``/open311/v2/services.json``, ``requests.json`` and ``requests/{id}.json``.
+
 These routes take no token: a city's reporting app, a 311 portal or a citizen's phone has no
 operator's token. What protects them instead: a report must be within 50 m of a streetlight
 in the registry (else 422), a body of at most 16 KiB (a description of 4,000 characters),
@@ -58,7 +61,13 @@ def _services() -> list[Open311Service]:
             for code, (name, text, keywords) in SERVICES.items()]
 
 
+# Open311 clients configured with an endpoint ask for `services.json`, `requests.json` and
+# `requests/{id}.json` under it: OPEN311 is that endpoint, the same routes.
+OPEN311 = "/open311/v2"
+
+
 @router.get("/api/v1/services", response_model=list[Open311Service])
+@router.get(f"{OPEN311}/services.json", response_model=list[Open311Service])
 def services() -> list[Open311Service]:
     """What a citizen can report (Open311 GET services); no token needed."""
     return _services()
@@ -97,6 +106,14 @@ async def report_body(request: Request) -> ReportBody:
                                       for x in e.errors(include_url=False)]) from None
 
 
+_POST_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": _BODY_SCHEMA, "application/x-www-form-urlencoded": _BODY_SCHEMA}}}
+_POST_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: documented("The body is over 16 KiB"), 415: documented("Neither JSON nor a form"),
+    422: documented("Invalid, or no streetlight within 50 m"),
+    429: documented("Too many reports from this address lately")}
+
+
 def _lights(request: Request, registry: Registry) -> list[FleetDevice]:
     """The registry's streetlights, read again only when it changed."""
     state = request.app.state
@@ -120,14 +137,10 @@ def nearest_light(lights: list[FleetDevice], lat: float, lon: float,
     return best[2] if best is not None and best[0] <= radius_m else None
 
 
+@router.post(f"{OPEN311}/requests.json", response_model=list[Open311Accepted],
+             openapi_extra=_POST_BODY, responses=_POST_ERRORS)
 @router.post("/api/v1/reports", response_model=list[Open311Accepted],
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": _BODY_SCHEMA,
-                 "application/x-www-form-urlencoded": _BODY_SCHEMA}}},
-             responses={413: documented("The body is over 16 KiB"),
-                        415: documented("Neither JSON nor a form"),
-                        422: documented("Invalid, or no streetlight within 50 m"),
-                        429: documented("Too many reports from this address lately")})
+             openapi_extra=_POST_BODY, responses=_POST_ERRORS)
 def create_report(request: Request, body: Annotated[ReportBody, Depends(report_body)],
                   registry: RegistryDep, orders: WorkOrdersDep,
                   limiter: ReportLimiterDep) -> list[Open311Accepted]:
@@ -187,6 +200,8 @@ def request_status(orders: WorkOrders, request_id: str) -> Open311Request | None
 
 @router.get("/api/v1/reports/{service_request_id}", response_model=list[Open311Request],
             responses={404: documented("No such request")})
+@router.get(f"{OPEN311}/requests/{{service_request_id}}.json",
+            response_model=list[Open311Request], responses={404: documented("No such request")})
 def get_report(service_request_id: Annotated[str, PathParam(max_length=20,
                                                             examples=["SR-000007"])],
                orders: WorkOrdersDep) -> list[Open311Request]:

@@ -33,7 +33,9 @@ def api(tmp_path, mosquitto):
 
 
 # What answers without a token: health, and citizens' reports (Open311; gateway/routes/reports).
-PUBLIC = {"/health", "/api/v1/services", "/api/v1/reports", "/api/v1/reports/{service_request_id}"}
+PUBLIC = {"/health", "/api/v1/services", "/api/v1/reports", "/api/v1/reports/{service_request_id}",
+          "/open311/v2/services.json", "/open311/v2/requests.json",
+          "/open311/v2/requests/{service_request_id}.json"}
 
 
 def auth(token: str) -> dict[str, str]:

@@ -218,3 +218,18 @@ def test_a_cabinet_order_lists_with_the_lights_that_joined_it(wo):
     assert "already known" in r.json()[0]["service_notice"]
     [listed] = client.get("/api/v1/work-orders?device=sl-2", headers=tokens["viewer"]).json()
     assert listed["id"] == order.id and listed["target_kind"] == "cabinet"
+
+
+def test_open311_clients_find_the_same_routes_under_their_endpoint(wo):
+    client, _, orders = wo
+    assert client.get("/open311/v2/services.json").json() == client.get(
+        "/api/v1/services").json()
+    r = client.post("/open311/v2/requests.json", headers={"Content-Type": FORM},
+                    content="service_code=streetlight-day-burning&lat=55.65&long=12.6")
+    [accepted] = r.json()
+    assert "sl-3" in accepted["service_notice"]
+    [status] = client.get(f"/open311/v2/requests/{accepted['service_request_id']}.json").json()
+    assert status["status"] == "open" and status["service_code"] == "streetlight-day-burning"
+    spec = client.get("/openapi.json").json()["paths"]
+    assert set(spec["/open311/v2/requests.json"]["post"]["requestBody"]["content"]) == {
+        "application/json", FORM}
