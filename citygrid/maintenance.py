@@ -114,16 +114,14 @@ class Trigger:
     lat: float | None = None
     lon: float | None = None
     cabinet: str | None = None
-    source: str = "alert"  # alert | report
 
 
 def device_trigger(device: FleetDevice, problem: str, ref: str, who: str, *,
-                   source: str = "alert", lat: float | None = None,
-                   lon: float | None = None) -> Trigger:
+                   lat: float | None = None, lon: float | None = None) -> Trigger:
     """A trigger for one light (at its own position unless ``lat``/``lon`` are given)."""
     return Trigger("device", device.device_id, device.district, problem, ref, who,
                    device.lat if lat is None else lat, device.lon if lon is None else lon,
-                   device.cabinet, source)
+                   device.cabinet)
 
 
 def cabinet_trigger(cabinet: str, lights: Iterable[FleetDevice], problem: str, ref: str,

@@ -157,8 +157,8 @@ def create_report(request: Request, body: Annotated[ReportBody, Depends(report_b
                             f"{MATCH_RADIUS_M:.0f} m of {body.lat}, {body.long}; "
                             "report at the light itself")
     report, order, new = orders.report(
-        lambda rid: device_trigger(light, "citizen_report", rid, "citizen", source="report",
-                                   lat=body.lat, lon=body.long),
+        lambda rid: device_trigger(light, "citizen_report", rid, "citizen", lat=body.lat,
+                                   lon=body.long),
         service_code=body.service_code, lat=body.lat, lon=body.long, device_id=light.device_id,
         now_ms=SYSTEM_CLOCK.now_ms(), description=body.description,
         address=body.address_string, email=body.email, first_name=body.first_name,
