@@ -22,8 +22,10 @@ from typing import Any
 from billing import LedgerError, check_balances
 
 # registry (devices, credentials hashes, tokens), rule state (holds, timers, alerts),
-# billing (meters, unbilled, accounts, ledger), ingest (spool, dead letters).
-DATABASES = ("registry.sqlite", "rules.sqlite", "billing.sqlite", "ingest.sqlite")
+# billing (meters, unbilled, accounts, ledger), ingest (spool, dead letters), maintenance
+# (work orders and citizens' reports).
+DATABASES = ("registry.sqlite", "rules.sqlite", "billing.sqlite", "ingest.sqlite",
+             "maintenance.sqlite")
 MANIFEST = "MANIFEST.json"
 
 

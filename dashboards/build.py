@@ -14,7 +14,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from grafana_foundation_sdk.builders import common, dashboard, geomap, stat, table, timeseries
+from grafana_foundation_sdk.builders import (
+    common,
+    dashboard,
+    geomap,
+    piechart,
+    stat,
+    table,
+    timeseries,
+)
 from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog import variants as cogvariants
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
@@ -251,8 +259,45 @@ def platform_health() -> dashboard.Dashboard:
     return d
 
 
+def maintenance() -> dashboard.Dashboard:
+    """Work orders (the rule runner writes citygrid_maintenance per district once a minute of
+    event time, and one citygrid_work_orders point per order done)."""
+    d = _dashboard("maintenance", "citygrid-maintenance", "1m", "now-7d")
+    d = _variables(d)
+    counts = f'FROM "citygrid_maintenance" WHERE {DISTRICT} AND $timeFilter GROUP BY "district"'
+    done = f'FROM "citygrid_work_orders" WHERE {DISTRICT} AND $timeFilter'
+    d = d.with_panel(_stat("Open work orders", f'SELECT sum("v") FROM (SELECT last("open") '
+                                               f'AS "v" {counts})'))
+    d = d.with_panel(_stat("Assigned to a crew", f'SELECT sum("v") FROM (SELECT '
+                                                 f'last("assigned") AS "v" {counts})'))
+    d = d.with_panel(_stat("Done in the last 24 h", f'SELECT sum("v") FROM (SELECT '
+                                                    f'last("done_24h") AS "v" {counts})'))
+    d = d.with_panel(_stat("Median time to repair", f'SELECT median("repair_h") {done}', "h"))
+    d = d.with_panel(_stat("Mean time to repair", f'SELECT mean("repair_h") {done}', "h"))
+    d = d.with_panel(_stat("Orders done", f'SELECT count("repair_h") {done}'))
+    d = d.with_panel(_ts("Open work orders per district", (
+        f'SELECT last("open") + last("assigned") FROM "citygrid_maintenance" WHERE {DISTRICT} '
+        'AND $timeFilter GROUP BY time($__interval), "district" fill(previous)',
+        "$tag_district")))
+    d = d.with_panel(_ts("Time to repair by district (median, h)", (
+        f'SELECT median("repair_h") {done} GROUP BY time($__interval), "district" fill(none)',
+        "$tag_district"), unit="h"))
+    d = d.with_panel(
+        piechart.Panel().title("Orders done by cause").datasource(DATASOURCE).height(8)
+        .span(8).with_target(InfluxQL(f'SELECT count("repair_h") {done} GROUP BY "cause"',
+                                      alias="$tag_cause")))
+    d = d.with_panel(
+        table.Panel().title("Time to repair by district and problem (h)").datasource(DATASOURCE)
+        .height(8).span(16).with_target(InfluxQL(
+            f'SELECT count("repair_h") AS "done", median("repair_h") AS "median", '
+            f'mean("repair_h") AS "mean", max("repair_h") AS "longest" {done} '
+            'GROUP BY "district", "problem"', result_format="table")))
+    return d
+
+
 DASHBOARDS = {"city-overview": city_overview, "streetlights": streetlights,
-              "energy-and-billing": energy_and_billing, "platform-health": platform_health}
+              "energy-and-billing": energy_and_billing, "platform-health": platform_health,
+              "maintenance": maintenance}
 
 
 def render(name: str) -> str:

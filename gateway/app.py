@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.responses import Response
 
+from citygrid.maintenance import WorkOrders
 from citygrid.registry import Registry
 from citygrid.settings import Settings
 from citygrid.store import TelemetryStore, open_store
@@ -30,24 +31,27 @@ from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.problems import Problem, install
 from gateway.provisioning import Provisioner
 from gateway.publisher import MqttPublisher, Publisher
-from gateway.routes import ROUTERS, unregistered
+from gateway.routes import ROUTERS, reports, unregistered
+from gateway.routes import workorders as workorder_routes
 from gateway.routes.status import mount_static
 from gateway.tokens import Tokens
 
 DESCRIPTION = ("The operators' API: devices, provisioning, lights and their overrides, rules, "
-               "alerts, billing. Every route but /health needs a bearer token (`citygrid "
-               "tokens create --role viewer|operator|admin`). Errors are RFC 9457 problem "
-               "details.")
+               "alerts, billing, work orders. Every route but /health and the citizens' "
+               "reports (Open311: /api/v1/services, /api/v1/reports) needs a bearer token "
+               "(`citygrid tokens create --role viewer|operator|admin`). Errors are RFC 9457 "
+               "problem details.")
 
 
 def create_app(settings: Settings, *, store: TelemetryStore | None = None,
                registry: Registry | None = None, feed: Feed | None = None,
-               publisher: Publisher | None = None) -> FastAPI:
+               publisher: Publisher | None = None,
+               workorders: WorkOrders | None = None) -> FastAPI:
     """The gateway for ``settings``. By default it opens the configured store
-    (``open_store``), the registry under ``settings.data_dir``, a live feed from the broker
-    and a publisher that connects to the broker on its first override; pass any of the four
-    to use that instead. The app starts and closes the feed with its lifespan; it closes
-    only the publisher it made itself."""
+    (``open_store``), the registry under ``settings.data_dir``, a live feed from the broker,
+    a publisher that connects to the broker on its first override and the work orders under
+    ``settings.data_dir``; pass any of them to use that instead. The app starts and closes the
+    feed with its lifespan; it closes only the publisher and work orders it opened itself."""
     owned: list = []
     if registry is None:
         registry = inventory.registry(settings)  # checks tariffs and profiles
@@ -58,6 +62,9 @@ def create_app(settings: Settings, *, store: TelemetryStore | None = None,
     if publisher is None:
         publisher = MqttPublisher(settings.mqtt)
         owned.append(publisher)
+    if workorders is None:
+        workorders = WorkOrders(settings.data_dir)
+        owned.append(workorders)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,6 +85,8 @@ def create_app(settings: Settings, *, store: TelemetryStore | None = None,
     state.tokens = Tokens(settings.data_dir)
     state.acks = Acks(settings.data_dir)
     state.limiter = FailedTokenLimiter()
+    state.workorders = workorders
+    state.report_limiter = FailedTokenLimiter(reports.REPORTS_PER_HOUR, 3600.0)
 
     install(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -85,6 +94,8 @@ def create_app(settings: Settings, *, store: TelemetryStore | None = None,
     app.include_router(unregistered.router)  # before /api/v1/devices/{device_id}
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(workorder_routes.router)
+    app.include_router(reports.router)
     mount_static(app)
     return app
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from citygrid.maintenance import WorkOrders
 from citygrid.registry import Registry
 from citygrid.settings import Settings
 from citygrid.store import TelemetryStore
@@ -92,6 +93,9 @@ PublisherDep = Annotated[Publisher, Depends(_app_state("publisher"))]
 AcksDep = Annotated[Acks, Depends(_app_state("acks"))]
 MetricsDep = Annotated[Metrics, Depends(_app_state("metrics"))]
 LimiterDep = Annotated[FailedTokenLimiter, Depends(_app_state("limiter"))]
+WorkOrdersDep = Annotated[WorkOrders, Depends(_app_state("workorders"))]
+# Citizens' reports per address (they come without a token): the same sliding window.
+ReportLimiterDep = Annotated[FailedTokenLimiter, Depends(_app_state("report_limiter"))]
 
 # ------------------------------------------------------------------ roles
 
@@ -130,6 +134,17 @@ Viewer = Annotated[str, Depends(require("viewer"))]
 Operator = Annotated[str, Depends(require("operator"))]
 Admin = Annotated[str, Depends(require("admin"))]
 
+
+def _who(role: Operator, tokens: TokensDep,
+         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    """An operator (or admin) by their token's name, for a history: ``name (role)``."""
+    name = tokens.name(creds.credentials) if creds is not None else None
+    return f"{name} ({role})" if name else role
+
+
+OperatorName = Annotated[str, Depends(_who)]
+
 __all__ = ["AUTH_ERRORS", "AcksDep", "Admin", "FailedTokenLimiter", "FeedDep", "MetricsDep",
-           "Operator", "ProvisionerDep", "PublisherDep", "RegistryDep", "SettingsDep",
-           "StoreDep", "TokensDep", "Viewer", "bearer", "require"]
+           "Operator", "OperatorName", "ProvisionerDep", "PublisherDep", "RegistryDep",
+           "ReportLimiterDep", "SettingsDep", "StoreDep", "TokensDep", "Viewer",
+           "WorkOrdersDep", "bearer", "require"]

@@ -5,7 +5,7 @@ Problem details (the error body) live with their handlers in :mod:`gateway.probl
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from citygrid.fleet import NATIVE_ID_PATTERN, PROFILE_PATTERN
 
@@ -190,3 +190,135 @@ class RegisterDevice(BaseModel):
     rated_w: Annotated[float, Field(gt=0, le=2000)] | None = None
     account_id: Annotated[str, Field(max_length=64)] | None = None
     tariff: Annotated[str, Field(max_length=64)] | None = None
+
+
+# ------------------------------------------------------------------ work orders
+
+
+class WhoAmI(BaseModel):
+    """The caller's token: its role (what it may do) and name."""
+
+    role: Literal["viewer", "operator", "admin"]
+    name: str | None
+
+WorkOrderState = Literal["open", "assigned", "done"]
+Cause = Literal["lamp_replaced", "driver_replaced", "cable_fault", "no_fault_found"]
+
+
+class WorkOrderEvent(BaseModel):
+    """One entry of an order's history: a trigger that opened or joined it, a transition."""
+
+    ts_ms: int
+    event: Literal["opened", "joined", "assigned", "done"]
+    who: str = Field(description="`rules`, `citizen`, or the name of the operator's token.")
+    ref: str | None = Field(None, description="The alert key or report id that opened or "
+                            "joined it.")
+    problem: str | None = None
+    detail: str | None = Field(None, description="The light a trigger was for; the assignee "
+                               "or the cause of a transition.")
+
+
+class WorkOrderOut(BaseModel):
+    id: str = Field(examples=["WO-000042"])
+    target_kind: Literal["device", "cabinet"]
+    target: str = Field(description="The light's device id or the cabinet's id.")
+    district: str
+    lat: float | None
+    lon: float | None
+    problem: str = Field(description="What opened it: lamp_fault, lamp_power, day_burning, "
+                         "cycling, cabinet_supply_loss, missing_ack, citizen_report.")
+    state: WorkOrderState
+    assignee: str | None
+    cause: Cause | None
+    note: str | None
+    created_ms: int
+    assigned_ms: int | None
+    done_ms: int | None
+    repair_h: float | None = Field(description="Hours from opened to done.")
+    history: list[WorkOrderEvent] | None = Field(
+        None, description="Every trigger and transition (one order; not in lists).")
+
+
+class AssignBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    assignee: Annotated[str, Field(min_length=1, max_length=100, pattern=r"\S",
+                                   examples=["crew-north-2"])]
+
+
+class DoneBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cause: Cause
+    note: Annotated[str, Field(max_length=2000)] | None = None
+
+
+class RepairStats(BaseModel):
+    """Time to repair in one district: hours from opened to done over its orders done."""
+
+    district: str
+    open: int
+    assigned: int
+    done: int
+    median_repair_h: float | None
+    mean_repair_h: float | None
+
+
+# ------------------------------------------------------------------ Open311 (GeoReport v2)
+
+
+# What a citizen can report (GET /api/v1/services describes each).
+ServiceCode = Literal["streetlight-out", "streetlight-day-burning", "streetlight-flickering",
+                      "streetlight-damaged"]
+
+
+class Open311Service(BaseModel):
+    service_code: ServiceCode
+    service_name: str
+    description: str
+    metadata: bool = False
+    type: Literal["realtime", "batch", "blackbox"] = "realtime"
+    keywords: str
+    group: str = "streetlights"
+
+
+class ReportBody(BaseModel):
+    """A citizen's service request as Open311 GeoReport v2 clients send it (JSON or a form).
+    Unknown keys (``api_key``, ``jurisdiction_id``, ``attribute[…]``) are ignored."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+    service_code: Annotated[ServiceCode, Field(examples=["streetlight-out"])]
+    lat: Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False, examples=[55.6961])]
+    long: Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False, examples=[12.5442])]
+    description: Annotated[str, Field(max_length=4000)] | None = None
+    address_string: Annotated[str, Field(max_length=250)] | None = None
+    email: Annotated[str, Field(max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")] | None = None
+    first_name: Annotated[str, Field(max_length=100)] | None = None
+    last_name: Annotated[str, Field(max_length=100)] | None = None
+    media_url: Annotated[str, Field(max_length=2000, pattern=r"^https?://\S+$")] | None = None
+
+
+class Open311Accepted(BaseModel):
+    service_request_id: str = Field(examples=["SR-000007"])
+    service_notice: str
+    account_id: str | None = None
+
+
+class Open311Request(BaseModel):
+    """A service request in GeoReport v2's shape (no personal data: not the email or names)."""
+
+    service_request_id: str
+    status: Literal["open", "closed"]
+    status_notes: str | None
+    service_name: str
+    service_code: str
+    description: str | None
+    agency_responsible: str
+    service_notice: str
+    requested_datetime: str
+    updated_datetime: str
+    expected_datetime: str | None = None
+    address: str | None
+    address_id: str | None = None
+    zipcode: str | None = None
+    lat: float
+    long: float
+    media_url: str | None

@@ -46,6 +46,12 @@ class Tokens:
                               (_digest(token),)).fetchone()
         return row[0] if row else None
 
+    def name(self, token: str) -> str | None:
+        """The name a token was created with (who did something, for a history), or None."""
+        row = self.db.execute("SELECT name FROM tokens WHERE hash = ?",
+                              (_digest(token),)).fetchone()
+        return row[0] if row else None
+
     def close(self) -> None:
         self.db.close()
 

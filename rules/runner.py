@@ -34,6 +34,7 @@ from citygrid.city import CityProfile
 from citygrid.clock import SYSTEM_CLOCK, Clock
 from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
 from citygrid.fleet import Fleet, FleetDevice
+from citygrid.maintenance import WorkOrders
 from citygrid.registry import Follower, Registry
 from citygrid.settings import Settings
 from citygrid.store import Point, StoreError, TelemetryStore
@@ -43,6 +44,7 @@ from rules.alerts import AlertState
 from rules.engine import RuleEngine
 from rules.report import RULES_MEASUREMENT
 from rules.state import RuleStateStore
+from rules.workorders import AlertOrders
 
 log = logging.getLogger("citygrid.rules")
 IDLE_S = 5.0  # no reading for this long: the watermark follows the wall clock
@@ -86,6 +88,7 @@ class MqttOutbox:
         self.worker = worker
         self.commands = 0
         self.notifier: AlertmanagerNotifier | None = None  # CITYGRID_ALERTMANAGER_URL
+        self.on_alert: Callable[[AlertState], object] | None = None  # work orders
         # Storage never blocks the rule loop: a writer thread takes the points.
         self._points: queue.Queue = queue.Queue(maxsize=1000)
         if store is not None:
@@ -109,6 +112,11 @@ class MqttOutbox:
             log.info("alert cleared %s", alert.key)
         if self.notifier is not None:
             self.notifier.update(alert, raised)
+        if raised and self.on_alert is not None:
+            try:
+                self.on_alert(alert)
+            except Exception:  # a work order not opened never stops the rules
+                log.exception("no work order for alert %s", alert.key)
 
     def points(self, points: list[Point]) -> None:
         if self.store is None:
@@ -189,6 +197,14 @@ class RuleRunner:
             "device_id": d.device_id, "district": d.district, "kind": d.kind},
             {"lat": d.lat, "lon": d.lon}, now) for d in self._mine(fleet)])
         self.state.restore(self.engine)
+        self._orders_key = f"workorders_done_seq:{config.worker or ''}"
+        seen = self.state.meta(self._orders_key)
+        self.workorders = AlertOrders(WorkOrders(settings.data_dir), lambda: self.fleet,
+                                      self.outbox.points, owned=self.owned,
+                                      done_seq=int(seen) if seen else None)
+        if not seen:  # from now on, and from here after a restart
+            self.state.set_meta(self._orders_key, str(self.workorders.done_seq))
+        self.outbox.on_alert = self.workorders.alert
         if settings.alertmanager_url:
             self.outbox.notifier = AlertmanagerNotifier(
                 settings.alertmanager_url, self.alert_labels, self.alert_link)
@@ -437,6 +453,16 @@ class RuleRunner:
             self._resubscribe()  # border devices added, moved or gone
         return True
 
+    def follow_workorders(self) -> None:
+        """Lamps replaced since the last look reach the engine; the maintenance figures."""
+        before = self.workorders.done_seq
+        try:
+            self.workorders.tick(self.engine, self.engine.watermark)
+        except Exception:  # never the end of the loop
+            log.exception("could not read the work orders")
+        if self.workorders.done_seq != before:
+            self.state.set_meta(self._orders_key, str(self.workorders.done_seq))
+
     # ------------------------------------------------------------------ the engine thread
 
     def start(self, timeout_s: float | None = 10.0) -> None:
@@ -469,6 +495,7 @@ class RuleRunner:
                 if now - last_reload >= self.config.reload_every_s:
                     self.reload_if_changed()
                     self.follow_inventory()
+                    self.follow_workorders()
                     last_reload = now
                 if now - last_health >= 5:
                     self.state.save_health(self.engine)
@@ -490,5 +517,6 @@ class RuleRunner:
             self.client.stop()
         self.state.close()
         self.billing.close()
+        self.workorders.store.close()
         if self.outbox.notifier is not None:
             self.outbox.notifier.close()

@@ -10,11 +10,12 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.staticfiles import StaticFiles
 
 from gateway import queries
@@ -26,8 +27,11 @@ from gateway.deps import (
     RegistryDep,
     SettingsDep,
     StoreDep,
+    TokensDep,
     Viewer,
+    bearer,
 )
+from gateway.models import WhoAmI
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 CACHE_S = 10
@@ -78,6 +82,13 @@ def status(request: Request, _: Viewer, settings: SettingsDep, registry: Registr
             cache.body, cache.at = orjson.dumps(summary), time.monotonic()
         body = cache.body
     return Response(body, media_type="application/json")
+
+
+@router.get("/api/v1/whoami", response_model=WhoAmI)
+def whoami(role: Viewer, tokens: TokensDep,
+           creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> WhoAmI:
+    """The token's role and name: the page shows operators' buttons only to operators."""
+    return WhoAmI(role=role, name=tokens.name(creds.credentials) if creds else None)
 
 
 @router.get("/api/v1/stream",

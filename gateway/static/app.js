@@ -7,7 +7,8 @@ const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 const state = { devices: new Map(), selected: null, tz: "UTC", charts: {}, summaryTimer: null,
                 unregistered: [], registering: null, picking: false, unproject: null,
-                unregisteredTimer: null };
+                unregisteredTimer: null, project: null, orders: [], ordersTimer: null,
+                role: null };
 
 // ------------------------------------------------------------------ token and requests
 
@@ -92,6 +93,7 @@ function drawMap(devices) {
   const x = (lon) => (lon - minLon) * k / w * W;
   const y = (lat) => (maxLat - lat) / h * H;
   state.unproject = (sx, sy) => [maxLat - sy / H * h, minLon + sx / W * w / k];  // → [lat, lon]
+  state.project = (lat, lon) => [x(lon), y(lat)];
 
   const districts = new Map();
   for (const d of devices) {
@@ -138,7 +140,11 @@ function drawMap(devices) {
     layer.appendChild(el);
     state.devices.set(d.device_id, { info: d, el, title, live: {} });
   }
-  svg.append(labels, layer);
+  const orders = document.createElementNS(SVG, "g");
+  orders.id = "orders-layer";
+  svg.append(labels, layer, orders);
+  state.markerR = Math.max(7, Number(r) * 2.5);  // seen even where lights crowd
+  drawOrders();
   const lights = devices.filter((d) => d.kind === "streetlight").length;
   $("map-count").textContent = `${lights} lights, ${devices.length - lights} meters`;
 }
@@ -521,6 +527,118 @@ async function registerDevice() {
   }
 }
 
+// ------------------------------------------------------------------ work orders
+
+const CAUSES = ["lamp_replaced", "driver_replaced", "cable_fault", "no_fault_found"];
+
+function age(ms) {
+  const s = Math.max(0, (Date.now() - ms) / 1000);
+  if (s < 3600) return `${Math.round(s / 60)} min`;
+  if (s < 2 * 86400) return `${Math.round(s / 3600)} h`;
+  return `${Math.round(s / 86400)} d`;
+}
+
+// A ring on the map for every open or assigned order (at its light, its cabinet's first
+// light or where a citizen reported it); the lights under it stay clickable.
+function drawOrders() {
+  const layer = $("orders-layer");
+  if (!layer || !state.project) return;
+  layer.replaceChildren();
+  for (const o of state.orders) {
+    if (o.lat == null || o.lon == null) continue;
+    const [cx, cy] = state.project(o.lat, o.lon);
+    const ring = document.createElementNS(SVG, "circle");
+    ring.setAttribute("class", "order");
+    ring.setAttribute("cx", cx.toFixed(1));
+    ring.setAttribute("cy", cy.toFixed(1));
+    ring.setAttribute("r", (state.markerR || 6).toFixed(1));
+    ring.dataset.order = o.id;
+    ring.dataset.state = o.state;
+    const title = document.createElementNS(SVG, "title");
+    title.textContent = `${o.id} ${o.problem} — ${o.target} (${o.state})`;
+    ring.appendChild(title);
+    layer.appendChild(ring);
+  }
+}
+
+async function loadOrders(force) {
+  let list;
+  try { list = await api("/api/v1/work-orders?state=open&state=assigned&limit=200"); } catch (e) { return; }
+  state.orders = list;
+  $("orders-count").textContent = String(list.length);
+  drawOrders();
+  const body = $("work-orders");
+  // Someone typing a crew's name or choosing a cause: the table waits for the next round.
+  if (!force && body.contains(document.activeElement)) return;
+  body.replaceChildren();
+  const shown = list.slice(0, 30);
+  for (const o of shown) {
+    const row = body.insertRow();
+    row.dataset.order = o.id;
+    row.className = `problem-${o.problem}`;
+    cell(row, o.id);
+    cell(row, o.assignee ? `${o.state} (${o.assignee})` : o.state).dataset.key = "state";
+    cell(row, o.problem.replaceAll("_", " "));
+    const target = cell(row, o.target_kind === "cabinet" ? `cabinet ${o.target}` : o.target);
+    if (o.target_kind === "device" && state.devices.has(o.target)) {
+      target.className = "link";
+      target.addEventListener("click", () => select(o.target));
+    }
+    cell(row, age(o.created_ms));
+    const actions = cell(row, "", "actions for-operator");
+    if (o.state === "open") {
+      const who = document.createElement("input");
+      who.placeholder = "crew";
+      who.className = "assignee";
+      const assign = document.createElement("button");
+      assign.type = "button";
+      assign.className = "assign";
+      assign.textContent = "Assign";
+      assign.addEventListener("click", () => transition(o.id, "assign", { assignee: who.value.trim() }));
+      actions.append(who, assign);
+    }
+    const cause = document.createElement("select");
+    cause.className = "cause";
+    for (const c of CAUSES) cause.add(new Option(c.replaceAll("_", " "), c));
+    const close = document.createElement("button");
+    close.type = "button";
+    close.className = "close-order";
+    close.textContent = "Close";
+    close.addEventListener("click", () => transition(o.id, "done", { cause: cause.value }));
+    actions.append(cause, close);
+  }
+  $("orders-more").textContent = list.length > shown.length
+    ? `and ${list.length - shown.length} more (GET /api/v1/work-orders)` : "";
+}
+
+async function transition(id, action, body) {
+  const out = $("orders-result");
+  out.className = "";
+  try {
+    const o = await api(`/api/v1/work-orders/${encodeURIComponent(id)}/${action}`, {
+      method: "POST", body: JSON.stringify(body),
+    });
+    await loadOrders(true);
+    out.textContent = o.state === "done" ? `${id} closed (${o.cause.replaceAll("_", " ")}).`
+      : `${id} assigned to ${o.assignee}.`;
+  } catch (err) {
+    out.className = "error";
+    out.textContent = err.status === 403 ? "Work orders need an operator token." : `Refused: ${err.message}`;
+  }
+}
+
+async function downloadOrders(ev) {
+  ev.preventDefault();
+  const res = await fetch("/api/v1/work-orders.csv", { headers: { Authorization: `Bearer ${token()}` } });
+  if (!res.ok) return;
+  const url = URL.createObjectURL(await res.blob());
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = "work-orders.csv";
+  a.click();
+  URL.revokeObjectURL(url);
+}
+
 // ------------------------------------------------------------------ start
 
 async function loadDevices() {
@@ -555,7 +673,13 @@ async function open() {
     state.linked = null;
   }
   $("logout").hidden = false;
-  await Promise.all([loadSummary(), loadUnregistered(), loadLamps()]);
+  api("/api/v1/whoami").then((me) => {
+    state.role = me.role;
+    $("orders-card").classList.toggle("operator", me.role !== "viewer");
+  }).catch(() => {});
+  await Promise.all([loadSummary(), loadUnregistered(), loadOrders(), loadLamps()]);
+  clearInterval(state.ordersTimer);
+  state.ordersTimer = setInterval(() => loadOrders(false), 10000);
   clearInterval(state.summaryTimer);
   state.summaryTimer = setInterval(loadSummary, 15000);
   clearInterval(state.lampsTimer);
@@ -587,6 +711,7 @@ $("register-pick").addEventListener("click", () => {
   $("register-pick").textContent = "Click the map… (cancel)";
 });
 $("map").addEventListener("click", pickOnMap, true);
+$("orders-csv").addEventListener("click", downloadOrders);
 
 state.linked = deviceFromAddress();
 takeTokenFromAddress();

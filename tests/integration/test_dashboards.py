@@ -17,6 +17,7 @@ import pytest
 from citygrid.city import COPENHAGEN
 from citygrid.contract import Topic
 from citygrid.fleet import Fleet
+from citygrid.maintenance import WorkOrders
 from citygrid.settings import Settings
 from citygrid.store.influx import InfluxStore
 from citygrid.store.lifecycle import Lifecycle
@@ -73,6 +74,18 @@ def night(influxd, mosquitto, tmp_path_factory):
         end_of_night = start_ms + 24 * 3_600_000 - 240_000
         wait_until(lambda: (runner.engine.watermark or 0) >= end_of_night, timeout_s=240,
                    message="the rule engine through the night")
+        # The night's lamp failures opened work orders (rules/workorders.py); crews close
+        # two, and the runner's next look writes them as citygrid_work_orders.
+        orders = WorkOrders(tmp)
+        try:
+            opened = orders.list()
+            assert len(opened) >= 2, "the night's lamp failures opened work orders"
+            for order, cause in zip(opened, ("lamp_replaced", "cable_fault"), strict=False):
+                orders.done(order.id, cause, "test", int(time.time() * 1000))
+        finally:
+            orders.close()
+        wait_until(lambda: store.count("citygrid_work_orders") >= 2, timeout_s=10,
+                   message="the orders done in InfluxDB")
         time.sleep(2)  # last self-reports, lighting and billing points
         # The long-range panels read the hourly rollups: what the continuous queries would
         # have written over the night, written now with their own statements.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import positive_data_acceptance
 
 from citygrid.city import COPENHAGEN
 from citygrid.registry import Registry
@@ -31,15 +32,19 @@ def test_every_route_answers_as_documented(tmp_path, mosquitto):
             # it has no parameters to fuzz, refuses without a token (test_gateway_api) and is
             # read over real HTTP by the browser test (test_status_page).
             continue
+        # A citizen's report that fits the schema is still refused (422) away from every
+        # streetlight: the registry decides that, not the schema.
+        excluded = [positive_data_acceptance] if operation.path in (
+            "/api/v1/reports", "/open311/v2/requests.json") else []
         _check(operation, {} if operation.path == "/health"
-               else {"Authorization": f"Bearer {token}"})
+               else {"Authorization": f"Bearer {token}"}, excluded)
 
 
-def _check(operation, headers: dict[str, str]) -> None:
+def _check(operation, headers: dict[str, str], excluded: list) -> None:
     @given(case=operation.as_strategy())
     @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck),
               database=None)
     def check(case):
-        case.call_and_validate(headers=headers)
+        case.call_and_validate(headers=headers, excluded_checks=excluded)
 
     check()

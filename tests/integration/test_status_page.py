@@ -289,3 +289,64 @@ def test_a_lamp_failure_rings_its_light_on_the_map_and_its_alarm_opens_it(city_u
     assert page.inner_text("#detail-title") == light.device_id
     page.screenshot(path=str(ARTIFACTS / "status-page-alarm.png"))
     assert page.problems == [], page.problems
+
+
+def test_the_work_orders_list_and_map_and_an_operator_assigns_and_closes(city_up, page):
+    """Open and assigned orders, newest first, on the list and as rings on the map; an
+    operator assigns one and closes another with a cause from the page; a viewer sees no
+    buttons."""
+    from citygrid.maintenance import WorkOrders, device_trigger
+    from gateway import create_token
+
+    lights = Fleet.load(city_up.data_dir / "fleet.geojson").of_kind("streetlight")
+    orders = WorkOrders(city_up.data_dir)
+    now = int(time.time() * 1000)
+    try:
+        a, _ = orders.open_or_join(device_trigger(lights[0], "lamp_fault", "lamp-fault@x",
+                                                  "rules"), now - 3 * 3_600_000)
+        b, _ = orders.open_or_join(device_trigger(lights[1], "day_burning", "day-burning@x",
+                                                  "rules"), now - 600_000)
+        c, _ = orders.open_or_join(device_trigger(lights[2], "lamp_fault", "x", "rules"), now)
+        orders.done(c.id, "no_fault_found", "op", now)
+        page.goto(f"{city_up.url}/#token={city_up.token}")  # an operator's
+        page.wait_for_function(
+            "document.querySelectorAll('#work-orders tr').length === 2", timeout=15_000)
+        rows = page.locator("#work-orders tr")
+        assert [rows.nth(i).get_attribute("data-order") for i in range(2)] == [b.id, a.id]
+        assert rows.nth(0).inner_text().split("\t")[:5] == [
+            b.id, "open", "day burning", lights[1].device_id, "10 min"]
+        assert rows.nth(1).locator("td").nth(4).inner_text() == "3 h"
+        page.wait_for_function("document.querySelectorAll('circle.order').length === 2")
+        assert page.locator(f"circle.order[data-order='{a.id}']").count() == 1
+        page.wait_for_selector("#orders-card.operator")
+        row_a = page.locator(f"#work-orders tr[data-order='{a.id}']")
+        row_a.locator("input.assignee").fill("crew-7")
+        row_a.locator("button.assign").click()
+        page.wait_for_function(
+            "document.getElementById('orders-result').textContent.includes('assigned')",
+            timeout=5_000)
+        assert "assigned (crew-7)" in row_a.inner_text()
+        assert page.locator(f"circle.order[data-order='{a.id}']").get_attribute(
+            "data-state") == "assigned"
+        row_b = page.locator(f"#work-orders tr[data-order='{b.id}']")
+        row_b.locator("select.cause").select_option("cable_fault")
+        row_b.locator("button.close-order").click()
+        page.wait_for_function(
+            "document.querySelectorAll('#work-orders tr').length === 1", timeout=5_000)
+        assert page.locator("circle.order").count() == 1
+        page.screenshot(path=str(ARTIFACTS / "status-page-work-orders.png"))
+        assert (orders.get(a.id).assignee, orders.get(b.id).cause) == ("crew-7", "cable_fault")
+        assert orders.get(b.id).history[-1].who.endswith("(operator)")
+        assert page.problems == [], page.problems
+        # A viewer sees the list, without the buttons.
+        viewer = create_token(city_up.data_dir, "viewer", "test-viewer")
+        page.goto(f"{city_up.url}/?viewer#token={viewer}")
+        page.wait_for_function(
+            "document.querySelectorAll('#work-orders tr').length === 1", timeout=15_000)
+        page.wait_for_function("typeof state !== 'undefined' && state.role === 'viewer'")
+        assert not page.locator(f"#work-orders tr[data-order='{a.id}'] button.close-order"
+                                ).is_visible()
+    finally:
+        orders.close()
+    # Leaving the operator's page cut its live stream: that one is no problem.
+    assert [p for p in page.problems if not p.endswith("/api/v1/stream")] == [], page.problems
