@@ -8,7 +8,10 @@ on the day, morning ones (sunrise, civil_dawn, nautical_dawn) on the next, the o
 after (``sunrise-15m``: a quarter of an hour before that sunrise). Each step's time is rounded
 to the minute; the level in force is that of the latest step at or before the moment, and
 before the day's first step that of its last (a program is a daily cycle: typically
-``sunrise: 0``). A step whose sun event does not happen that day is left out.
+``sunrise: 0``). The last step ends the night: a step at or after it is left out (a 05:30
+boost after a June sunrise), and a step that comes before the one listed above it takes
+effect with it (see :func:`resolve`). A step whose sun event does not happen that day is
+left out.
 
 For each streetlight, the first calendar entry that matches the lighting day and selects the
 light wins; its program's level is a ``program``-class wish (``calendar@<light>``, reason
@@ -129,9 +132,10 @@ class Calendar:
         for device in devices:
             if device.kind != "streetlight":
                 continue
-            for _, _, won in (m for m in matching if selects(m[0].spec.select, device)):
-                won.append(device)
-                break
+            for entry, _, won in matching:
+                if selects(entry.spec.select, device):
+                    won.append(device)
+                    break
         return [m for m in matching if m[2]]
 
     def matching(self, day: date) -> list[tuple[Entry, holidays.Holiday | None]]:
@@ -255,18 +259,17 @@ class CalendarRunner:
         """The rules, the fleet or the partition changed: every light is placed anew at the
         next event time (wishes stay until then)."""
         self._day = None
-        self.next_ms = 0 if self.engine.ruleset.calendar or self._has_wishes() else _NEVER
-
-    def _has_wishes(self) -> bool:
-        return bool(self._wished) or any(
-            k.startswith("calendar@") for s in self.engine.lights.values() for k in s.wishes)
+        self.next_ms = 0
 
     def run(self, now_ms: int) -> None:
         engine = self.engine
         city_time = engine.city_time
         day = lighting_day(city_time.local_time(now_ms))
         if day != self._day:
-            self._assign(day)
+            self._assign(day)  # (also withdraws what a calendar no longer there wished)
+        if not engine.ruleset.calendar:
+            self.next_ms = _NEVER  # until the rules change
+            return
         next_ms = day_bounds_ms(city_time, day)[1]
         for group in self._groups:
             found = level_at(group.steps, now_ms)

@@ -234,6 +234,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for w in e["wishes"]:
         mark = "→" if e["winner"] and w["key"] == e["winner"]["key"] else " "
         expiry = (f"expires in {w['expires_in_s']:.0f} s" if w["expires_in_s"] is not None
+                  else "until the calendar's next step" if w["key"].startswith("calendar@")
                   else "until its condition clears")
         print(f" {mark} {w['class']:<8} {w['level']:>5g} %  {w['reason']:<28} {expiry}"
               f"  (since {_when(w['since_ms'])}, {w['key']})")

@@ -5,8 +5,6 @@ explain, `citygrid calendar show`, and the YAML rule tests."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import date, datetime
 
 import pytest
@@ -22,7 +20,7 @@ from rules.loader import DEFAULT_RULES, EXAMPLES, RuleFileError, load, parse_tex
 from rules.schedules import CityTime
 from rules.state import RuleStateStore
 from rules.testing import run_file
-from tests.helpers import REPO, Box
+from tests.helpers import Box
 
 TZ = COPENHAGEN.tz
 CALENDAR = EXAMPLES / "calendar.yaml"
@@ -191,9 +189,29 @@ def test_rule_files_without_a_calendar_cost_the_engine_nothing():
     ruleset = load(DEFAULT_RULES)
     assert not ruleset.calendar
     engine = RuleEngine(ruleset, FLEET, COPENHAGEN, Box(), track_acks=False)
+    engine.advance(ms(2026, 11, 27, 22))  # one look, at the first event time
     assert engine.calendar.next_ms == float("inf")
     run_night(engine, ms(2026, 11, 27, 22), 0.1)
     assert all(not k.startswith("calendar") for s in engine.lights.values() for k in s.wishes)
+
+
+def test_a_restart_without_the_calendar_withdraws_its_saved_wishes(tmp_path):
+    engine, box = engine_for()
+    start = ms(2026, 11, 27, 22)
+    run_night(engine, start, 0.01)
+    store = RuleStateStore(tmp_path / "rules.sqlite")
+    store.save(engine)
+    store.close()
+    from rules.state import engine_from_state
+
+    again = engine_from_state(parse_text("settings: {safety_floor: {level: 20}}\n"), FLEET,
+                              COPENHAGEN, tmp_path / "rules.sqlite")
+    assert "calendar@sl-1" in again.lights["sl-1"].wishes
+    again.outbox = box2 = Box()
+    again.advance(start + 60_000)
+    assert not again.lights["sl-1"].wishes
+    assert sorted((d, level, reason) for d, level, reason, _ in box2.commands) == [
+        (d, 20, "safety:night-floor") for d in ("sl-1", "sl-2", "sl-3", "sl-4")]
 
 
 # --------------------------------------------------------------------------- time
@@ -241,7 +259,7 @@ def engine_for(text: str = SMALL, fleet: Fleet = FLEET, **kw) -> tuple[RuleEngin
 
 def test_levels_change_at_the_steps_in_event_time_and_the_safety_floor_still_holds():
     engine, box = engine_for()
-    run_night(engine, ms(2026, 11, 27, 12), 23)
+    run_night(engine, ms(2026, 11, 27, 12), 23, 10_000)
     sl1 = [(datetime.fromtimestamp(ts / 1000, TZ).strftime("%d %H:%M"), level, reason)
            for d, level, reason, ts in box.commands if d == "sl-1"]
     assert sl1 == [("27 12:00", 0, "calendar:all-night/night"),
@@ -331,7 +349,7 @@ def test_a_restart_from_saved_state_issues_no_command_again(tmp_path):
 
     again = engine_from_state(parse_text(SMALL), FLEET, COPENHAGEN, tmp_path / "rules.sqlite")
     again.outbox = box2 = Box()
-    run_night(again, start + 60_000, 1.1)
+    run_night(again, start + 60_000, 1.1, 10_000)
     assert sorted((d, level, datetime.fromtimestamp(ts / 1000, TZ).strftime("%H:%M"))
                   for d, level, _, ts in box2.commands) == [
         ("sl-1", 50, "23:00"), ("sl-2", 50, "23:00"), ("sl-4", 50, "23:00")]
@@ -411,11 +429,11 @@ def test_calendar_show_names_the_holiday_and_without_a_fleet_the_selections(tmp_
     assert "festive-eves: program festive" in capsys.readouterr().out.split("\n\n")[1]
 
 
-def test_calendar_show_refuses_a_bad_date():
-    result = subprocess.run([sys.executable, "-m", "cityctl", "calendar", "show", "--date",
-                             "2026-12-32"], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 2 and "'2026-12-32' is not a date like 2026-12-24" in \
-        result.stderr
+def test_calendar_show_refuses_a_bad_date(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["calendar", "show", "--date", "2026-12-32"])
+    assert e.value.code == 2
+    assert "'2026-12-32' is not a date like 2026-12-24" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- rule tests
@@ -442,8 +460,7 @@ def test_a_wrong_calendar_level_in_a_rule_test_fails(tmp_path):
                "calendar:weekend/weekend}" in f for f in result.failures)
 
 
-def test_the_schema_documents_programs_and_calendar():
-    out = subprocess.run([sys.executable, "-m", "cityctl", "rules", "schema"],
-                         capture_output=True, text=True, cwd=REPO, check=True).stdout
-    props = json.loads(out)["properties"]
+def test_the_schema_documents_programs_and_calendar(capsys):
+    assert main(["rules", "schema"]) == 0
+    props = json.loads(capsys.readouterr().out)["properties"]
     assert {"programs", "calendar"} <= set(props)
