@@ -1,4 +1,5 @@
-"""``citygrid rules …``: run, check, schema, test, explain, backtest, status.
+"""``citygrid rules …``: run, check, schema, test, explain, backtest, status; and ``citygrid
+calendar show`` (the lighting calendar's programs for a day, rules/calendar.py).
 
 ``rules run --workers N`` (N > 1) is a supervisor: N worker processes (``rules run --worker
 i/N --districts …``, each a RuleRunner with its own MQTT session), each owning every N-th of
