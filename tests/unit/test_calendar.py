@@ -464,3 +464,46 @@ def test_the_schema_documents_programs_and_calendar(capsys):
     assert main(["rules", "schema"]) == 0
     props = json.loads(capsys.readouterr().out)["properties"]
     assert {"programs", "calendar"} <= set(props)
+
+
+def test_the_runner_refuses_a_bad_calendar_whole_and_the_running_one_goes_on(tmp_path):
+    import os
+
+    import orjson
+
+    from citygrid.contract import Topic
+    from citygrid.settings import Settings
+    from rules.runner import RuleRunner, RunnerConfig
+    from tests.helpers import light_reading
+
+    rules = tmp_path / "city.yaml"
+    rules.write_text(SMALL)
+    night = ms(2026, 11, 27, 22)
+
+    class Clock:
+        def now_ms(self) -> int:
+            return night
+
+        def monotonic(self) -> float:
+            return 0.0
+
+    runner = RuleRunner(Settings(mqtt_url="mqtt://127.0.0.1:1", data_dir=str(tmp_path)), FLEET,
+                        COPENHAGEN, None, RunnerConfig(rules), clock=Clock())
+    try:
+        topic = str(Topic("norrebro", "streetlight", "sl-1"))
+        runner.handle(topic, orjson.dumps(light_reading(1, night)))
+        assert runner.engine.lights["sl-1"].level == 100
+        rules.write_text(SMALL.replace("program: night", "program: nightt"))
+        os.utime(rules, (1, 1))
+        assert runner.reload_if_changed() is False
+        assert f"{rules}:14:14: calendar[1] (all-night): unknown program 'nightt'" in \
+            runner.last_reload_error
+        runner.handle(topic, orjson.dumps(light_reading(2, night + 60_000)))
+        assert runner.engine.lights["sl-1"].reason == "calendar:all-night/night"
+        rules.write_text(SMALL.replace("level: 100", "level: 90"))
+        os.utime(rules, (2, 2))
+        assert runner.reload_if_changed() is True
+        runner.handle(topic, orjson.dumps(light_reading(3, night + 120_000)))
+        assert runner.engine.lights["sl-1"].level == 90
+    finally:
+        runner.stop()
