@@ -88,7 +88,10 @@ def _construct(node: yaml.Node, path: tuple, marks: Marks, budget: list[int] | N
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(v, path + (i,), marks, budget) for i, v in enumerate(node.value)]
-    return _SCALARS.construct_object(node, deep=True)
+    try:
+        return _SCALARS.construct_object(node, deep=True)
+    except ValueError as e:  # a date that does not exist: 2026-02-30
+        raise _TooBig(node, f"not valid here: {node.value!r}: {e}") from None
 
 
 MAX_FLOW_DEPTH = 100

@@ -53,6 +53,7 @@ def backtest(store: TelemetryStore, rules_path: str | Path, fleet: Fleet, city: 
     ruleset = loader.load(rules_path)
     recorder = _Recorder()
     engine = RuleEngine(ruleset, fleet, city, recorder, track_acks=False)
+    engine.calendar.log = []  # the calendar's steps, as they fired
     loss = ruleset.settings.lamp_loss
     last: dict[str, int] = {}
     used_wh = baseline_wh = 0.0
@@ -93,4 +94,5 @@ def backtest(store: TelemetryStore, rules_path: str | Path, fleet: Fleet, city: 
         "energy_kwh": used_wh / 1000, "baseline_kwh": baseline_wh / 1000,
         "saved_pct": saved / baseline_wh * 100 if baseline_wh else 0.0,
         "co2_avoided_kg": saved / 1000 * ruleset.settings.co2_g_per_kwh / 1000,
+        "calendar_steps": engine.calendar.log,
     }

@@ -1,4 +1,5 @@
-"""``citygrid rules …``: run, check, schema, test, explain, backtest, status.
+"""``citygrid rules …``: run, check, schema, test, explain, backtest, status; and ``citygrid
+calendar show`` (the lighting calendar's programs for a day, rules/calendar.py).
 
 ``rules run --workers N`` (N > 1) is a supervisor: N worker processes (``rules run --worker
 i/N --districts …``, each a RuleRunner with its own MQTT session), each owning every N-th of
@@ -83,6 +84,26 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     bt.add_argument("--fleet")
     bt.add_argument("--json", action="store_true", help="the report as JSON")
     bt.set_defaults(func=cmd_backtest)
+
+    cal = sub.add_parser("calendar", help="lighting calendars: which program the lights get")
+    cs = cal.add_subparsers(dest="calendar_command", required=True, metavar="SUBCOMMAND")
+    show = cs.add_parser("show", parents=[common],
+                         help="what each group of lights gets on a day, steps at local times")
+    show.add_argument("--date", type=_day, help="YYYY-MM-DD (default: today, the city's time)")
+    show.add_argument("--rules", help="rule file or folder (CITYGRID_RULES; default: the "
+                      "Copenhagen example)")
+    show.add_argument("--fleet", help="fleet GeoJSON (CITYGRID_FLEET; default: the registry, "
+                      "if there is one): how many lights each entry wins")
+    show.set_defaults(func=cmd_calendar_show)
+
+
+def _day(text: str):
+    from datetime import date
+
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date like 2026-12-24") from None
 
 
 def _positive(text: str) -> int:
@@ -208,15 +229,31 @@ def cmd_explain(args: argparse.Namespace) -> int:
     floor = e["safety_floor"]
     print(f"safety floor: {floor['level']:g} % {'active' if floor['active'] else 'inactive'}"
           + (" — it lifted the level" if floor["applied"] else ""))
+    _print_calendar(e.get("calendar"))
     if not e["wishes"]:
         print("no rule wants this light now: the default level applies")
     for w in e["wishes"]:
         mark = "→" if e["winner"] and w["key"] == e["winner"]["key"] else " "
         expiry = (f"expires in {w['expires_in_s']:.0f} s" if w["expires_in_s"] is not None
+                  else "until the calendar's next step" if w["key"].startswith("calendar@")
                   else "until its condition clears")
         print(f" {mark} {w['class']:<8} {w['level']:>5g} %  {w['reason']:<28} {expiry}"
               f"  (since {_when(w['since_ms'])}, {w['key']})")
     return 0
+
+
+def _print_calendar(c: dict | None) -> None:
+    if c is None:
+        return
+    if c["entry"] is None:
+        print(f"calendar: no entry takes this light on the lighting day {c['day']}")
+        return
+    program = "an inline program" if c["inline"] else f"program {c['program']}"
+    print(f"calendar: entry {c['entry']}, {program} ({c['reason']}) on the lighting day "
+          f"{c['day']}" + (f", {c['holiday']}" if c["holiday"] else "")
+          + f": {c['level']:g} % now")
+    for s in c["steps"]:
+        print(f"   {'→' if s['in_force'] else ' '} {s['time']}  {s['level']:>5g} %  ({s['at']})")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -617,7 +654,38 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     print(f"lighting energy: {report['energy_kwh']:.2f} kWh against {report['baseline_kwh']:.2f}"
           f" kWh for 100 % all night: {report['saved_pct']:.1f} % saved, "
           f"{report['co2_avoided_kg']:.2f} kg CO2 avoided")
+    steps = report.get("calendar_steps") or []
+    if steps:
+        print(f"calendar steps: {len(steps)}")
+        tz = city(settings.city).tz
+        for s in steps:
+            when = datetime.fromtimestamp(s["ts_ms"] / 1000, tz).strftime("%Y-%m-%d %H:%M")
+            print(f"  {when}  {s['reason']:<40} {s['level']:>5g} %  on {s['lights']:,} "
+                  f"light{'s' * (s['lights'] != 1)}")
     print(f"alerts raised: {report['alerts']}")
+    return 0
+
+
+def cmd_calendar_show(args: argparse.Namespace) -> int:
+    from citygrid.city import city
+    from citygrid.registry import FILENAME
+    from rules.calendar import show
+    from rules.loader import RuleFileError, load
+    from rules.schedules import CityTime
+
+    settings = _settings(args)
+    profile = city(settings.city)
+    try:
+        ruleset = load(_rules_path(settings))
+    except RuleFileError as e:
+        print(e, file=sys.stderr)
+        return 1
+    fleet = None
+    if settings.fleet or (Path(settings.data_dir) / FILENAME).exists():
+        fleet = list(_fleet(settings))
+    day = args.date or datetime.now(profile.tz).date()
+    print(f"{', '.join(ruleset.sources)}:")
+    print("\n".join(show(ruleset.calendar, CityTime(profile), day, fleet)))
     return 0
 
 

@@ -40,6 +40,7 @@ from rules.actions import ACTIONS, ActionType, Plan, Step, plan
 from rules.actions.set_light import NeighbourIndex
 from rules.alerts import ACK_RULE, Alerts, AlertState
 from rules.arbitration import LightState, Wish
+from rules.calendar import CalendarRunner
 from rules.context import Context, selects
 from rules.energy import LightingEnergy
 from rules.explain import explain
@@ -252,6 +253,7 @@ class RuleEngine:
         self._programs: dict[str, _Program] = {}
         self._absent_devices: dict[str, list[FleetDevice]] = {}
         self.actions: dict[str, ActionType] = {name: cls(self) for name, cls in ACTIONS.items()}
+        self.calendar = CalendarRunner(self)  # lighting calendars (rules/calendar.py)
         self.set_rules(ruleset)
         if self.owned_districts is not None:
             self.set_partition(self.owned_districts)
@@ -298,6 +300,7 @@ class RuleEngine:
         self._rules_for: dict[tuple[str, str], list[CompiledRule]] = {}
         self._programs = {}
         self._absent_devices = {}
+        self.calendar.reset()
 
     def set_fleet(self, fleet: Fleet) -> None:
         """Use a new inventory (the registry changed): devices added are taken from their
@@ -740,6 +743,8 @@ class RuleEngine:
         self._pending_timers(now_ms)
         schedules.run_schedules(self, now_ms)
         schedules.run_absences(self, now_ms)
+        if now_ms >= self.calendar.next_ms:  # a step or noon: nothing otherwise
+            self.calendar.run(now_ms)
         for device_id, cmd_id in self.acks.overdue(now_ms):
             self.alerting.missing_ack(device_id, cmd_id, now_ms)
         points = self.energy.flush(now_ms)

@@ -1,5 +1,6 @@
 """Why a light is at its level: the wish that won arbitration, every other wish still alive
-with its rule and expiry, and whether the safety floor lifted it (`citygrid rules explain`,
+with its rule and expiry, whether the safety floor lifted it, and the lighting calendar's
+entry and program for it (`citygrid rules explain`,
 the gateway's explain route)."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rules.arbitration import RANK, LightState, Wish
+from rules.calendar import explain_light
 
 if TYPE_CHECKING:
     from rules.engine import RuleEngine
@@ -26,6 +28,9 @@ def explain(engine: RuleEngine, device_id: str, now_ms: int | None = None) -> di
                          "applied": decision.floored},
         "winner": _wish_dict(decision.winner, now) if decision.winner else None,
         "wishes": [_wish_dict(w, now) for w in wishes],
+        # the calendar's entry and program for the light, with the day's steps (None: no
+        # calendar in the rules)
+        "calendar": explain_light(engine, device_id, now),
     }
 
 

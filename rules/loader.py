@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from citygrid.yamlconf import ConfigError as RuleFileError
 from citygrid.yamlconf import ConfigProblem as RuleProblem
 from citygrid.yamlconf import Marks, dedupe, located, parse
+from rules.calendar import Calendar, compile_calendar
 from rules.expr import ExprError, Expression, compile_expression, parse_duration
 from rules.model import Rule, RuleFile, Settings
 
@@ -38,6 +39,7 @@ class RuleSet:
     rules: tuple[CompiledRule, ...]
     floor_when: Expression
     sources: tuple[str, ...] = field(default=())
+    calendar: Calendar = field(default=Calendar())  # lighting calendars (rules/calendar.py)
 
     def by_id(self, rule_id: str) -> CompiledRule:
         for r in self.rules:
@@ -71,9 +73,11 @@ def parse_text(text: str, name: str = "<rules>") -> RuleSet:
         for i, raw in enumerate(raw_rules):  # the expressions too: every error at once
             if isinstance(raw, dict):
                 _compile_rule_exprs(raw, i, str(raw.get("id")), name, marks, problems)
+        problems += _calendar_problems(data, name, marks)
         problems.sort(key=lambda p: (p.line, p.column))
         raise RuleFileError(dedupe(problems)) from None
 
+    problems += _calendar_problems(data, name, marks)
     compiled: list[CompiledRule] = []
     for i, rule in enumerate(model.rules):
         exprs = _compile_rule_exprs(data["rules"][i], i, rule.id, name, marks, problems)
@@ -98,7 +102,35 @@ def parse_text(text: str, name: str = "<rules>") -> RuleSet:
         floor_when = compile_expression("false")
     if problems:
         raise RuleFileError(problems)
-    return RuleSet(model.settings, tuple(compiled), floor_when, (name,))
+    return RuleSet(model.settings, tuple(compiled), floor_when, (name,),
+                   compile_calendar(model.calendar, model.programs, name))
+
+
+def _calendar_problems(data: dict, name: str, marks: Marks) -> list[RuleProblem]:
+    """What the schema cannot see in a calendar: programs it names that `programs:` lacks,
+    and an entry name used twice."""
+    problems = []
+    programs = data.get("programs") if isinstance(data.get("programs"), dict) else {}
+    entries = data.get("calendar") if isinstance(data.get("calendar"), list) else []
+    seen: set[str] = set()
+    for i, raw in enumerate(entries):
+        if not isinstance(raw, dict):
+            continue
+        program = raw.get("program")
+        if isinstance(program, str) and program not in programs:
+            line, col = marks.at(("calendar", i, "program"))
+            known = f"; programs: {', '.join(map(str, programs))}" if programs else \
+                " (there is no programs: section)"
+            problems.append(RuleProblem(name, line, col, f"calendar[{i}] ({raw.get('name')}): "
+                                        f"unknown program {program!r}{known}"))
+        entry = raw.get("name")
+        if isinstance(entry, str):
+            if entry in seen:
+                line, col = marks.at(("calendar", i, "name"))
+                problems.append(RuleProblem(name, line, col,
+                                            f"calendar[{i}]: entry name {entry!r} is used twice"))
+            seen.add(entry)
+    return problems
 
 
 def _compile_rule_exprs(raw: dict, i: int, rule_id: str, name: str, marks: Marks,
@@ -153,9 +185,19 @@ def load(path: str | Path | None = None) -> RuleSet:
             ids[r.id] = s.sources[0]
     if problems:
         raise RuleFileError(problems)
+    entries: dict[str, str] = {}
+    for s in sets:
+        for e in s.calendar.entries:
+            if e.name in entries:
+                problems.append(RuleProblem(s.sources[0], 1, 1, f"calendar entry {e.name!r} is "
+                                            f"also in {entries[e.name]}"))
+            entries[e.name] = s.sources[0]
+    if problems:
+        raise RuleFileError(problems)
     first = sets[0]
     return RuleSet(first.settings, tuple(r for s in sets for r in s.rules), first.floor_when,
-                   tuple(x for s in sets for x in s.sources))
+                   tuple(x for s in sets for x in s.sources),
+                   Calendar(tuple(e for s in sets for e in s.calendar.entries)))
 
 
 def schema() -> dict[str, Any]:

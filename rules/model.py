@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from datetime import date
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from citygrid.holidays import NAMES as HOLIDAY_NAMES
 from rules.expr import parse_duration
 
 PRIORITIES = ("override", "safety", "sensor", "program", "default")
@@ -57,13 +59,18 @@ class Schedule(_Model):
     @field_validator("from_", "to")
     @classmethod
     def _time(cls, value: str) -> str:
-        match = _TIME.match(value.strip())
-        if not match or (match["sun"] and match["sun"] not in SUN_EVENTS):
-            raise ValueError(f"{value!r} is not HH:MM or a sun event ({', '.join(SUN_EVENTS)}) "
-                             "with an optional offset like sunset+30m")
-        if match["off"]:
-            parse_duration(match["off"].replace(" ", ""))
-        return value.strip()
+        return _event_time(value)
+
+
+def _event_time(value: str) -> str:
+    """``"23:00"``, ``"sunset"``, ``"sunrise+30m"`` (raises ValueError saying so)."""
+    match = _TIME.match(value.strip())
+    if not match or (match["sun"] and match["sun"] not in SUN_EVENTS):
+        raise ValueError(f"{value!r} is not HH:MM or a sun event ({', '.join(SUN_EVENTS)}) "
+                         "with an optional offset like sunset+30m")
+    if match["off"]:
+        parse_duration(match["off"].replace(" ", ""))
+    return value.strip()
 
 
 class Absence(_Model):
@@ -160,10 +167,113 @@ class Settings(_Model):
     lamp_loss: Annotated[float, Field(ge=0, le=1)] = 0.08
 
 
+# --------------------------------------------------------------------------- lighting calendars
+# Named programs (levels by clock or sun time) and the calendar saying which program each
+# light gets on which day: rules/calendar.py compiles and runs them.
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+class ProgramStep(_Model):
+    """From ``at`` (clock or sun time, e.g. ``"23:00"``, ``sunset+10m``) the level is ``level``."""
+
+    at: str
+    level: Annotated[float, Field(ge=0, le=100)]
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _at(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1: 23:00 → 82800
+            raise ValueError(f"{value!r}: write clock times in quotes, e.g. \"23:00\"")
+        return _event_time(value) if isinstance(value, str) else value
+
+
+def _in_order(steps: list[ProgramStep]) -> list[ProgramStep]:
+    clock = [s.at for s in steps if s.at[:1].isdigit() and not any(c in s.at for c in "+-")]
+    night = [(int(t[:2]) - 12) % 24 * 60 + int(t[3:5]) for t in clock]  # minutes from noon
+    for i in range(1, len(clock)):
+        if night[i] < night[i - 1]:
+            raise ValueError(f"steps go in the order they happen in a night (noon to noon): "
+                             f"{clock[i]!r} is listed after {clock[i - 1]!r}")
+    return steps
+
+
+Program = Annotated[list[ProgramStep], Field(min_length=1), AfterValidator(_in_order)]
+
+
+class DateRange(_Model):
+    from_: Annotated[date, Field(alias="from")]
+    to: date
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _order(self) -> DateRange:
+        if self.to < self.from_:
+            raise ValueError(f"from {self.from_} is after to {self.to}: no day to match")
+        return self
+
+
+def _holidays(value: str | dict[str, list[str]]) -> str | dict[str, list[str]]:
+    countries = [value] if isinstance(value, str) else list(value)
+    for country in countries:
+        if country not in HOLIDAY_NAMES:
+            raise ValueError(f"no holidays known for {country!r}; known: "
+                             f"{', '.join(HOLIDAY_NAMES)}")
+    if isinstance(value, dict):
+        if len(value) != 1:
+            raise ValueError("name one country: {dk: [juledag, juleaftensdag]}")
+        for country, names in value.items():
+            if not names:
+                raise ValueError(f"no holiday named for {country}: nothing to match")
+            unknown = [n for n in names if n not in HOLIDAY_NAMES[country]]
+            if unknown:
+                raise ValueError(f"{', '.join(map(repr, unknown))}: not a holiday of {country}; "
+                                 f"known: {', '.join(HOLIDAY_NAMES[country])}")
+    return value
+
+
+Holidays = Annotated[str | dict[str, list[str]], AfterValidator(_holidays), Field(
+    description="dk: the official Danish holidays; {dk: [juleaftensdag, …]}: these by name "
+                "(customary days too)")]
+
+
+class CalendarEntry(_Model):
+    """Which program the lights it selects get on the days it matches (the first entry that
+    matches a day and selects a light wins)."""
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    description: str | None = None
+    day: Annotated[date | None, Field(alias="date")] = None
+    dates: DateRange | None = None
+    weekdays: Annotated[list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] | None,
+                        Field(min_length=1)] = None
+    holidays: Holidays | None = None
+    select: Select = Field(default_factory=Select)
+    program: str | Program
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one(self) -> CalendarEntry:
+        given = [k for k, v in (("date", self.day), ("dates", self.dates),
+                                ("weekdays", self.weekdays), ("holidays", self.holidays))
+                 if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of date, dates, weekdays, holidays "
+                             f"(got {', '.join(given)}); none: every day")
+        if self.select.kind == "meter":
+            raise ValueError("a calendar sets streetlights: this entry selects meters only")
+        return self
+
+
 class RuleFile(_Model):
     version: Literal[1] = 1
     settings: Settings = Field(default_factory=Settings)
     rules: list[Rule] = Field(default_factory=list)
+    programs: dict[Annotated[str, Field(pattern=_NAME)], Program] = Field(default_factory=dict)
+    calendar: list[CalendarEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique(self) -> RuleFile:
