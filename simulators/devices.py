@@ -197,9 +197,8 @@ class StreetlightSim(SimDevice):
     stuck: dict[str, Any] | None = None
     commands: int = 0
     rejected_commands: int = 0
-    stuck_on: bool = False  # day_burner: a relay stuck on, 100 % whatever it is told
+    stuck_on: bool = False  # day_burner: a relay stuck on (held at 100 %, commands ignored)
     power_factor: float = 1.0  # wrong_power: what it draws against what its level should
-    dark: bool = False  # its supply is cut (cabinet_outage): silent, and reset when back
     last_ms: int | None = None  # its last reading's time: the register integrates from it
     unreported: int = 0  # passings since its last reading, for the next periodic one
     blind_until: int = 0  # the presence sensor's blind time after its last detection
@@ -243,13 +242,14 @@ class StreetlightSim(SimDevice):
             self.lamp_failed = True
         elif name == "day_burner":
             self.stuck_on = True
+            self.commanded, self.hold_until_ms = 100.0, None
         elif name == "wrong_power":
             self.power_factor = WRONG_POWER
-        elif name == "cabinet_outage":
+        elif name == "cabinet_outage":  # silent, then back as after a power cut: a fresh start
             SimDevice.inject(self, name, readings)
-            self.dark = True
-            self.level, self.last_ms, self.unreported = 0.0, None, 0
-            self.commanded = self.hold_until_ms = None  # a power cut: the controller restarts
+            self.level, self.last_ms, self.unreported, self.blind_until = 0.0, None, 0, 0
+            if not self.stuck_on:
+                self.commanded = self.hold_until_ms = None
             self._level_json = None
             return
         else:
@@ -264,72 +264,25 @@ class StreetlightSim(SimDevice):
         ts_ms, count = self.planned.pop(0)
         if self.offline_for > 0:
             return []
-        return [self._payload(ts_ms, world.bucket(ts_ms // 10_000), count)]
+        return self._reading(ts_ms, 0.0, world, count)
 
-    def _reading(self, ts_ms: int, interval_s: float, world: World) -> list[bytes]:
+    def _reading(self, ts_ms: int, interval_s: float, world: World,
+                 passing: int | None = None) -> list[bytes]:
+        """The periodic reading at ``ts_ms`` (it plans the interval ahead), or with
+        ``passing`` given an event's: the level now, the power, the register up to now."""
         snap = world.bucket(ts_ms // 10_000)
         rng = self.rng
-        if self.dark:  # the supply is back: the controller starts afresh
-            self.dark = False
-            self.blind_until = 0
-        if self.faults:
-            if not self.lamp_failed and self._fault("lamp_failure"):
-                self.lamp_failed = True
-                self._level_json = None  # the power changes
-            if self.stuck is None and self._fault("stuck_sensor"):
-                self.stuck = {}
-        passing = self.unreported
-        payload = self._payload(ts_ms, snap, passing)
-        # The passings of the interval ahead: the detections (events) and what the next
-        # periodic reading will count. Only a lit lamp's sensor reports (a light that is off
-        # has no use for it in the day); an unlit one counts all for the periodic reading.
-        rate = snap.traffic[self.traffic_key]  # a minute
-        interval_ms = int(interval_s * 1000)
-        if self.stuck is not None or rate <= 0:
-            self.unreported = 0
-        elif self.level <= 0.0:
-            mean = rate * interval_s / 60
-            if mean <= physics.POISSON_TABLE_MAX:
-                self.unreported = bisect_right(physics.poisson_cdf(mean), rng.random())
-            else:
-                self.unreported = physics.poisson(rng, mean)
+        if passing is None:
+            if self.faults:
+                if not self.lamp_failed and self._fault("lamp_failure"):
+                    self.lamp_failed = True
+                    self._level_json = None  # the power changes
+                if self.stuck is None and self._fault("stuck_sensor"):
+                    self.stuck = {}
+            passing = self.unreported
+            periodic = True
         else:
-            self._plan(ts_ms, ts_ms + interval_ms, rate / 60_000)
-        return [payload]
-
-    def _plan(self, start: int, end: int, per_ms: float) -> None:
-        """Passings as a Poisson process over (start, end): a detection at each that comes
-        outside the blind time, the rest counted into the next reading's motion_count."""
-        random_, log = self.rng.random, math.log
-        cursor, count = start, 0
-        blind = self.blind_until
-        if blind > start:  # the blind time of a detection before: passings counted only
-            stop = min(blind, end)
-            x = cursor - log(1.0 - random_()) / per_ms
-            while x < stop:
-                count += 1
-                x -= log(1.0 - random_()) / per_ms
-            cursor = stop
-        planned = self.planned
-        while True:
-            x = int(cursor - log(1.0 - random_()) / per_ms) + 1
-            if x >= end:
-                break
-            planned.append((x, count + 1))
-            count = 0
-            blind = x + BLIND_MS
-            stop = min(blind, end)
-            y = x - log(1.0 - random_()) / per_ms
-            while y < stop:
-                count += 1
-                y -= log(1.0 - random_()) / per_ms
-            cursor = stop
-        self.blind_until = blind
-        self.unreported = count
-
-    def _payload(self, ts_ms: int, snap: Snapshot, passing: int) -> bytes:
-        """The reading at ``ts_ms``: the level now, the power, the register up to now."""
-        rng = self.rng
+            periodic = False
         bits = rng.getrandbits(4 * _NBITS)  # four normal draws: the photocell, temp, air
         lux = (snap.lux0 + snap.lux_span * rng.random()) * _exp(LUX_SIGMA * _N[bits & _NMASK])
         if self.stuck is not None:
@@ -338,9 +291,7 @@ class StreetlightSim(SimDevice):
             lux, passing = self.stuck["lux"], self.stuck["passing"]
         if self.hold_until_ms is not None and ts_ms >= self.hold_until_ms:
             self.commanded = self.hold_until_ms = None  # the hold ran out: back to the program
-        if self.stuck_on:
-            level = 100.0
-        elif self.commanded is not None:
+        if self.commanded is not None:
             level = self.commanded
         elif lux < PHOTOCELL_ON_LUX:  # the photocell (_program_level), inline: the hot path
             level = 100.0
@@ -363,11 +314,46 @@ class StreetlightSim(SimDevice):
         character = self.character
         no2 = snap.no2[character] + 2 * _N[(bits >> (2 * _NBITS)) & _NMASK]
         pm25 = snap.pm25[character] + _N[bits >> (3 * _NBITS)]
-        return (_LIGHT_FAILED if self.lamp_failed else _LIGHT) % (
+        payload = (_LIGHT_FAILED if self.lamp_failed else _LIGHT) % (
             ts_ms, self.seq, self._level_json, self._power_text, self.energy_wh, lux,
             _MOTION[passing > 0],
             passing, snap.temp_c + 0.3 * _N[(bits >> _NBITS) & _NMASK],
             no2 if no2 > 0.0 else 0.0, pm25 if pm25 > 0.0 else 0.0)
+        if not periodic:
+            return [payload]
+        # The passings of the interval ahead (one draw, the table's: what the next periodic
+        # reading counts), and, while the lamp is lit, the detections among them (events).
+        # An unlit lamp's sensor does not report (a light that is off has no use for it).
+        mean = snap.traffic[self.traffic_key] * interval_s / 60
+        if mean <= 0 or self.stuck is not None:
+            self.unreported = 0
+            return [payload]
+        if mean <= physics.POISSON_TABLE_MAX:
+            n = bisect_right(physics.poisson_cdf(mean), rng.random())
+        else:
+            n = physics.poisson(rng, mean)
+        if n and self.level > 0.0:
+            self._plan(ts_ms, int(interval_s * 1000), n)
+        else:
+            self.unreported = n
+        return [payload]
+
+    def _plan(self, start: int, interval_ms: int, n: int) -> None:
+        """``n`` passings in (start, start + interval): a Poisson process's, given their number,
+        fall uniformly. Each that comes outside the blind time is a detection (an event, with
+        the passings counted since the last reading); the rest go into the next count."""
+        random_ = self.rng.random
+        span = interval_ms - 1
+        blind, count = self.blind_until, 0
+        planned = self.planned
+        for x in sorted(start + 1 + int(random_() * span) for _ in range(n)):
+            count += 1
+            if x >= blind:
+                planned.append((x, count))
+                count = 0
+                blind = x + BLIND_MS
+        self.blind_until = blind
+        self.unreported = count
 
     def command(self, payload: bytes, now_ms: int) -> dict[str, Any]:
         """Apply a command like a real controller; returns the ack to publish.

@@ -26,6 +26,7 @@ interval later — what a heap of ``(due, device)`` would give, without the heap
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import heapq
 import logging
@@ -116,7 +117,7 @@ class Injection:
         try:
             after = duration(offset[1:]) if offset else 0.0
             for_s = duration(length) if length else None
-        except Exception as e:  # argparse's error type, as a ValueError
+        except argparse.ArgumentTypeError as e:
             raise ValueError(f"{text!r}: {e}") from None
         return cls(name, target, after, for_s)
 
@@ -710,8 +711,8 @@ class Engine:
         try:
             while True:
                 due = base + offsets[pos]
-                if events and events[0][0] <= min(due, now_sim):
-                    readings += self._publish_events(min(due, now_sim))
+                if events and events[0][0] <= due:  # the events before this reading first
+                    readings += self._publish_events(due if due <= now_sim else now_sim)
                 if due > now_sim:
                     break
                 i = order[pos]
@@ -782,8 +783,8 @@ class Engine:
         try:
             while True:
                 due = base + offsets[pos]
-                if events and events[0][0] <= min(due, now_sim):
-                    readings += self._publish_events(min(due, now_sim))
+                if events and events[0][0] <= due:  # the events before this reading first
+                    readings += self._publish_events(due if due <= now_sim else now_sim)
                 if due > now_sim:
                     break
                 i = order[pos]
