@@ -2,10 +2,12 @@
 
 A broker (Mosquitto when installed, else the embedded amqtt broker), ingest into the
 configured store (embedded SQLite unless CITYGRID_INFLUX_URL is set), the rule engine with
-the shipped lighting and billing examples, the gateway with the status page, the adapters for
-off-the-shelf devices (registered with a device profile), and a simulated fleet at 60× from
-yesterday's late afternoon. Everything lives in the data directory, so a second `citygrid up`
-goes on where the first one stopped.
+the demo city's lighting and the billing example (rules/examples/demo-city.yaml), the gateway
+with the status page, the adapters for off-the-shelf devices (registered with a device
+profile), and a simulated fleet at 60× from yesterday's late afternoon — with a few faults
+injected at fixed times (``demo_faults``), so that the operator has something to find.
+Everything lives in the data directory, so a second `citygrid up` goes on where the first one
+stopped.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from citygrid.fleet import Fleet
 from citygrid.registry import Registry
 from citygrid.settings import Settings
 from gateway import create_token, token_role
+from rules import DEFAULT_RULES
 from simulators import generate
 
 # Readings per real second the demo offers each broker: Mosquitto carries tens of thousands
@@ -42,6 +45,39 @@ BROKER_BUDGET = {"mosquitto": 400.0, "embedded": 60.0}
 # gateway and the simulator share the machine — at least two, at most four.
 RULES_WORKERS = max(2, min(4, (os.cpu_count() or 2) // 2))
 STOP_ORDER = ["simulate", "gateway", "adapters", "rules", "ingest", "broker"]
+# The demo city's lighting: by road class and hour, with presence (docs/demo-city.md). A
+# fleet without road classes (a data directory from before them) keeps the Copenhagen example.
+DEMO_RULES = DEFAULT_RULES.parent / "demo-city.yaml"
+
+
+def demo_faults(fleet: Fleet) -> list[str]:
+    """The faults the demo injects (``citygrid simulate --inject``), the same for a fleet every
+    time: three lamp failures (two, four and six simulated minutes in), a lamp drawing the
+    wrong power (three minutes in), a day-burner from the start (it shows in the dusk and the
+    next day) and, ten minutes in, the biggest cabinet's supply cut for 30 minutes."""
+    lights = sorted((d for d in fleet if d.kind == "streetlight"), key=lambda d: d.device_id)
+    residential = [d for d in lights if d.road in ("residential", None)]
+    faults = []
+    seen: set[str] = set()
+    for d in residential:  # one in each of the first three districts
+        if d.district not in seen and len(seen) < 3:
+            seen.add(d.district)
+            faults.append(f"lamp_failure:{d.device_id}@+{2 * len(seen)}m")
+    taken = {f.split(":")[1].split("@")[0] for f in faults}
+    spare = [d for d in residential if d.device_id not in taken]
+    if spare:
+        faults.append(f"wrong_power:{spare[len(spare) // 2].device_id}@+3m")
+    arterials = [d for d in lights if d.road == "arterial"] or lights[1:]
+    if arterials:
+        faults.append(f"day_burner:{arterials[0].device_id}@+0m")
+    cabinets: dict[str, int] = {}
+    for d in lights:
+        if d.cabinet:
+            cabinets[d.cabinet] = cabinets.get(d.cabinet, 0) + 1
+    if cabinets:
+        biggest = min(cabinets, key=lambda c: (-cabinets[c], c))
+        faults.append(f"cabinet_outage:{biggest}@+10m/30m")
+    return faults
 
 
 def _port_free(port: int) -> bool:
@@ -125,6 +161,8 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
     settings = settings.with_(fleet=str(fleet_path),  # alerts link to their light here
                               status_url=settings.status_url or f"http://127.0.0.1:{gateway_port}")
     fleet = Fleet.load(fleet_path)
+    if not settings.rules and any(d.road for d in fleet):
+        settings = settings.with_(rules=str(DEMO_RULES))
     registry = Registry(data)
     registry.import_fleet(fleet)  # the gateway's map and device list
     registry.close()
@@ -148,6 +186,8 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
         sim = ["simulate", "--mode", "multiplexed", "--speed", str(args.speed),
                "--interval", f"{interval:g}s", "--state", str(data / "simulator.json"),
                "--report-every", "30"]
+        for fault in demo_faults(fleet):
+            sim += ["--inject", fault]
         if not (data / "simulator.json").exists():
             start = datetime.fromtimestamp(late_afternoon_yesterday(profile.tz) / 1000,
                                            profile.tz)
@@ -169,6 +209,7 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
     print(f"status   {url}/#token={token}")
     print(f"api      {url}/docs   (operator token in {data / 'demo-token'})")
     print(f"logs     {data / 'logs'}")
+    print(f"rules    {settings.rules or DEFAULT_RULES}")
     if args.no_simulator:
         reading = orjson.dumps({"ts": int(time.time() * 1000), "seq": 1, "brightness_pct": 40,
                                 "power_w": 24, "energy_wh": 1, "lux": 3,
@@ -179,8 +220,9 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
               f"/telemetry -m '{reading}'")
     else:
         print(f"simulator {args.speed:g}× from "
-              f"{'where it stopped' if '--start' not in sim else sim[-1]}, "
-              f"a reading per device every {interval:g} simulated s")
+              f"{'where it stopped' if '--start' not in sim else sim[sim.index('--start') + 1]}"
+              f", a reading per device every {interval:g} simulated s")
+        print("faults   " + ", ".join(demo_faults(fleet)) + " (after the simulator's start)")
     sys.stdout.flush()
     ready = _wait_ready(url, watch, supervisor, not args.no_simulator, args.ready_timeout)
     elapsed = time.monotonic() - t0

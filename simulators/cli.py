@@ -12,7 +12,7 @@ from citygrid.city import city as city_profile
 from citygrid.clock import iso_time
 from citygrid.fleet import Fleet, FleetError
 from citygrid.settings import Settings
-from simulators.devices import FAULTS
+from simulators.devices import FAULTS, INJECTED_FAULTS
 
 log = logging.getLogger("citygrid.simulate")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -37,6 +37,15 @@ def fault_rate(text: str) -> tuple[str, float]:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r}: the rate is a probability, 0…1")
     return name, value
+
+
+def injection(text: str):
+    from simulators.engine import Injection
+
+    try:
+        return Injection.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
@@ -75,6 +84,12 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    help="the MQTT version the devices speak (CITYGRID_MQTT_PROTOCOL, 5)")
     s.add_argument("--fault", type=fault_rate, action="append", default=[],
                    metavar="NAME=RATE", help="inject a fault, e.g. --fault lamp_failure=0.001")
+    s.add_argument("--inject", type=injection, action="append", default=[],
+                   metavar="NAME:TARGET@+OFFSET[/DURATION]",
+                   help="inject a fault on a device (a cabinet's lights for cabinet_outage) "
+                   "that long after the start, for a while: e.g. lamp_failure:sl-00012@+2m, "
+                   "cabinet_outage:cab-indre-by-03@+5m/30m; faults: "
+                   + ", ".join(INJECTED_FAULTS))
     s.add_argument("--state", metavar="FILE", help="keep the clock and the devices' registers "
                    "here and go on from them at the next start (as `citygrid up` does)")
     s.add_argument("--report-every", type=float, default=5.0, help="seconds between rate lines")
@@ -118,8 +133,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                        interval_s=args.interval, seed=args.seed, mode=args.mode,
                        devices_per_connection=args.devices_per_connection,
                        faults=dict(args.fault), report_every_s=args.report_every,
-                       protocol=args.protocol or settings.mqtt_protocol, state_path=args.state)
-    engine = Engine(settings.mqtt, fleet, profile, config)
+                       protocol=args.protocol or settings.mqtt_protocol, state_path=args.state,
+                       inject=args.inject)
+    try:
+        engine = Engine(settings.mqtt, fleet, profile, config)
+    except ValueError as e:  # an injection on a device or cabinet the fleet has not
+        print(f"citygrid simulate: {e}", file=sys.stderr)
+        return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: engine.stop())
     log.info("simulating %d devices from %s at %g× (interval %gs); clock: simulated %d ms "

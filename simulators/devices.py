@@ -5,6 +5,18 @@ to publish on its telemetry topic for that reading time (none while offline or
 during a gap, two for a duplicate). Everything random comes from the device's
 own generator, seeded from the run's ``--seed``, so a run is reproducible.
 
+A streetlight's presence sensor reports like a real luminaire's: a detection publishes a full
+reading at once (``motion: true``, ``motion_count`` the passings since the light's last
+reading), then the sensor is blind for ``BLIND_MS`` (passings meanwhile are counted, not
+reported); the periodic reading says what passed since the last reading. A reading plans the
+detections of the interval ahead (``planned``, event time and count); the engine publishes
+each at its time through ``motion_event``. Every reading, periodic or not, carries the
+power drawn and the energy register integrated to its time, so whoever integrates power
+between a light's readings (the rules' lighting energy) stays right.
+
+Faults come two ways: at random (``--fault NAME=RATE``, a chance per reading) and injected
+on a named device at a given time (``inject``: ``--inject``, what `citygrid up` uses).
+
 A reading costs a few µs (the load generator's budget, ``bench/simulator.py``): what
 depends only on the time is in the world's snapshot (daylight, traffic, weather, air, the
 load profiles), noise is a table look-up (``physics.NORMAL``), and the payload is one
@@ -32,6 +44,10 @@ from citygrid.fleet import FleetDevice
 from simulators import physics
 
 STREETLIGHT_FAULTS = ("lamp_failure", "stuck_sensor", "offline")
+# Injected on a named light (or a cabinet's lights) at a time: ``SimDevice.inject``.
+INJECTED_FAULTS = ("lamp_failure", "day_burner", "wrong_power", "cabinet_outage", "offline")
+WRONG_POWER = 1.6  # a wrong_power lamp draws this times what its level should
+BLIND_MS = 30_000  # a presence sensor's blind time after a detection (re-trigger)
 METER_FAULTS = ("offline", "duplicate", "out_of_order", "reset", "spike", "gap")
 FAULTS = tuple(dict.fromkeys(STREETLIGHT_FAULTS + METER_FAULTS))
 STANDBY_W = 0.5
@@ -57,7 +73,7 @@ class Snapshot:
 
     local: datetime
     elevation: float
-    traffic: dict[str, float]
+    traffic: dict[str, float]  # passings a minute, by "character/road" (``traffic_key``)
     temp_c: float
     no2: dict[str, float]
     pm25: dict[str, float]
@@ -68,6 +84,10 @@ class Snapshot:
     lux_span: float = 0.0
     household_w: float = 0.0  # the load profiles' deterministic part (physics.*_base_w)
     business_w: float = 0.0
+
+
+def traffic_key(character: str, road: str | None) -> str:
+    return f"{character}/{road or physics.DEFAULT_ROAD}"
 
 
 class World:
@@ -88,7 +108,8 @@ class World:
         return Snapshot(
             local=local,
             elevation=elevation,
-            traffic={c: physics.traffic_per_min(local, c) for c in CHARACTERS},
+            traffic={traffic_key(c, r): physics.traffic_per_min(local, c, r)
+                     for c in CHARACTERS for r in physics.ROADS},
             temp_c=physics.air_temp_c(local, self.city.monthly_temp_c),
             no2={c: physics.no2_ugm3(local, c, 0) for c in CHARACTERS},
             pm25={c: physics.pm25_ugm3(local, c, 0) for c in CHARACTERS},
@@ -112,6 +133,7 @@ class SimDevice:
     seq: int = 0
     offline_for: int = 0  # readings still to skip
     injected: Counter = field(default_factory=Counter)
+    planned: list = field(default_factory=list)  # (ts, payload args) of events ahead
 
     def __post_init__(self) -> None:
         self.topic = Topic(self.spec.district, self.spec.kind, self.spec.device_id)
@@ -148,6 +170,19 @@ class SimDevice:
     def went_offline(self) -> bool:
         return self.offline_for > 0
 
+    def inject(self, name: str, readings: int = 0) -> None:
+        """An injected fault, now: ``offline`` (and, on a light, ``cabinet_outage``) for
+        ``readings`` readings."""
+        if name not in ("offline", "cabinet_outage"):
+            raise ValueError(f"{self.spec.device_id} ({self.spec.kind}) has no fault {name!r}")
+        self.offline_for = max(self.offline_for, readings)
+        self.planned.clear()
+        self.injected[name] += 1
+
+    def motion_event(self, world: World) -> list[bytes]:
+        """The payloads of the first planned event (which is due)."""
+        return []
+
     def _reading(self, ts_ms: int, interval_s: float, world: World) -> list[bytes]:
         raise NotImplementedError
 
@@ -162,6 +197,12 @@ class StreetlightSim(SimDevice):
     stuck: dict[str, Any] | None = None
     commands: int = 0
     rejected_commands: int = 0
+    stuck_on: bool = False  # day_burner: a relay stuck on (held at 100 %, commands ignored)
+    power_factor: float = 1.0  # wrong_power: what it draws against what its level should
+    last_ms: int | None = None  # its last reading's time: the register integrates from it
+    unreported: int = 0  # passings since its last reading, for the next periodic one
+    blind_until: int = 0  # the presence sensor's blind time after its last detection
+    traffic_key: str = field(init=False, default="")
     # While the level (and the lamp) stay: the power drawn, and the level and the power as
     # the payload writes them (the level in orjson's form, the power as ``%.2f``).
     _level_json: bytes | None = field(init=False, default=None, repr=False)
@@ -174,6 +215,7 @@ class StreetlightSim(SimDevice):
         SimDevice.__post_init__(self)
         self.energy_wh = round(self.rng.uniform(50_000, 400_000), 1)
         self.rated_w = self.spec.rated_w or 0.0
+        self.traffic_key = traffic_key(self.character, self.spec.road)
 
     def _program_level(self, lux: float) -> float:
         """The controller's own photocell, with hysteresis, when no command holds."""
@@ -191,27 +233,58 @@ class StreetlightSim(SimDevice):
         if self.lamp_failed:
             self._power = STANDBY_W
         else:
-            self._power = self.rated_w * self.level / 100 * (1 + DRIVER_LOSS) + STANDBY_W
+            self._power = (self.rated_w * self.level / 100 * (1 + DRIVER_LOSS) * self.power_factor
+                           + STANDBY_W)
         self._power_text = b"%.2f" % self._power
 
-    def _reading(self, ts_ms: int, interval_s: float, world: World) -> list[bytes]:
+    def inject(self, name: str, readings: int = 0) -> None:
+        if name == "lamp_failure":
+            self.lamp_failed = True
+        elif name == "day_burner":
+            self.stuck_on = True
+            self.commanded, self.hold_until_ms = 100.0, None
+        elif name == "wrong_power":
+            self.power_factor = WRONG_POWER
+        elif name == "cabinet_outage":  # silent, then back as after a power cut: a fresh start
+            SimDevice.inject(self, name, readings)
+            self.level, self.last_ms, self.unreported, self.blind_until = 0.0, None, 0, 0
+            if not self.stuck_on:
+                self.commanded = self.hold_until_ms = None
+            self._level_json = None
+            return
+        else:
+            SimDevice.inject(self, name, readings)
+            return
+        self.injected[name] += 1
+        self._level_json = None  # the power changes
+
+    def motion_event(self, world: World) -> list[bytes]:
+        if not self.planned:
+            return []
+        ts_ms, count = self.planned.pop(0)
+        if self.offline_for > 0:
+            return []
+        return self._reading(ts_ms, 0.0, world, count)
+
+    def _reading(self, ts_ms: int, interval_s: float, world: World,
+                 passing: int | None = None) -> list[bytes]:
+        """The periodic reading at ``ts_ms`` (it plans the interval ahead), or with
+        ``passing`` given an event's: the level now, the power, the register up to now."""
         snap = world.bucket(ts_ms // 10_000)
         rng = self.rng
-        if self.faults:
-            if not self.lamp_failed and self._fault("lamp_failure"):
-                self.lamp_failed = True
-                self._level_json = None  # the power changes
-            if self.stuck is None and self._fault("stuck_sensor"):
-                self.stuck = {}
+        if passing is None:
+            if self.faults:
+                if not self.lamp_failed and self._fault("lamp_failure"):
+                    self.lamp_failed = True
+                    self._level_json = None  # the power changes
+                if self.stuck is None and self._fault("stuck_sensor"):
+                    self.stuck = {}
+            passing = self.unreported
+            periodic = True
+        else:
+            periodic = False
         bits = rng.getrandbits(4 * _NBITS)  # four normal draws: the photocell, temp, air
         lux = (snap.lux0 + snap.lux_span * rng.random()) * _exp(LUX_SIGMA * _N[bits & _NMASK])
-        mean = snap.traffic[self.character] * interval_s / 60
-        if mean <= 0:
-            passing = 0
-        elif mean <= physics.POISSON_TABLE_MAX:
-            passing = bisect_right(physics.poisson_cdf(mean), rng.random())
-        else:
-            passing = physics.poisson(rng, mean)
         if self.stuck is not None:
             self.stuck.setdefault("lux", lux)
             self.stuck.setdefault("passing", passing)
@@ -226,21 +299,61 @@ class StreetlightSim(SimDevice):
             level = 0.0
         else:
             level = 100.0 if self.level > 0 else 0.0
+        # The register counts the power since the last reading at the power now (as the rules
+        # integrate a light's readings: a command between two readings is applied at once).
+        last = self.last_ms
+        elapsed = ts_ms - last if last is not None else 0
+        self.last_ms = ts_ms
         if level != self.level or self._level_json is None:
             self._level_json = orjson.dumps(level)
             self.level = level
             self._set_power()
         power = self._power
-        self.energy_wh += power * interval_s / 3600
+        self.energy_wh += power * elapsed / 3_600_000
         self.seq += 1
         character = self.character
         no2 = snap.no2[character] + 2 * _N[(bits >> (2 * _NBITS)) & _NMASK]
         pm25 = snap.pm25[character] + _N[bits >> (3 * _NBITS)]
-        return [(_LIGHT_FAILED if self.lamp_failed else _LIGHT) % (
+        payload = (_LIGHT_FAILED if self.lamp_failed else _LIGHT) % (
             ts_ms, self.seq, self._level_json, self._power_text, self.energy_wh, lux,
             _MOTION[passing > 0],
             passing, snap.temp_c + 0.3 * _N[(bits >> _NBITS) & _NMASK],
-            no2 if no2 > 0.0 else 0.0, pm25 if pm25 > 0.0 else 0.0)]
+            no2 if no2 > 0.0 else 0.0, pm25 if pm25 > 0.0 else 0.0)
+        if not periodic:
+            return [payload]
+        # The passings of the interval ahead (one draw, the table's: what the next periodic
+        # reading counts), and, while the lamp is lit, the detections among them (events).
+        # An unlit lamp's sensor does not report (a light that is off has no use for it).
+        mean = snap.traffic[self.traffic_key] * interval_s / 60
+        if mean <= 0 or self.stuck is not None:
+            self.unreported = 0
+            return [payload]
+        if mean <= physics.POISSON_TABLE_MAX:
+            n = bisect_right(physics.poisson_cdf(mean), rng.random())
+        else:
+            n = physics.poisson(rng, mean)
+        if n and self.level > 0.0:
+            self._plan(ts_ms, int(interval_s * 1000), n)
+        else:
+            self.unreported = n
+        return [payload]
+
+    def _plan(self, start: int, interval_ms: int, n: int) -> None:
+        """``n`` passings in (start, start + interval): a Poisson process's, given their number,
+        fall uniformly. Each that comes outside the blind time is a detection (an event, with
+        the passings counted since the last reading); the rest go into the next count."""
+        random_ = self.rng.random
+        span = interval_ms - 1
+        blind, count = self.blind_until, 0
+        planned = self.planned
+        for x in sorted(start + 1 + int(random_() * span) for _ in range(n)):
+            count += 1
+            if x >= blind:
+                planned.append((x, count))
+                count = 0
+                blind = x + BLIND_MS
+        self.blind_until = blind
+        self.unreported = count
 
     def command(self, payload: bytes, now_ms: int) -> dict[str, Any]:
         """Apply a command like a real controller; returns the ack to publish.
@@ -260,6 +373,8 @@ class StreetlightSim(SimDevice):
                     "brightness_pct": self.level, "ok": False,
                     "error": f"{e.reason}: {e.detail}"[:256]}
         self.commands += 1
+        if self.stuck_on:  # the controller takes it; the stuck relay keeps the lamp at 100 %
+            return {"id": cmd.id, "ts": now_ms, "brightness_pct": cmd.brightness_pct, "ok": True}
         self.commanded = cmd.brightness_pct
         self.hold_until_ms = now_ms + int(cmd.hold_s * 1000) if cmd.hold_s else None
         self.level = cmd.brightness_pct  # applied now; the next reading shows it

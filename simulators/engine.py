@@ -13,6 +13,12 @@ One thread runs everything, in either mode:
 * **per-device**: one paho client per device (its own client id and Last Will) in
   "external loop" mode behind one selector, so one process holds 10,000 connections.
 
+A light's motion events (a detection, published at its time: simulators/devices.py) wait in
+a heap of ``(time, device)``, one entry per device at a time, and go out in time order
+between the scheduled readings, in either mode. Injected faults (``SimConfig.inject``: a
+fault on named devices or a cabinet's lights, from a time after the start, for a while) are
+applied as the simulated clock passes their time.
+
 The schedule costs nothing per reading: every device reports once per interval at its own
 phase, so a round is the devices in phase order and the next round is the same order one
 interval later — what a heap of ``(due, device)`` would give, without the heap.
@@ -20,7 +26,9 @@ interval later — what a heap of ``(due, device)`` would give, without the heap
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import heapq
 import logging
 import os
 import random
@@ -41,7 +49,13 @@ from citygrid import mqtt, wire
 from citygrid.city import CityProfile
 from citygrid.fleet import Fleet
 from citygrid.settings import MqttUrl
-from simulators.devices import SimDevice, StreetlightSim, World, make_device
+from simulators.devices import (
+    INJECTED_FAULTS,
+    SimDevice,
+    StreetlightSim,
+    World,
+    make_device,
+)
 
 log = logging.getLogger("citygrid.simulate")
 ONLINE, OFFLINE = b'{"online":true}', b'{"online":false}'
@@ -71,6 +85,41 @@ FIRST_MID = 4096
 _H3 = struct.Struct("!BBB")
 _MID5 = struct.Struct("!Hx")  # packet id, and MQTT 5's empty property list (a zero byte)
 _MID3 = struct.Struct("!H")
+
+
+@dataclass(frozen=True)
+class Injection:
+    """A fault to inject: ``name`` on a device or on a cabinet's lights (``target``),
+    ``after_s`` simulated seconds after the run's start, for ``for_s`` (an outage or an
+    offline spell; None: the rest of the run, or for an offline device 30 readings)."""
+
+    name: str
+    target: str
+    after_s: float = 0.0
+    for_s: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Injection:
+        """``NAME:TARGET@+OFFSET[/DURATION]``, e.g. ``lamp_failure:sl-00012@+2m`` or
+        ``cabinet_outage:cab-indre-by-03@+5m/30m`` (durations as 90s, 15m, 2h)."""
+        from simulators.cli import duration  # (the CLI's parser of durations)
+
+        name, sep, rest = text.partition(":")
+        target, at, when = rest.partition("@")
+        if not sep or not target:
+            raise ValueError(f"{text!r} is not NAME:TARGET[@+OFFSET[/DURATION]]")
+        if name not in INJECTED_FAULTS:
+            raise ValueError(f"{text!r}: no fault {name!r} to inject; known: "
+                             + ", ".join(INJECTED_FAULTS))
+        offset, _, length = when.partition("/")
+        if at and not offset.startswith("+"):
+            raise ValueError(f"{text!r}: the time is an offset from the start, like @+2m")
+        try:
+            after = duration(offset[1:]) if offset else 0.0
+            for_s = duration(length) if length else None
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{text!r}: {e}") from None
+        return cls(name, target, after, for_s)
 
 
 def _load_state(path: str | None) -> dict | None:
@@ -128,6 +177,7 @@ class SimConfig:
     client_prefix: str = "citygrid-sim"
     protocol: str = "5"
     state_path: str | None = None  # where the fleet's registers and clock are kept
+    inject: list[Injection] = field(default_factory=list)
 
     def resolved_start_ms(self) -> int:
         if self.start_ms is not None:
@@ -472,8 +522,42 @@ class Engine:
         self.stats = Counter()
         self._next_poll = 0.0
         self.silent: set[int] = set()  # multiplexed: devices in an offline fault, by index
+        self.events: list[tuple[int, int]] = []  # (due, device): each light's next event
+        self.injections = self._resolve(config.inject)
         self.stopping = False
         self._stop = threading.Event()
+
+    def _resolve(self, injections: list[Injection]) -> list[tuple[int, int, Injection, list[int]]]:
+        """(due ms, order, injection, devices), by when they are due; an unknown target is
+        refused here, before anything connects."""
+        by_id = {d.spec.device_id: i for i, d in enumerate(self.devices)}
+        out = []
+        for k, inj in enumerate(injections):
+            if inj.name == "cabinet_outage":
+                ids = [i for i, d in enumerate(self.devices) if d.spec.cabinet == inj.target]
+            else:
+                ids = [by_id[inj.target]] if inj.target in by_id else []
+            if not ids:
+                raise ValueError(f"--inject {inj.name}:{inj.target}: no such "
+                                 f"{'cabinet' if inj.name == 'cabinet_outage' else 'device'}")
+            if inj.name != "offline" and not all(
+                    isinstance(self.devices[i], StreetlightSim) for i in ids):
+                raise ValueError(f"--inject {inj.name}:{inj.target}: a streetlight's fault")
+            out.append((self.clock.start_ms + int(inj.after_s * 1000), k, inj, ids))
+        out.sort(key=lambda e: e[:2])
+        return out
+
+    def _inject_due(self, now_sim: int) -> None:
+        while self.injections and self.injections[0][0] <= now_sim:
+            _, _, inj, ids = self.injections.pop(0)
+            span = inj.for_s if inj.for_s is not None else (
+                30 * self.config.interval_s if inj.name == "offline" else 1e12)
+            readings = max(1, round(span / self.config.interval_s))
+            for i in ids:
+                self.devices[i].inject(inj.name, readings)
+            self.stats[f"injected_{inj.name}"] += len(ids)
+            log.info("injected %s on %s (%d device%s)", inj.name, inj.target, len(ids),
+                     "" if len(ids) == 1 else "s")
 
     @property
     def per_device(self) -> bool:
@@ -587,6 +671,26 @@ class Engine:
     def stop(self) -> None:
         self._stop.set()
 
+    def _publish_events(self, upto: int) -> int:
+        """Publish the lights' events due by ``upto``, in time order; how many went."""
+        events, devices, world = self.events, self.devices, self.world
+        parts, conn_of = self.telemetry_parts, self.connection_of
+        n = 0
+        while events and events[0][0] <= upto:
+            due, i = heapq.heappop(events)
+            device = devices[i]
+            planned = device.planned
+            if not planned or planned[0][0] != due:
+                continue  # its plan went (an outage) or was made again
+            payloads = device.motion_event(world)
+            if planned:
+                heapq.heappush(events, (planned[0][0], i))
+            if payloads:
+                n += len(payloads)
+                conn_of[i].put(parts[i], payloads)
+        self.stats["motion_events"] += n
+        return n
+
     def _publish_due(self, now_sim: int) -> _WireConnection | bool:
         """Publish every reading due by ``now_sim``: True when all were, False when stopped,
         or the connection whose backlog is full (the schedule waits for it)."""
@@ -601,11 +705,14 @@ class Engine:
         world, interval_s = self.world, self.config.interval_s
         fixed, heads, mid_bytes = self._fixed, _HEADS, self._mid_bytes
         readings, left = 0, SERVICE_EVERY
-        silent = self.silent if "offline" in self.config.faults else None
+        silent = self.silent if "offline" in self.config.faults or self.config.inject else None
+        events, push = self.events, heapq.heappush
         result: _WireConnection | bool = True
         try:
             while True:
                 due = base + offsets[pos]
+                if events and events[0][0] <= due:  # the events before this reading first
+                    readings += self._publish_events(due if due <= now_sim else now_sim)
                 if due > now_sim:
                     break
                 i = order[pos]
@@ -617,7 +724,10 @@ class Engine:
                 if pos == n:
                     pos = 0
                     base += step
-                payloads = devices[i].tick(due, interval_s, world)
+                device = devices[i]
+                payloads = device.tick(due, interval_s, world)
+                if device.planned:
+                    push(events, (device.planned[0][0], i))
                 if silent is not None:
                     # An offline fault (5–30 silent readings) on a shared connection: the
                     # retained status a per-device connection's Last Will would give, and
@@ -667,11 +777,14 @@ class Engine:
         pos, base, step = sched.pos, sched.base, sched.interval_ms
         devices, conn_of = self.devices, self.connection_of
         world, interval_s = self.world, self.config.interval_s
+        events, push = self.events, heapq.heappush
         readings = burst = 0
         result = True
         try:
             while True:
                 due = base + offsets[pos]
+                if events and events[0][0] <= due:  # the events before this reading first
+                    readings += self._publish_events(due if due <= now_sim else now_sim)
                 if due > now_sim:
                     break
                 i = order[pos]
@@ -683,6 +796,8 @@ class Engine:
                 if conn.dropped and device.offline_for == 0:
                     conn.revive()
                 payloads = device.tick(due, interval_s, world)
+                if device.planned:
+                    push(events, (device.planned[0][0], i))
                 if payloads:
                     conn.put(b"", payloads)
                     readings += len(payloads)
@@ -714,6 +829,9 @@ class Engine:
             finishing = self.end_ms is not None and now_sim >= self.end_ms
             if finishing:
                 now_sim = self.end_ms - 1
+            if self.injections and self.injections[0][0] <= now_sim:
+                self._publish_due(self.injections[0][0] - 1)  # what came before it, first
+                self._inject_due(now_sim)
             done = self._publish_due(now_sim)
             if finishing and done is True:
                 break
@@ -727,8 +845,11 @@ class Engine:
                     self._stop.wait(min(0.05, max(0.0, done.retry_at - time.monotonic())))
             else:
                 wait = 0.05
-                if done is True and self.schedule.next_due is not None:
-                    wake = self.clock.wall_at(self.schedule.next_due)
+                next_due = self.schedule.next_due
+                if self.events and (next_due is None or self.events[0][0] < next_due):
+                    next_due = self.events[0][0]
+                if done is True and next_due is not None:
+                    wake = self.clock.wall_at(next_due)
                     if not self.per_device:
                         wake = max(wake, turn + TICK_S)  # paced: a tick's readings, one write
                     wait = min(wait, max(0.0, wake - time.monotonic()))

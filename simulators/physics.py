@@ -34,12 +34,44 @@ def lognormal(rng: random.Random, sigma: float) -> float:
     """A multiplicative noise factor: exp(N(0, sigma²)), median 1."""
     return math.exp(sigma * NORMAL[rng.getrandbits(NORMAL_BITS)])
 
-# People and cars passing a light, per minute, by local hour (weekday), per unit of busyness.
-HOURLY_TRAFFIC = (0.30, 0.20, 0.10, 0.06, 0.08, 0.25, 0.90, 1.60, 1.80, 1.20, 1.00, 1.10,
-                  1.20, 1.10, 1.10, 1.30, 1.70, 1.90, 1.60, 1.30, 1.10, 0.90, 0.70, 0.50)
-WEEKEND_TRAFFIC = (0.60, 0.50, 0.35, 0.20, 0.10, 0.10, 0.20, 0.40, 0.70, 1.00, 1.20, 1.30,
-                   1.30, 1.30, 1.30, 1.30, 1.30, 1.30, 1.30, 1.20, 1.10, 1.00, 0.90, 0.80)
-BUSYNESS = {"downtown": 6.0, "urban": 3.0, "suburban": 1.0}
+# People, bicycles and cars passing a light, by road class and hour: a day's passings (both
+# directions, every mode; a weekday) spread over the hours like the trips of a travel survey.
+# The figures and where they come from: docs/demo-city.md.
+#
+# The hour-of-day shares: vehicle trips started per hour, a Wednesday and a Saturday (FHWA,
+# Highway Statistics 2006, table NT-3, from the 2001 NHTS), from midnight.
+WEEKDAY_TRIPS = (147, 82, 83, 36, 249, 639, 1607, 3893, 2994, 2294, 2600, 2967,
+                 3166, 3032, 3321, 3888, 3959, 4377, 3746, 2819, 2061, 1559, 783, 381)
+WEEKEND_TRIPS = (432, 185, 117, 62, 185, 270, 558, 1147, 2088, 2951, 4096, 4420,
+                 4561, 4088, 4256, 4037, 3823, 3536, 3626, 2665, 2206, 1925, 1069, 772)
+# Passings a day on a weekday, by road class (a Saturday has NT-3's Saturday/Wednesday ratio,
+# 1.05). Arterial: a busy city street with its cycle tracks; residential: a local street well
+# under the 1,000 vehicles a day of livability guidance, with its walkers; footpath and park:
+# assumptions (no count found; docs/demo-city.md).
+DAILY_PASSINGS = {"arterial": 15_000.0, "residential": 500.0, "footpath": 300.0,
+                  "park": 200.0}
+# Nobody crosses a park at 3 a.m. as they drive home: the park's night hours (22–06) carry a
+# third of the survey's share (an assumption).
+PARK_NIGHT = 1 / 3
+# The district's character on top (downtown streets of a class are busier than suburban ones).
+BUSYNESS = {"downtown": 1.5, "urban": 1.0, "suburban": 0.6}
+ROADS = tuple(DAILY_PASSINGS)
+DEFAULT_ROAD = "residential"  # a light whose road class is not known
+
+
+def _per_minute(road: str, weekend: bool) -> tuple[float, ...]:
+    def weights(trips: tuple[int, ...]) -> list[float]:
+        return [t * (PARK_NIGHT if road == "park" and (h >= 22 or h < 6) else 1.0)
+                for h, t in enumerate(trips)]
+
+    shares = weights(WEEKEND_TRIPS if weekend else WEEKDAY_TRIPS)
+    daily = DAILY_PASSINGS[road] * (sum(WEEKEND_TRIPS) / sum(WEEKDAY_TRIPS) if weekend else 1)
+    return tuple(daily * w / sum(shares) / 60 for w in shares)
+
+
+# Passings per minute by (road class, weekend) and local hour.
+TRAFFIC = {(road, weekend): _per_minute(road, weekend)
+           for road in DAILY_PASSINGS for weekend in (False, True)}
 
 
 def _hourly(table: tuple[float, ...], hour: float) -> float:
@@ -49,9 +81,10 @@ def _hourly(table: tuple[float, ...], hour: float) -> float:
     return table[h0] * (1 - f) + table[(h0 + 1) % 24] * f
 
 
-def traffic_per_min(local: datetime, character: str) -> float:
+def traffic_per_min(local: datetime, character: str, road: str | None = None) -> float:
+    """Passings a minute past a light of this road class in a district of this character."""
     hour = local.hour + local.minute / 60
-    table = WEEKEND_TRAFFIC if local.weekday() >= 5 else HOURLY_TRAFFIC
+    table = TRAFFIC[(road or DEFAULT_ROAD, local.weekday() >= 5)]
     return _hourly(table, hour) * BUSYNESS[character]
 
 

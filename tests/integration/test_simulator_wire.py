@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import datetime
 
 import orjson
 import pytest
@@ -18,8 +19,8 @@ from citygrid.city import COPENHAGEN
 from citygrid.contract import Topic, decode_readings
 from citygrid.fleet import Fleet
 from citygrid.settings import MqttUrl
-from simulators.devices import DRIVER_LOSS, STANDBY_W
-from simulators.engine import Engine, SimConfig
+from simulators.devices import BLIND_MS, DRIVER_LOSS, STANDBY_W
+from simulators.engine import Engine, Injection, SimConfig
 from simulators.fleetgen import generate
 from tests.helpers import REPO, Collector, run_in_thread, wait_until
 
@@ -58,18 +59,87 @@ def test_every_message_obeys_the_contract(mosquitto, uid, collect):
     stats = engine.run()
     wait_until(lambda: len(seen.on("telemetry")) >= stats["readings"])
     telemetry = seen.on("telemetry")
-    assert stats["readings"] == len(telemetry) == 25 * 60
+    # The schedule's readings, and the motion events of the lights that were lit.
+    assert stats["readings"] == len(telemetry) == 25 * 60 + stats["motion_events"]
     kinds = Counter()
     for topic, payload, _ in telemetry:
         t = Topic.parse(topic)
         for r in decode_readings(t.kind, payload, topic):
             kinds[t.kind] += 1
             assert config.start_ms <= r.ts < config.start_ms + 3600 * 1000
-    assert kinds == {"streetlight": 15 * 60, "meter": 10 * 60}
+    assert kinds == {"streetlight": 15 * 60 + stats["motion_events"], "meter": 10 * 60}
     statuses = [contract.Status.model_validate_json(p) for _, p, _ in seen.on("status")]
     assert sum(s.online for s in statuses) == 25 and sum(not s.online for s in statuses) == 25
     seqs = Counter(Topic.parse(t).device_id for t, _, _ in telemetry)
-    assert set(seqs.values()) == {60}
+    assert {seqs[d.device_id] for d in fleet if d.kind == "meter"} == {60}
+    assert min(seqs[d.device_id] for d in fleet if d.kind == "streetlight") >= 60
+
+
+NIGHT_MS = int(datetime(2026, 11, 24, 21, 0, tzinfo=COPENHAGEN.tz).timestamp() * 1000)
+
+
+@pytest.mark.parametrize("mode", ["per-device", "multiplexed"])
+def test_a_detection_goes_out_at_once_as_a_full_reading(mosquitto, uid, collect, mode):
+    """At night a light's presence sensor publishes each detection when it happens (then is
+    blind for a while); its periodic readings keep their schedule."""
+    fleet = fleet_for(uid, 8, 0)
+    seen = collect(f"city/v1/{uid}/+/+/telemetry")
+    config = SimConfig(speed=600, start_ms=NIGHT_MS, duration_s=1200, interval_s=60,
+                       mode=mode, seed=3)
+    engine = Engine(MqttUrl.parse(mosquitto.url), fleet, COPENHAGEN, config)
+    engine.connect()
+    stats = engine.run()
+    wait_until(lambda: len(seen.messages) >= stats["readings"], message="every reading")
+    assert stats["readings"] == len(seen.messages) == 8 * 20 + stats["motion_events"]
+    assert stats["motion_events"] >= 8  # the arterials' traffic at 21:00
+    phase = {engine.devices[i].spec.device_id: off % 60_000
+             for i, off in zip(engine.schedule.order, engine.schedule.offsets, strict=True)}
+    by_device: dict[str, list[dict]] = {}
+    for topic, payload, _ in seen.messages:
+        [r] = decode_readings("streetlight", payload, topic)  # a full reading, by contract
+        by_device.setdefault(Topic.parse(topic).device_id, []).append(orjson.loads(payload))
+    events = 0
+    for device_id, rs in by_device.items():
+        assert [r["seq"] for r in rs] == sorted(r["seq"] for r in rs)  # in the order made
+        assert [r["ts"] for r in rs] == sorted(r["ts"] for r in rs)
+        off = [r for r in rs if (r["ts"] - NIGHT_MS) % 60_000 != phase[device_id]]
+        assert sum(1 for r in rs if r not in off) == 20  # the schedule, untouched
+        assert all(r["motion"] and r["motion_count"] >= 1 for r in off)
+        stamps = [r["ts"] for r in off]
+        assert all(b - a >= BLIND_MS for a, b in zip(stamps, stamps[1:], strict=False))
+        events += len(off)
+    assert events == stats["motion_events"]
+
+
+@pytest.mark.parametrize("mode", ["per-device", "multiplexed"])
+def test_a_cabinet_outage_goes_dark_and_silent_then_comes_back(mosquitto, uid, collect, mode):
+    fleet = fleet_for(uid, 10, 0)
+    cabinet = fleet.devices[0].cabinet
+    members = {d.device_id for d in fleet if d.cabinet == cabinet}
+    seen = collect()
+    config = SimConfig(speed=600, start_ms=NIGHT_MS, duration_s=1500, interval_s=60,
+                       mode=mode, seed=3,
+                       inject=[Injection.parse(f"cabinet_outage:{cabinet}@+5m/10m")])
+    engine = Engine(MqttUrl.parse(mosquitto.url), fleet, COPENHAGEN, config)
+    engine.connect()
+    stats = engine.run()
+    wait_until(lambda: len(seen.on("telemetry")) >= stats["readings"], message="readings")
+    assert stats["injected_cabinet_outage"] == len(members)
+
+    def status(device_id: str) -> list[bytes]:
+        return [p for t, p, _ in seen.on("status") if Topic.parse(t).device_id == device_id]
+
+    wait_until(lambda: all(status(d)[:3] == [b'{"online":true}', b'{"online":false}',
+                                             b'{"online":true}'] for d in members),
+               message="online, offline for the outage, online again")
+    silent = (NIGHT_MS + 6 * 60_000, NIGHT_MS + 15 * 60_000)
+    for topic, payload, _ in seen.on("telemetry"):
+        ts = orjson.loads(payload)["ts"]
+        if Topic.parse(topic).device_id in members:
+            assert not silent[0] <= ts < silent[1], "a light of the cut cabinet spoke"
+    back = {Topic.parse(t).device_id for t, p, _ in seen.on("telemetry")
+            if orjson.loads(p)["ts"] >= silent[1]}
+    assert members <= back
 
 
 def test_a_command_is_acknowledged_and_shows_in_the_next_reading(mosquitto, uid, collect):

@@ -60,6 +60,24 @@ def test_up_runs_the_city_stops_on_ctrl_c_and_resumes(tmp_path):
         reasons = {c["reason"] for c in listener.commands}
         assert reasons & {"rule:dark-baseline", "rule:motion-boost", "rule:daylight-off"}
 
+        # The demo city's rules, and its faults injected by the simulator: a failed lamp
+        # is lit yet draws only its standby power.
+        assert re.search(r"rules +\S+demo-city\.yaml", up.text())
+        faults = re.search(r"faults +(.+) \(after", up.text())[1].split(", ")
+        assert {f.split(":")[0] for f in faults} == {"lamp_failure", "wrong_power",
+                                                     "day_burner", "cabinet_outage"}
+        [simulator] = [p for p in up.descendants() if "simulate" in p.cmdline()]
+        argv = simulator.cmdline()
+        assert [argv[k + 1] for k, a in enumerate(argv) if a == "--inject"] == faults
+        failed = re.search(r"lamp_failure:(sl-\d+)@", up.text())[1]
+
+        def failed_lamp_lit():
+            point = store.latest("streetlight", device_id=failed).get(failed)
+            return point is not None and point.fields["brightness_pct"] > 0 and \
+                point.fields["power_w"] == 0.5
+
+        wait_until(failed_lamp_lit, 60, message=f"{failed} lit but drawing nothing")
+
         # Ctrl-C: everything stops, nothing is left behind, state is kept.
         children = up.descendants()
         assert up.interrupt() == 0

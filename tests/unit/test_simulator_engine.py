@@ -89,10 +89,13 @@ def fake_wire(monkeypatch):
     return FakeClient
 
 
-def small_engine(protocol: str = "5", lights: int = 3, meters: int = 2, **config) -> Engine:
+def small_engine(protocol: str = "5", lights: int = 3, meters: int = 2, hour: int = 22,
+                 **config) -> Engine:
+    """At 22:00 the lights are lit and their sensors report motion events; at noon they are
+    off and publish just their schedule."""
     fleet = generate(COPENHAGEN, lights, meters, seed=2)
     cfg = SimConfig(speed=1, interval_s=1, devices_per_connection=1000, protocol=protocol,
-                    start_ms=int(datetime(2026, 11, 27, 22, 0, tzinfo=TZ).timestamp() * 1000),
+                    start_ms=int(datetime(2026, 11, 27, hour, 0, tzinfo=TZ).timestamp() * 1000),
                     **config)
     return Engine(MqttUrl.parse("mqtt://127.0.0.1:1"), fleet, COPENHAGEN, cfg)
 
@@ -129,16 +132,19 @@ def test_readings_go_out_as_wire_encodes_them_numbered_and_in_schedule_order(fak
     assert engine._publish_due(engine.schedule.base + 2999) is True  # three rounds
     engine.connections[0].flush()
     sent = client.packets()
-    assert len(sent) == engine.stats["readings"] == 3 * 5
+    # The schedule's readings, and the lights' motion events between them (at 22:00).
+    assert len(sent) == engine.stats["readings"] == 3 * 5 + engine.stats["motion_events"]
+    scheduled = {d + k * 1000 for k in range(3) for d in due}
     order = [engine.telemetry_topics[i] for i in engine.schedule.order] * 3
-    assert [p[2] for p in sent] == order
+    assert [p[2] for p in sent if orjson.loads(p[3])["ts"] in scheduled] == order
+    stamps = [orjson.loads(p[3])["ts"] for p in sent]
+    assert stamps == sorted(stamps)  # events go out in time order between the readings
     for first, mid, topic, payload in sent:
         assert first == 0x32 and mid >= FIRST_MID
         [reading] = decode_readings(topic.split("/")[3], payload, topic)
         packet = wire.encode_publish(topic, payload, 1, False, mid, v5=protocol == "5")
         assert packet in client.sent
-    assert sorted({orjson.loads(p[3])["ts"] for p in sent}) == sorted(
-        d + k * 1000 for k in range(3) for d in due)
+    assert scheduled <= set(stamps)
 
 
 def test_the_window_holds_back_the_rest_in_order_and_acks_let_it_go(fake_wire, monkeypatch):
@@ -170,7 +176,7 @@ def test_the_window_holds_back_the_rest_in_order_and_acks_let_it_go(fake_wire, m
 
 def test_a_full_backlog_pauses_the_schedule_and_no_reading_is_skipped(fake_wire, monkeypatch):
     monkeypatch.setattr(sim_engine, "MAX_BACKLOG", 3)
-    engine = small_engine()
+    engine = small_engine(hour=12)
     engine.connect()
     conn = engine.connections[0]
     conn.window = 2
