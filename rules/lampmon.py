@@ -198,24 +198,23 @@ class LampMonitor:
             lamp.burning_ms = before + ts - last
             if lamp.burning_ms // 60_000 != before // 60_000:  # saved once a minute burnt
                 self.dirty.add(device.device_id)
-        failed = reading.get("fault") == "lamp_failure"
-        warm = ts - lamp.changed_ms >= lamp.type.warmup_s * 1000
-        if on and warm and not failed:
-            failed = power < lamp.fail_below
+        # Failure and power are known only for a lamp on and past its warm-up (or one that
+        # says it failed): otherwise their alerts stand and their `for` runs on.
+        flagged = reading.get("fault") == "lamp_failure"
+        known = on and ts - lamp.changed_ms >= lamp.type.warmup_s * 1000
+        failed = flagged or (known and power < lamp.fail_below)
         lamp.lit = on and not failed
-        if lamp.suppressed:  # its cabinet has no supply: that is the one alarm
-            failed = bad_power = False
-        else:
-            bad_power = on and warm and not failed and not lamp.lo <= power <= lamp.hi
-        if failed or lamp.fault_since is not None:
-            lamp.fault_since = self._check(lamp, LAMP_FAULT, failed, lamp.fault_since, ts,
-                                           limits.failure_ms)
-        if bad_power or lamp.power_since is not None:
-            lamp.power_since = self._check(lamp, LAMP_POWER, bad_power, lamp.power_since, ts,
-                                           limits.power_ms)
+        if (known or flagged) and not lamp.suppressed:  # (no supply: the cabinet's alarm)
+            if failed or lamp.fault_since is not None or lamp.raised & 1:
+                lamp.fault_since = self._check(lamp, LAMP_FAULT, failed, lamp.fault_since, ts,
+                                               limits.failure_ms)
+            bad_power = known and not failed and not lamp.lo <= power <= lamp.hi
+            if bad_power or lamp.power_since is not None or lamp.raised & 2:
+                lamp.power_since = self._check(lamp, LAMP_POWER, bad_power, lamp.power_since,
+                                               ts, limits.power_ms)
         day = (on or power > lamp.standby_hi) and self._unasked(device.device_id) and \
             self.engine.city_time.sun_elevation(ts) > 0
-        if day or lamp.day_since is not None:
+        if day or lamp.day_since is not None or lamp.raised & 4:
             lamp.day_since = self._check(lamp, DAY_BURNING, day, lamp.day_since, ts,
                                          limits.day_ms)
         if lamp.raised & 8:
