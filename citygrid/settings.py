@@ -97,6 +97,15 @@ class Settings:
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise SettingsError(_env(name), f"{path!r} is not a file")
+        if self.lamp_types:  # refused at start-up, every error with its file:line
+            from citygrid import lamps
+            from citygrid.yamlconf import ConfigError
+
+            try:
+                lamps.load(self.lamp_types)
+            except ConfigError as e:
+                raise SettingsError("CITYGRID_LAMP_TYPES", f"not a lamp types file:\n{e}"
+                                    ) from None
         object.__setattr__(self, "mqtt", replace(
             MqttUrl.parse(self.mqtt_url), protocol=5 if self.mqtt_protocol == "5" else 4,
             ca_file=self.mqtt_ca, cert_file=self.mqtt_cert, key_file=self.mqtt_key))

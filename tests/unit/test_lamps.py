@@ -139,6 +139,11 @@ lamp_types:
         assert list(lamps.load(settings.lamp_types)) == ["own-70w"]
         with pytest.raises(SettingsError, match="CITYGRID_LAMP_TYPES"):
             Settings.from_env({"CITYGRID_LAMP_TYPES": str(tmp_path / "nope.yaml")})
+        path.write_text("version: 1\nlamp_types:\n  own-70w:\n    wattage_w: -70\n"
+                        "    power_w: {0: 0.3, 100: 75}\n")
+        with pytest.raises(SettingsError, match=r"CITYGRID_LAMP_TYPES: not a lamp types file:\n"
+                           r".*types.yaml:4:16: lamp_types.own-70w.wattage_w: got -70"):
+            Settings.from_env({"CITYGRID_LAMP_TYPES": str(path)})
 
     def test_the_registry_refuses_a_lamp_type_it_does_not_know(self, tmp_path):
         known = frozenset(lamps.load())
