@@ -127,6 +127,10 @@ class LampMonitor:
         self._cabinets: dict[str, list[str]] = {}
         self._cabinets_of: tuple[Any, Any] | None = None  # (fleet, owned) they were built for
         self._next_check_ms = 0
+        # The event time of the first cabinet check since the engine (re)started or the
+        # monitor was turned on: a light not heard since counts as silent from then, not from
+        # a watermark saved before a restart.
+        self._first_check_ms: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -134,6 +138,8 @@ class LampMonitor:
 
     def configure(self, config: Config | None) -> None:
         """The rule file's ``settings.lamp_monitor`` (None: off — its alerts clear)."""
+        if self.limits is None:
+            self._first_check_ms = None
         self.limits = None if config is None else _Limits.of(config)
         if config is None:
             self.clear_all(self.engine.watermark or 0)
@@ -299,7 +305,9 @@ class LampMonitor:
         self._next_check_ms = now_ms - now_ms % CABINET_EVERY_MS + CABINET_EVERY_MS
         limits, engine = self.limits, self.engine
         last_seen, lamps = engine.last_seen, self.lamps
-        start = engine.started_ms if engine.started_ms is not None else now_ms
+        if self._first_check_ms is None:
+            self._first_check_ms = now_ms
+        start = self._first_check_ms
         for cabinet, ids in self.cabinets().items():
             silent = zero = 0
             for device_id in ids:

@@ -333,6 +333,22 @@ class TestCabinets:
         feed(engine, NIGHT + 5 * MIN, NIGHT + 9 * MIN, {"sl-4": ON})
         assert active(engine) == ["cabinet-supply-loss@cab-1"]
 
+    def test_after_a_restart_lights_not_heard_yet_are_silent_from_the_first_check(self,
+                                                                                   tmp_path):
+        engine, _ = engine_for(fleet=CABINET_FLEET)
+        feed(engine, NIGHT, NIGHT + MIN, self.ALL)
+        store = RuleStateStore(tmp_path / "rules.sqlite")
+        store.save(engine)
+        store.close()
+        again, box = engine_for(fleet=CABINET_FLEET)  # back an hour later
+        store = RuleStateStore(tmp_path / "rules.sqlite")
+        store.restore(again)
+        store.close()
+        feed(again, NIGHT + 61 * MIN, NIGHT + 63 * MIN, {"sl-4": ON})  # the others: not yet
+        assert raised(box) == []
+        feed(again, NIGHT + 63 * MIN, NIGHT + 64 * MIN + 10_000, {"sl-4": ON})
+        assert raised(box) == ["cabinet-supply-loss@cab-1"]  # three minutes after the first
+
     def test_fewer_than_min_lights_dark_is_no_cabinet_alarm(self):
         engine, box = engine_for(fleet=CABINET_FLEET)
         feed(engine, NIGHT, NIGHT + 2 * MIN, self.ALL)
