@@ -46,7 +46,7 @@ DEFAULT_SHARE = 0.3  # rules/model.py's failure_share
 class _Lamp:
     """One light's lamp: its type, what its last reading said, its counters and checks."""
 
-    __slots__ = ("device", "type", "level", "changed_ms", "expected", "fail_below", "lo", "hi",
+    __slots__ = ("device", "type", "level", "warm_ms", "expected", "fail_below", "lo", "hi",
                  "standby_hi", "dark_below", "power", "lit", "last_ts", "burning_ms",
                  "switch_ons", "replaced_ms", "switches", "fault_since", "power_since",
                  "day_since", "raised", "suppressed")
@@ -54,7 +54,7 @@ class _Lamp:
     def __init__(self, device: FleetDevice, lamp_type: LampType):
         self.device = device
         self.level: float | None = None
-        self.changed_ms = 0  # when the level last changed: the warm-up runs from there
+        self.warm_ms = 0  # when the warm-up after the last level change is over
         self.expected = self.fail_below = self.lo = self.hi = 0.0
         self.retype(lamp_type, DEFAULT_SHARE)
         self.power: float | None = None
@@ -124,6 +124,7 @@ class LampMonitor:
         self.dirty: set[str] = set()  # lamps whose counters changed since the last snapshot
         self.limits: _Limits | None = None
         self.down: set[str] = set()  # cabinets whose supply-loss alarm stands
+        self.sun_up = False  # the sun above the horizon at the last check (every 10 s)
         self._cabinets: dict[str, list[str]] = {}
         self._cabinets_of: tuple[Any, Any] | None = None  # (fleet, owned) they were built for
         self._next_check_ms = 0
@@ -189,42 +190,55 @@ class LampMonitor:
         if lamp is None or lamp.device is not device:
             lamp = self._lamp(device)
         last = lamp.last_ts
-        if last is not None and ts <= last:
-            return  # a duplicate or late reading: counted once, in order
-        limits = self.limits
+        if last is not None:
+            if ts <= last:
+                return  # a duplicate or late reading: counted once, in order
+            if lamp.lit and ts - last <= MAX_GAP_MS:  # lit since the last reading
+                before = lamp.burning_ms
+                lamp.burning_ms = before + ts - last
+                if lamp.burning_ms // 60_000 != before // 60_000:  # saved once a minute burnt
+                    self.dirty.add(device.device_id)
         on = level > 0
         if level != lamp.level:
-            if lamp.level is not None and lamp.level <= 0 and on:
+            if on and lamp.level is not None and lamp.level <= 0:
                 self._switched_on(lamp, ts)
-            lamp.at_level(level, limits.failure_share)
-            lamp.changed_ms = ts
+            lamp.at_level(level, self.limits.failure_share)
+            lamp.warm_ms = ts + int(lamp.type.warmup_s * 1000)
         lamp.last_ts, lamp.power = ts, power
-        if lamp.lit and last is not None and 0 < ts - last <= MAX_GAP_MS:
-            before = lamp.burning_ms
-            lamp.burning_ms = before + ts - last
-            if lamp.burning_ms // 60_000 != before // 60_000:  # saved once a minute burnt
-                self.dirty.add(device.device_id)
         # Failure and power are known only for a lamp on and past its warm-up (or one that
         # says it failed): otherwise their alerts stand and their `for` runs on.
-        flagged = reading.get("fault") == "lamp_failure"
-        known = on and ts - lamp.changed_ms >= lamp.type.warmup_s * 1000
-        failed = flagged or (known and power < lamp.fail_below)
-        lamp.lit = on and not failed
-        if (known or flagged) and not lamp.suppressed:  # (no supply: the cabinet's alarm)
-            if failed or lamp.fault_since is not None or lamp.raised & 1:
-                lamp.fault_since = self._check(lamp, LAMP_FAULT, failed, lamp.fault_since, ts,
-                                               limits.failure_ms)
-            bad_power = known and not failed and not lamp.lo <= power <= lamp.hi
-            if bad_power or lamp.power_since is not None or lamp.raised & 2:
-                lamp.power_since = self._check(lamp, LAMP_POWER, bad_power, lamp.power_since,
-                                               ts, limits.power_ms)
-        day = (on or power > lamp.standby_hi) and self._unasked(device.device_id) and \
-            self.engine.city_time.sun_elevation(ts) > 0
-        if day or lamp.day_since is not None or lamp.raised & 4:
+        flagged = "fault" in reading and reading["fault"] == "lamp_failure"
+        known = on and ts >= lamp.warm_ms
+        if known and not flagged and lamp.lo <= power <= lamp.hi and \
+                power >= lamp.fail_below and lamp.fault_since is None and \
+                lamp.power_since is None and not lamp.raised & 3:
+            lamp.lit = True  # burning as it should, nothing pending: the common case
+        else:
+            self._judge(lamp, power, ts, known, flagged)
+        if lamp.day_since is not None or lamp.raised & 4 or (
+                self.sun_up and (on or power > lamp.standby_hi)):
+            day = (on or power > lamp.standby_hi) and self.sun_up and \
+                self._unasked(device.device_id)
             lamp.day_since = self._check(lamp, DAY_BURNING, day, lamp.day_since, ts,
-                                         limits.day_ms)
+                                         self.limits.day_ms)
         if lamp.raised & 8:
             self._cycling(lamp, ts)
+
+    def _judge(self, lamp: _Lamp, power: float, ts: int, known: bool, flagged: bool) -> None:
+        """Failure and power for the level, when the common case (burning as it should,
+        nothing pending) does not hold."""
+        failed = flagged or (known and power < lamp.fail_below)
+        lamp.lit = lamp.level > 0 and not failed
+        if not (known or flagged) or lamp.suppressed:  # (no supply: the cabinet's alarm)
+            return
+        limits = self.limits
+        if failed or lamp.fault_since is not None or lamp.raised & 1:
+            lamp.fault_since = self._check(lamp, LAMP_FAULT, failed, lamp.fault_since, ts,
+                                           limits.failure_ms)
+        bad_power = known and not failed and not lamp.lo <= power <= lamp.hi
+        if bad_power or lamp.power_since is not None or lamp.raised & 2:
+            lamp.power_since = self._check(lamp, LAMP_POWER, bad_power, lamp.power_since, ts,
+                                           limits.power_ms)
 
     def _unasked(self, device_id: str) -> bool:
         """Nothing asked for light: the engine's level for it is 0 (none yet: the default)."""
@@ -299,11 +313,13 @@ class LampMonitor:
     # ------------------------------------------------------------------ cabinets
 
     def tick(self, now_ms: int) -> None:
-        """Once per 10 s of event time: which cabinets have lost their supply."""
+        """Once per 10 s of event time: whether the sun is up, which cabinets have lost their
+        supply."""
         if now_ms < self._next_check_ms or self.limits is None:
             return
         self._next_check_ms = now_ms - now_ms % CABINET_EVERY_MS + CABINET_EVERY_MS
         limits, engine = self.limits, self.engine
+        self.sun_up = engine.city_time.sun_elevation(now_ms) > 0
         last_seen, lamps = engine.last_seen, self.lamps
         if self._first_check_ms is None:
             self._first_check_ms = now_ms
@@ -379,7 +395,7 @@ class LampMonitor:
         lamp.burning_ms, lamp.switch_ons, lamp.replaced_ms = 0, 0, ts_ms
         lamp.switches = None
         lamp.fault_since = lamp.power_since = None
-        lamp.changed_ms = ts_ms
+        lamp.warm_ms = ts_ms + int(lamp.type.warmup_s * 1000)
         for rule in (LAMP_FAULT, LAMP_POWER):
             lamp.raised &= ~_BIT[rule]
             self.engine.alerting.clear(f"{rule}@{device.device_id}", None, ts_ms)
