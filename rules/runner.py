@@ -482,6 +482,7 @@ class RuleRunner:
                     last_health = now
         finally:
             self._drain(2.0)  # the last commands acknowledged before DISCONNECT
+            self.engine.lamps.settle()  # every lamp's burning time, not just each 5 minutes
             self.state.save(self.engine)
             self.state.save_health(self.engine)
             self.client.stop()

@@ -390,7 +390,14 @@ class TestBurningHours:
         burnt = 30 * MIN - 10_000  # from the first reading on to the last
         assert engine.lamps.lamps["sl-1"].burning_ms == burnt
         engine.on_reading("sl-1", dict(ON), NIGHT + 31 * MIN - 5_000)
-        assert engine.snapshot().lamps == {}  # 5 s more burning: saved once a minute
+        assert engine.snapshot().lamps == {}  # 5 s more burning: saved each 5 minutes burnt
+        feed(engine, NIGHT + 31 * MIN, NIGHT + 36 * MIN - 10_000, {"sl-1": ON})
+        assert engine.lamps.dirty == set()
+        engine.on_reading("sl-1", dict(ON), NIGHT + 36 * MIN - 10_000)
+        assert engine.lamps.dirty == {"sl-1"}  # 5 minutes more burnt than saved
+        engine.on_reading("sl-1", dict(ON), NIGHT + 36 * MIN)
+        engine.lamps.settle()  # the engine stops: all of it
+        burnt += 5 * MIN + 10_000
         store.save(engine)
         store.close()
         rows = {r.device_id: r for r in read_lamps(tmp_path)}
@@ -400,7 +407,7 @@ class TestBurningHours:
         again, _ = engine_for()
         store = RuleStateStore(tmp_path / "rules.sqlite")
         store.restore(again)
-        feed(again, NIGHT + 40 * MIN, NIGHT + 42 * MIN, {"sl-1": ON})
+        feed(again, NIGHT + 50 * MIN, NIGHT + 52 * MIN, {"sl-1": ON})
         assert again.lamps.lamps["sl-1"].burning_ms == burnt + 11 * 10_000  # 11 intervals
         assert again.lamps.lamps["sl-1"].switch_ons == 1
         store.close()
