@@ -25,6 +25,9 @@ and alerts is printed too: two trees with the same digest acted alike.
 
     .venv/bin/python bench/rules_cpu.py --absolute . --repeats 5 --batch 256
     .venv/bin/python bench/rules_cpu.py --absolute /tmp/before . --repeats 5 --batch 256
+
+``--lamp-monitor`` turns on the lamp monitor (``settings.lamp_monitor`` with its defaults) in a
+tree that has it, and puts every 20 lights of a district on one control cabinet.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from datetime import datetime
 from pathlib import Path
 
 PACKAGES = ("rules", "citygrid", "billing", "simulators", "ingest", "gateway", "cityctl")
+LAMP_MONITOR = False  # --lamp-monitor
 
 
 def import_tree(root: str) -> dict:
@@ -59,7 +63,15 @@ def import_tree(root: str) -> dict:
         from simulators.fleetgen import generate
     finally:
         sys.path.remove(root)
-    return {"RuleEngine": RuleEngine, "ruleset": load(DEFAULT_RULES), "city": COPENHAGEN,
+    ruleset = load(DEFAULT_RULES)
+    if LAMP_MONITOR:
+        import dataclasses
+
+        from rules import model
+        if hasattr(model, "LampMonitor"):
+            ruleset = dataclasses.replace(ruleset, settings=ruleset.settings.model_copy(
+                update={"lamp_monitor": model.LampMonitor()}))
+    return {"RuleEngine": RuleEngine, "ruleset": ruleset, "city": COPENHAGEN,
             "RuleStateStore": RuleStateStore, "generate": generate,
             "BillingStore": BillingStore, "billing_config": load_config(BILLING_EXAMPLE)}
 
@@ -161,6 +173,8 @@ def night(m: dict, n: int) -> tuple:
     """The fleet and ``n`` readings of the night, in time order (the same every run)."""
     city = m["city"]
     fleet = m["generate"](city, LIGHTS, METERS, seed=5)
+    if LAMP_MONITOR:
+        fleet = _with_cabinets(fleet)
     rng = random.Random(7)
     t0 = int(datetime(2026, 11, 30, 23, 58, tzinfo=city.tz).timestamp() * 1000)
     devices = list(fleet)
@@ -200,6 +214,20 @@ def night(m: dict, n: int) -> tuple:
             readings.append((d.device_id, fields, ts))
         k += 1
     return fleet, readings
+
+
+def _with_cabinets(fleet):
+    """Every 20 lights of a district (in fleet order) on one cabinet."""
+    import dataclasses
+
+    counts: dict[str, int] = {}
+    devices = []
+    for d in fleet:
+        if d.kind == "streetlight" and hasattr(d, "cabinet"):
+            n = counts[d.district] = counts.get(d.district, -1) + 1
+            d = dataclasses.replace(d, cabinet=f"cab-{d.district}-{n // 20:03d}")
+        devices.append(d)
+    return type(fleet)(devices)
 
 
 class NightRun:
@@ -319,7 +347,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0,
                     help="readings a batch for on_readings (0: on_reading only)")
     ap.add_argument("--readings", type=int, default=250_000)
+    ap.add_argument("--lamp-monitor", action="store_true",
+                    help="turn the lamp monitor on (trees that have it), lights on cabinets")
     args = ap.parse_args()
+    global LAMP_MONITOR
+    LAMP_MONITOR = args.lamp_monitor
     if args.absolute:
         if len(args.trees) > 2:
             ap.error("--absolute takes one tree or two")

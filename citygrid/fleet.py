@@ -99,13 +99,15 @@ class FleetDevice:
 
 
 def check_device(device: FleetDevice, *, tariffs: Collection[str] | None = None,
-                 profiles: Collection[str] | None = None) -> list[str]:
+                 profiles: Collection[str] | None = None,
+                 lamp_types: Collection[str] | None = None) -> list[str]:
     """What is wrong with one inventory entry, as ``field: problem`` lines (empty: nothing).
 
     The one check every way into the registry uses (``citygrid devices add|import|edit``,
     the API, ``CITYGRID_FLEET``): ids that fit the contract, coordinates finite and on the
     globe, rated power positive, a meter's tariff known to the billing configuration
-    (``tariffs``) and a device profile known to the adapters (``profiles``) when given.
+    (``tariffs``), a device profile known to the adapters (``profiles``) and a streetlight's
+    lamp type known to the lamp types (``lamp_types``, citygrid/lamps.py) when given.
     """
     problems = []
     for name, value, low, high in (("lat", device.lat, -90, 90), ("lon", device.lon, -180, 180)):
@@ -130,6 +132,9 @@ def check_device(device: FleetDevice, *, tariffs: Collection[str] | None = None,
     if profiles is not None and device.device_profile and device.device_profile not in profiles:
         problems.append(f"device_profile: no profile {device.device_profile!r} "
                         f"(known: {', '.join(sorted(profiles)) or 'none'})")
+    if lamp_types is not None and device.lamp_type and device.lamp_type not in lamp_types:
+        problems.append(f"lamp_type: no lamp type {device.lamp_type!r} "
+                        f"(known: {', '.join(sorted(lamp_types)) or 'none'})")
     return problems
 
 

@@ -52,10 +52,13 @@ _ADDED_COLUMNS = (("device_profile", "TEXT"), ("native_id", "TEXT"), ("road", "T
 @dataclass(frozen=True)
 class Catalogue:
     """What an entry may refer to: the billing configuration's tariffs, the adapters'
-    device profiles. ``None``: not checked (a caller that cannot know)."""
+    device profiles, the lamp types (citygrid/lamps.py). ``None``: not checked (a caller
+    that cannot know)."""
 
     tariffs: Collection[str] | None = None
     profiles: Collection[str] | None = None
+    lamp_types: Collection[str] | None = None
+
 _SELECT = f"SELECT {', '.join(FIELDS)}, status FROM devices"
 
 
@@ -96,7 +99,8 @@ class Registry:
     def check(self, device: FleetDevice) -> list[str]:
         """What is wrong with this entry (empty: it may go in)."""
         return check_device(device, tariffs=self.catalogue.tariffs,
-                            profiles=self.catalogue.profiles)
+                            profiles=self.catalogue.profiles,
+                            lamp_types=self.catalogue.lamp_types)
 
     # ------------------------------------------------------------------ reading
 

@@ -76,6 +76,7 @@ class Settings:
     fleet: str | None = None
     city: str = "copenhagen"
     billing: str | None = None
+    lamp_types: str | None = None  # a lamp types file replacing the embedded one (lamps.py)
     raw_retention: str = "30d"  # raw readings (InfluxDB: the default retention policy)
     rollup_retention: str = "1825d"  # hourly rollups, five years
     rollup_horizon: str = "7d"  # aggregates over longer ranges read the rollups
@@ -92,10 +93,19 @@ class Settings:
                                 f"{self.mqtt_protocol!r} must be 5 or 3.1.1")
         if bool(self.mqtt_cert) != bool(self.mqtt_key):
             raise SettingsError("CITYGRID_MQTT_KEY", "CITYGRID_MQTT_CERT and _KEY go together")
-        for name in ("mqtt_ca", "mqtt_cert", "mqtt_key"):
+        for name in ("mqtt_ca", "mqtt_cert", "mqtt_key", "lamp_types"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise SettingsError(_env(name), f"{path!r} is not a file")
+        if self.lamp_types:  # refused at start-up, every error with its file:line
+            from citygrid import lamps
+            from citygrid.yamlconf import ConfigError
+
+            try:
+                lamps.load(self.lamp_types)
+            except ConfigError as e:
+                raise SettingsError("CITYGRID_LAMP_TYPES", f"not a lamp types file:\n{e}"
+                                    ) from None
         object.__setattr__(self, "mqtt", replace(
             MqttUrl.parse(self.mqtt_url), protocol=5 if self.mqtt_protocol == "5" else 4,
             ca_file=self.mqtt_ca, cert_file=self.mqtt_cert, key_file=self.mqtt_key))

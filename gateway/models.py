@@ -11,7 +11,7 @@ from citygrid.fleet import NATIVE_ID_PATTERN, PROFILE_PATTERN
 
 Road = Literal["arterial", "residential", "footpath", "park"]
 CabinetId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", examples=["cab-norrebro-03"])]
-LampTypeName = Annotated[str, Field(pattern=PROFILE_PATTERN, examples=["led-56w"])]
+LampTypeName = Annotated[str, Field(pattern=PROFILE_PATTERN, examples=["led-55w"])]
 
 # What the API shows of a registry record, in this order (the registry keeps more).
 DEVICE_KEYS = ("device_id", "kind", "district", "lat", "lon", "rated_w", "account_id",
@@ -322,3 +322,20 @@ class Open311Request(BaseModel):
     lat: float
     long: float
     media_url: str | None
+
+
+class LampOut(BaseModel):
+    """A streetlight's lamp as the rule engine's lamp monitor last saved it (a rule file turns
+    the monitor on with ``settings.lamp_monitor``)."""
+
+    device_id: str
+    district: str | None = Field(description="Its district in the registry (None: no longer "
+                                             "a streetlight there).")
+    lamp_type: str = Field(description="Its lamp type (generic-<rated>w: it names none).",
+                           examples=["led-55w"])
+    burning_h: float = Field(description="Hours burning since the lamp was new (or since "
+                                         "counting began).")
+    switch_ons: int = Field(description="Times switched on (off → on), since then.")
+    remaining_life_h: float = Field(description="The lamp type's rated life less the burning "
+                                                "hours (negative: past it).")
+    replaced_ms: int | None = Field(description="When the lamp was last replaced, epoch ms.")

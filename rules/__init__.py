@@ -7,15 +7,18 @@ from rules.cli import add_parsers
 from rules.loader import DEFAULT_RULES, RuleFileError, RuleSet, load, parse_text
 from rules.state import (
     AlertRow,
+    LampRow,
     LightRow,
     RuleHealthRow,
     engine_from_state,
     read_alerts,
     read_health,
+    read_lamps,
     read_lights,
     read_reload_error,
 )
 
-__all__ = ["DEFAULT_RULES", "PUBLISH_FILTERS", "AlertRow", "LightRow", "RuleFileError",
-           "RuleHealthRow", "RuleSet", "add_parsers", "engine_from_state", "load", "parse_text",
-           "read_alerts", "read_health", "read_lights", "read_reload_error"]
+__all__ = ["DEFAULT_RULES", "PUBLISH_FILTERS", "AlertRow", "LampRow", "LightRow",
+           "RuleFileError", "RuleHealthRow", "RuleSet", "add_parsers", "engine_from_state",
+           "load", "parse_text", "read_alerts", "read_health", "read_lamps", "read_lights",
+           "read_reload_error"]

@@ -38,7 +38,7 @@ class AlertmanagerNotifier:
     """Posts the rule engine's alerts to ``{url}/api/v2/alerts``.
 
     ``labels(alert)`` gives the labels beyond ``alertname`` and ``severity`` (``district``,
-    ``device_id``, ``account``: whatever the alert's scope is), and ``link(alert)``
+    ``device_id``, ``cabinet``, ``account``: whatever the alert's scope is), and ``link(alert)``
     the status page's address for it ("" for none)."""
 
     def __init__(self, url: str, labels: Callable[[AlertState], dict[str, str]],

@@ -140,11 +140,13 @@ def _inventory(settings: Settings):
     """The registry the engine follows, with CITYGRID_FLEET (if set) imported into it first
     (idempotently: the same file twice changes nothing)."""
     from billing import load_config
+    from citygrid import lamps
     from citygrid.fleet import Fleet, FleetError
     from citygrid.registry import Catalogue, Registry, RegistryError
 
     registry = Registry(settings.data_dir,
-                        Catalogue(tariffs=frozenset(load_config(settings.billing).tariffs)))
+                        Catalogue(tariffs=frozenset(load_config(settings.billing).tariffs),
+                                  lamp_types=frozenset(lamps.load(settings.lamp_types))))
     if settings.fleet:
         try:
             n = registry.import_fleet(Fleet.load(settings.fleet))

@@ -17,7 +17,9 @@ reach its lights across a border (:func:`foreign_inputs`) — see :meth:`RuleEng
 
 Beside it: what a firing rule does (rules/actions/, one module per action), alerts
 (rules/alerts.py), acknowledgements (rules/acks.py), schedules and absences
-(rules/schedules.py), lighting energy (rules/energy.py), the engine's own figures
+(rules/schedules.py), lighting energy (rules/energy.py), the lamp monitor
+(rules/lampmon.py: lamp failure, power, day-burning, cycling, cabinets, burning hours, opt-in
+per rule file), the engine's own figures
 (rules/report.py), its state as plain data (rules/snapshot.py), and why a light is at its
 level (rules/explain.py).
 """
@@ -34,6 +36,8 @@ from typing import Any, Protocol
 from billing import BillingConfig, Settlement
 from citygrid.city import CityProfile
 from citygrid.fleet import Fleet, FleetDevice
+from citygrid.lamps import LampTypes
+from citygrid.lamps import load as load_lamp_types
 from rules import schedules
 from rules.acks import Acks
 from rules.actions import ACTIONS, ActionType, Plan, Step, plan
@@ -45,6 +49,7 @@ from rules.context import Context, selects
 from rules.energy import LightingEnergy
 from rules.explain import explain
 from rules.expr import EvalError
+from rules.lampmon import LampMonitor
 from rules.loader import CompiledRule, RuleSet
 from rules.report import SelfReport
 from rules.snapshot import (
@@ -212,7 +217,10 @@ class _Program:
 class RuleEngine:
     def __init__(self, ruleset: RuleSet, fleet: Fleet, city: CityProfile, outbox: Outbox,
                  *, track_acks: bool = True, billing: Billing | None = None,
-                 owned_districts: Collection[str] | None = None):
+                 owned_districts: Collection[str] | None = None,
+                 lamp_types: LampTypes | None = None):
+        """``lamp_types``: what the lamp monitor compares readings with (default: the
+        embedded ones, citygrid/lamptypes.yaml)."""
         self.fleet, self.city, self.outbox = fleet, city, outbox
         self.billing = billing  # for meters and `settle`
         self.track_acks = track_acks
@@ -222,6 +230,9 @@ class RuleEngine:
         self.acks = Acks()
         self.pending_acks: dict[str, tuple[str, int]] = self.acks.pending  # the same dict
         self.energy = LightingEnergy(self)
+        self.lamps = LampMonitor(self, lamp_types if lamp_types is not None else
+                                 load_lamp_types())
+        self._lamp_reading = None  # the monitor's on_reading while a rule file turns it on
         self.reporter = SelfReport(self)
         self.lights: dict[str, LightState] = {}
         self.instances: dict[tuple[str, str], Instance] = {}
@@ -286,6 +297,8 @@ class RuleEngine:
         self._floor_memo = (None, False)
         self._ack_timeout_ms = int(ruleset.ack_timeout_s * 1000)  # parsed once, not a command
         self._command_expiry_s = ruleset.command_expiry_s
+        self.lamps.configure(ruleset.settings.lamp_monitor)
+        self._lamp_reading = self.lamps.on_reading if self.lamps.enabled else None
         self._derived()
 
     def _derived(self) -> None:
@@ -329,6 +342,7 @@ class RuleEngine:
             self._dirty_lights.add(device_id)  # (a revoked device's row goes in any case)
         self._touched.discard(device_id)
         self.acks.pending.pop(device_id, None)
+        self.lamps.forget(device_id)
 
     def _drop_instance(self, key: tuple[str, str], *, clear_alerts: bool = True) -> None:
         self._drop_instances([key], clear_alerts=clear_alerts)
@@ -516,6 +530,7 @@ class RuleEngine:
         touched = self._touched
         expiries = self._expiries
         account = self.energy.account
+        lamp_reading = self._lamp_reading
         for device_id, reading, ts in readings:
             try:
                 program = programs.get(device_id)
@@ -541,6 +556,8 @@ class RuleEngine:
                     self._window(device_id, reading, ts)
                 if program.light:
                     account(device, reading, ts)
+                    if lamp_reading is not None:
+                        lamp_reading(device, reading, ts)
                 elif program.bills and self.billing is not None and isinstance(
                         reading.get("energy_kwh"), _NUMBER):
                     for kind, detail in self.billing.on_reading(device_id, ts,
@@ -741,6 +758,8 @@ class RuleEngine:
                 self._recompute(self.fleet.by_id[device_id], now_ms)
         self._floor_on = floor
         self._pending_timers(now_ms)
+        if self._lamp_reading is not None:
+            self.lamps.tick(now_ms)  # (its cabinets: once per 10 s)
         schedules.run_schedules(self, now_ms)
         schedules.run_absences(self, now_ms)
         if now_ms >= self.calendar.next_ms:  # a step or noon: nothing otherwise
@@ -788,7 +807,7 @@ class RuleEngine:
              for k in self._dirty_instances},
             {k: saved_alert(a) for k in self.alerting.dirty
              if (a := self.alerts.get(k)) is not None},
-            self.watermark)
+            self.watermark, self.lamps.snapshot())
         self._dirty_lights.clear()
         self._dirty_instances.clear()
         self.alerting.dirty.clear()
@@ -824,6 +843,17 @@ class RuleEngine:
             self.alerts[key] = alert_state(key, a)
         if saved.watermark is not None:
             self.watermark = self.started_ms = saved.watermark
+        self.lamps.restore(saved.lamps)
+
+    def lamp_replaced(self, device_id: str, ts_ms: int) -> bool:
+        """The light got a new lamp (a work order closed with cause "lamp replaced"): its
+        burning hours and switch-ons start again from 0, its lamp-fault and lamp-power
+        alerts clear, its warm-up begins. False if it is no streetlight of this engine's."""
+        device = self.fleet.by_id.get(device_id)
+        if device is None or device.kind != "streetlight" or not self.owns(device):
+            return False
+        self.lamps.replaced(device, ts_ms)
+        return True
 
     # ------------------------------------------------------------------ explain
 

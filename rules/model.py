@@ -158,6 +158,36 @@ class SafetyFloor(_Model):
     when: str = "sun.elevation < -4"
 
 
+class Cycling(_Model):
+    """A lamp switched on (off → on, from its readings) ``switches`` times within ``within``."""
+
+    switches: Annotated[int, Field(ge=2, le=1000)] = 6
+    within: Duration = "30m"
+
+
+class CabinetLoss(_Model):
+    """A control cabinet has lost its supply when at least ``min_lights`` and ``share`` of its
+    lights are dark at once: silent for ``silent_for`` or drawing ~0 W."""
+
+    min_lights: Annotated[int, Field(ge=1, le=10_000)] = 3
+    share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    silent_for: Duration = "3m"
+
+
+class LampMonitor(_Model):
+    """The lamp monitor (rules/lampmon.py): each light's readings against its lamp type —
+    failure, power for the level, day-burning, cycling, cabinet supply loss — and its burning
+    hours. Only a rule file with this block turns it on."""
+
+    failure_for: Duration = "2m"
+    failure_share: Annotated[float, Field(gt=0, lt=1, description=(
+        "a light on that draws under this share of its expected power has failed"))] = 0.3
+    power_for: Duration = "5m"
+    day_burning_for: Duration = "15m"
+    cycling: Cycling = Field(default_factory=Cycling)
+    cabinet: CabinetLoss = Field(default_factory=CabinetLoss)
+
+
 class Settings(_Model):
     safety_floor: SafetyFloor = Field(default_factory=SafetyFloor)
     default_level: Annotated[float, Field(ge=0, le=100)] = 0
@@ -165,6 +195,7 @@ class Settings(_Model):
     ack_timeout: Duration = "30s"
     co2_g_per_kwh: Annotated[float, Field(ge=0)] = 150.0
     lamp_loss: Annotated[float, Field(ge=0, le=1)] = 0.08
+    lamp_monitor: LampMonitor | None = None
 
 
 # --------------------------------------------------------------------------- lighting calendars

@@ -29,7 +29,7 @@ from urllib.parse import quote
 import orjson
 
 from billing import BillingStore, load_config
-from citygrid import wire
+from citygrid import lamps, wire
 from citygrid.city import CityProfile
 from citygrid.clock import SYSTEM_CLOCK, Clock
 from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
@@ -42,6 +42,7 @@ from rules import loader
 from rules.alertmanager import AlertmanagerNotifier
 from rules.alerts import AlertState
 from rules.engine import RuleEngine
+from rules.lampmon import CABINET
 from rules.report import RULES_MEASUREMENT
 from rules.state import RuleStateStore
 from rules.workorders import AlertOrders
@@ -182,7 +183,7 @@ class RuleRunner:
                                  None if self.owned is None else config.worker)
         partitioned = {} if self.owned is None else {"owned_districts": frozenset(self.owned)}
         self.engine = RuleEngine(self.ruleset, fleet, city, self.outbox, billing=self.billing,
-                                 **partitioned)
+                                 lamp_types=lamps.load(settings.lamp_types), **partitioned)
         self._routes: dict[str, tuple[str, str, str] | None] = {}
         # One connection for readings in and commands out, over the settings' protocol (MQTT
         # 5: commands carry their expiry). A persistent session: what arrives while it is
@@ -218,11 +219,17 @@ class RuleRunner:
     # ------------------------------------------------------------------ alerts
 
     def alert_labels(self, alert: AlertState) -> dict[str, str]:
-        """Alertmanager's labels for an alert's scope: a device (its id and district), a
-        district, or an account."""
+        """Alertmanager's labels for an alert's scope: a device (its id, district and
+        cabinet), a district, a control cabinet (with its lights' district) or an account."""
         device = self.fleet.by_id.get(alert.scope)
         if device is not None:
-            return {"device_id": device.device_id, "district": device.district}
+            labels = {"device_id": device.device_id, "district": device.district}
+            if device.cabinet:
+                labels["cabinet"] = device.cabinet
+            return labels
+        if alert.rule_id == CABINET:
+            district = next((d.district for d in self.fleet if d.cabinet == alert.scope), None)
+            return {"cabinet": alert.scope, **({"district": district} if district else {})}
         if alert.scope in self._districts:
             return {"district": alert.scope}
         return {"account": alert.scope}
@@ -502,6 +509,7 @@ class RuleRunner:
                     last_health = now
         finally:
             self._drain(2.0)  # the last commands acknowledged before DISCONNECT
+            self.engine.lamps.settle()  # every lamp's burning time, not just each 5 minutes
             self.state.save(self.engine)
             self.state.save_health(self.engine)
             self.client.stop()

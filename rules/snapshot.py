@@ -1,7 +1,7 @@
 """The engine's state as plain data: what :meth:`RuleEngine.snapshot` hands out (what changed
 since the last snapshot) and :meth:`RuleEngine.restore` takes back (all that was saved) —
-lights with their wishes, rule instances, alerts, the watermark. rules/state.py keeps it in
-SQLite."""
+lights with their wishes, rule instances, alerts, the lamp monitor's counters, the watermark.
+rules/state.py keeps it in SQLite."""
 
 from __future__ import annotations
 
@@ -35,6 +35,14 @@ class SavedAlert(NamedTuple):
     cleared_ms: int | None
 
 
+class SavedLamp(NamedTuple):
+    lamp_type: str  # the type's name when saved (a generic one: generic-50w)
+    rated_life_h: float
+    burning_ms: int  # time burning since the lamp was new (or counting began)
+    switch_ons: int
+    replaced_ms: int | None  # when the lamp was last replaced
+
+
 @dataclass
 class Snapshot:
     """Lights and instances that are gone map to None (alerts are kept once raised)."""
@@ -43,6 +51,7 @@ class Snapshot:
     instances: dict[tuple[str, str], SavedInstance | None] = field(default_factory=dict)
     alerts: dict[str, SavedAlert] = field(default_factory=dict)
     watermark: int | None = None
+    lamps: dict[str, SavedLamp] = field(default_factory=dict)
 
 
 def saved_light(state: LightState) -> SavedLight:

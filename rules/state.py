@@ -1,4 +1,5 @@
-"""Rule state in the state database: holds, `for:` timers, alerts and lights survive restarts.
+"""Rule state in the state database: holds, `for:` timers, alerts, lights and the lamp
+monitor's counters (burning hours, switch-ons) survive restarts.
 
 Only what changed since the last save is written: the engine's snapshot() hands out just that,
 as plain data, and its restore() takes it back.
@@ -26,7 +27,7 @@ import orjson
 
 from citygrid import statedb
 from rules.engine import RuleEngine
-from rules.snapshot import SavedAlert, SavedInstance, SavedLight, Snapshot
+from rules.snapshot import SavedAlert, SavedInstance, SavedLamp, SavedLight, Snapshot
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rule_lights (
@@ -38,6 +39,9 @@ CREATE TABLE IF NOT EXISTS rule_alerts (
     key TEXT PRIMARY KEY, rule_id TEXT NOT NULL, severity TEXT NOT NULL, message TEXT NOT NULL,
     scope TEXT NOT NULL, since_ms INTEGER NOT NULL, sources TEXT NOT NULL,
     active INTEGER NOT NULL, cleared_ms INTEGER);
+CREATE TABLE IF NOT EXISTS rule_lamps (
+    device_id TEXT PRIMARY KEY, lamp_type TEXT NOT NULL, rated_life_h REAL NOT NULL,
+    burning_ms INTEGER NOT NULL, switch_ons INTEGER NOT NULL, replaced_ms INTEGER);
 CREATE TABLE IF NOT EXISTS rule_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rule_health (
     rule_id TEXT PRIMARY KEY, evaluations INTEGER, fired INTEGER, last_fired_ms INTEGER,
@@ -103,6 +107,9 @@ class RuleStateStore:
             ops.append(("INSERT OR REPLACE INTO rule_alerts VALUES (?,?,?,?,?,?,?,?,?)",
                         (key, a.rule_id, a.severity, a.message, a.scope, a.since_ms,
                          _json(a.sources), int(a.active), a.cleared_ms)))
+        for device_id, lamp in snap.lamps.items():
+            ops.append(("INSERT OR REPLACE INTO rule_lamps VALUES (?, ?, ?, ?, ?, ?)",
+                        (device_id, *lamp)))
         if snap.watermark is not None:
             ops.append(("INSERT OR REPLACE INTO rule_meta VALUES ('watermark', ?)",
                         (str(snap.watermark),)))
@@ -200,6 +207,8 @@ def _drop_foreign(snap: Snapshot, foreign: Callable[[str], bool], *,
         del snap.instances[key]
     for key in [k for k in snap.alerts if foreign(k.rpartition("@")[2])]:
         del snap.alerts[key]
+    for device_id in [d for d in snap.lamps if foreign(d)]:
+        del snap.lamps[device_id]
 
 
 def _saved(db: sqlite3.Connection) -> Snapshot:
@@ -216,6 +225,12 @@ def _saved(db: sqlite3.Connection) -> Snapshot:
     row = db.execute("SELECT value FROM rule_meta WHERE key = 'watermark'").fetchone()
     if row:
         saved.watermark = int(row[0])
+    try:
+        for device_id, *lamp in db.execute("SELECT * FROM rule_lamps"):
+            saved.lamps[device_id] = SavedLamp(*lamp)
+    except sqlite3.OperationalError as e:
+        if "no such table" not in str(e):  # a state file from before the lamp monitor
+            raise
     return saved
 
 
@@ -281,6 +296,16 @@ class AlertRow:
 
 
 @dataclass(frozen=True)
+class LampRow:
+    device_id: str
+    lamp_type: str
+    burning_h: float
+    switch_ons: int
+    remaining_life_h: float  # the lamp type's rated life less its burning hours (may be < 0)
+    replaced_ms: int | None
+
+
+@dataclass(frozen=True)
 class LightRow:
     device_id: str
     level: float
@@ -316,3 +341,12 @@ def read_lights(data_dir: str | Path) -> list[LightRow]:
     """Each light's commanded level and the reason that won, as last saved."""
     return [LightRow(*r) for r in _read(
         data_dir, "SELECT device_id, level, reason FROM rule_lights WHERE level IS NOT NULL")]
+
+
+def read_lamps(data_dir: str | Path) -> list[LampRow]:
+    """Each light's lamp as the lamp monitor last saved it: its type, burning hours,
+    switch-ons and the life that remains, most burnt first."""
+    return [LampRow(d, t, burning / 3_600_000, n, life - burning / 3_600_000, replaced)
+            for d, t, life, burning, n, replaced in _read(
+                data_dir, "SELECT device_id, lamp_type, rated_life_h, burning_ms, switch_ons, "
+                "replaced_ms FROM rule_lamps ORDER BY burning_ms DESC, device_id")]
