@@ -196,10 +196,13 @@ def validate(model: type[BaseModel], data: Any, marks: Marks, name: str) -> Base
 def located(e: ValidationError, marks: Marks, name: str) -> list[ConfigProblem]:
     problems = []
     for err in e.errors(include_url=False):
-        # Union branches add their type name to the location; drop those parts.
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (
-            p[:1].isupper() or p in ("str", "int", "float", "list[str]")
-            or p.startswith("function-"))))
+        # Union branches add their type name to the location; drop those parts (never the
+        # first, a top-level key, nor an unknown key itself: `A:` is a key, not a branch).
+        raw = err["loc"]
+        keep = len(raw) - 1 if err["type"] == "extra_forbidden" else None
+        loc = tuple(p for i, p in enumerate(raw) if i == 0 or i == keep or not (
+            isinstance(p, str) and (p[:1].isupper() or p in ("str", "int", "float", "list[str]")
+                                    or p.startswith("function-"))))
         line, col = marks.at(loc, key=err["type"] == "extra_forbidden")
         problems.append(ConfigProblem(name, line, col, friendly({**err, "loc": loc})))
     return sorted(problems, key=lambda p: (p.line, p.column))

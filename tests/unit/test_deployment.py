@@ -106,4 +106,4 @@ def test_grafana_gets_the_dashboards_and_their_provisioning():
     provider = yaml.safe_load((REPO / "dashboards/provisioning/dashboards/citygrid.yaml")
                               .read_text())["providers"][0]
     assert mounts["./dashboards/json"] == provider["options"]["path"]
-    assert len(list((REPO / "dashboards/json").glob("*.json"))) == 4
+    assert len(list((REPO / "dashboards/json").glob("*.json"))) == 5  # with maintenance
