@@ -41,4 +41,4 @@ def test_the_demo_rule_tests_pass():
                           "rules/examples/demo-city_test.yaml"],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "8 passed, 0 failed" in out.stdout
+    assert "9 passed, 0 failed" in out.stdout
