@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -34,7 +35,7 @@ from citygrid.fleet import Fleet
 from citygrid.registry import Registry
 from citygrid.settings import Settings
 from gateway import create_token, token_role
-from rules import DEFAULT_RULES
+from rules import DEFAULT_RULES, read_running
 from simulators import generate
 
 # Readings per real second the demo offers each broker: Mosquitto carries tens of thousands
@@ -130,15 +131,20 @@ def _choose_broker(kind: str) -> str:
 
 
 def _wait_ready(url: str, watch: CityWatch, supervisor: Supervisor, need_readings: bool,
-                timeout_s: float) -> bool:
+                timeout_s: float, data: Path, since_s: float) -> bool:
+    """Ready: the gateway answers, every rule worker is subscribed (a reading sent now is
+    acted on) and, with the simulator, readings flow."""
     deadline = time.monotonic() + timeout_s
-    gateway = False
+    gateway = rules = False
     while time.monotonic() < deadline:
         supervisor.check()
         if not gateway:
             with contextlib.suppress(httpx.HTTPError):
                 gateway = httpx.get(f"{url}/health", timeout=1).status_code == 200
-        if gateway and (not need_readings or watch.readings > 0):
+        if not rules:
+            with contextlib.suppress(sqlite3.Error):
+                rules = sum(t >= since_s for t in read_running(data).values()) >= RULES_WORKERS
+        if gateway and rules and (not need_readings or watch.readings > 0):
             return True
         time.sleep(0.2)
     return False
@@ -177,6 +183,7 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
         supervisor.start("broker", [sys.executable, "-m", "cityctl.embedded_broker",
                                     str(broker_port)], env)
     supervisor.start("ingest", python + ["ingest", "--report-interval", "5"], env)
+    started_s = time.time()
     supervisor.start("rules", python + ["rules", "run", "--workers", str(RULES_WORKERS)], env)
     # Off-the-shelf devices (registered with --profile/--native-id) ⇄ the contract.
     supervisor.start("adapters", python + ["adapters", "run", "--report-interval", "30"], env)
@@ -224,7 +231,8 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
               f", a reading per device every {interval:g} simulated s")
         print("faults   " + ", ".join(demo_faults(fleet)) + " (after the simulator's start)")
     sys.stdout.flush()
-    ready = _wait_ready(url, watch, supervisor, not args.no_simulator, args.ready_timeout)
+    ready = _wait_ready(url, watch, supervisor, not args.no_simulator, args.ready_timeout, data,
+                        started_s)
     elapsed = time.monotonic() - t0
     print(f"{'ready' if ready else 'NOT READY'} in {elapsed:.1f} s"
           + ("" if ready else f" — see the logs in {data / 'logs'}"), flush=True)

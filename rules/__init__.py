@@ -16,9 +16,10 @@ from rules.state import (
     read_lamps,
     read_lights,
     read_reload_error,
+    read_running,
 )
 
 __all__ = ["DEFAULT_RULES", "PUBLISH_FILTERS", "AlertRow", "LampRow", "LightRow",
            "RuleFileError", "RuleHealthRow", "RuleSet", "add_parsers", "engine_from_state",
            "load", "parse_text", "read_alerts", "read_health", "read_lamps", "read_lights",
-           "read_reload_error"]
+           "read_reload_error", "read_running"]

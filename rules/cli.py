@@ -291,6 +291,7 @@ def _run_one(args: argparse.Namespace) -> int:
     from citygrid.contract import topic_filter
     from citygrid.store import StoreUnavailable, open_store
     from rules.runner import RuleRunner, RunnerConfig
+    from rules.state import RUNNING_META
 
     settings = _settings(args)
     worker = getattr(args, "worker", None)
@@ -329,6 +330,8 @@ def _run_one(args: argparse.Namespace) -> int:
                  f"{', '.join(sorted(districts)) if districts is not None else 'all'})")
     log.info("rules running%s: %d rules from %s, %d devices", share, len(runner.ruleset.rules),
              config.rules_path, len(runner.fleet))
+    # Subscribed: readings from now on reach the rules (`citygrid up` waits for every worker).
+    runner.state.set_meta(f"{RUNNING_META}{config.client_id}", f"{time.time():.3f}")
     try:
         parent = os.getppid()
         while not stop.wait(1.0):

@@ -330,7 +330,12 @@ class LampMonitor:
         for cabinet, ids in self.cabinets().items():
             silent = zero = 0
             for device_id in ids:
-                if now_ms - last_seen.get(device_id, start) >= limits.silent_ms:
+                seen = last_seen.get(device_id)
+                if seen is None:
+                    if device_id not in lamps:
+                        continue  # never heard (a city with no devices yet): not known dark
+                    seen = start  # heard before a restart, not since: silent from the start
+                if now_ms - seen >= limits.silent_ms:
                     silent += 1
                 else:
                     lamp = lamps.get(device_id)

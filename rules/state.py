@@ -269,6 +269,15 @@ def engine_from_state(ruleset: Any, fleet: Any, city: Any, path: str | Path) -> 
 FILENAME = "rules.sqlite"
 
 
+RUNNING_META = "running:"  # + a client id: when that engine was subscribed (epoch s)
+
+
+def read_running(data_dir: str | Path) -> dict[str, float]:
+    """When each rule engine (by MQTT client id) last came up subscribed, epoch seconds."""
+    return {key.removeprefix(RUNNING_META): float(value) for key, value in _read(
+        data_dir, "SELECT key, value FROM rule_meta WHERE key LIKE ?", (RUNNING_META + "%",))}
+
+
 def _read(data_dir: str | Path, sql: str, params: tuple = ()) -> list[tuple]:
     return statedb.read_rows(Path(data_dir) / FILENAME, sql, params)
 

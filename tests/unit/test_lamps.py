@@ -35,7 +35,7 @@ def _light(i: int, cabinet: str | None = "cab-1", **kw) -> FleetDevice:
 # sl-1, sl-2 are led-55w lights on no cabinet, sl-5 names no lamp type (generic 40 W)…
 FLEET = Fleet([_light(1, None), _light(2, None),
                FleetDevice("sl-5", "streetlight", "valby", 55.66, 12.50, rated_w=40)])
-# … and here sl-1 … sl-4 are fed by cab-1 (a light never heard counts as silent from the start).
+# … and here sl-1 … sl-4 are fed by cab-1.
 CABINET_FLEET = Fleet([*(_light(i) for i in range(1, 5))])
 
 
@@ -348,6 +348,13 @@ class TestCabinets:
         assert raised(box) == []
         feed(again, NIGHT + 63 * MIN, NIGHT + 64 * MIN + 10_000, {"sl-4": ON})
         assert raised(box) == ["cabinet-supply-loss@cab-1"]  # three minutes after the first
+
+    def test_lights_never_heard_are_not_dark(self):
+        """A new city whose devices have not reported yet has no cabinet alarms: a light is
+        silent only once it was heard (here or before a restart)."""
+        engine, box = engine_for(fleet=CABINET_FLEET)
+        feed(engine, NIGHT, NIGHT + 20 * MIN, {"sl-4": ON})
+        assert raised(box) == []
 
     def test_fewer_than_min_lights_dark_is_no_cabinet_alarm(self):
         engine, box = engine_for(fleet=CABINET_FLEET)
