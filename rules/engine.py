@@ -765,7 +765,8 @@ class RuleEngine:
         if now_ms >= self.calendar.next_ms:  # a step or noon: nothing otherwise
             self.calendar.run(now_ms)
         for device_id, cmd_id in self.acks.overdue(now_ms):
-            self.alerting.missing_ack(device_id, cmd_id, now_ms)
+            if not self.lamps.cabinet_down(device_id):  # (else: the cabinet's alarm says it)
+                self.alerting.missing_ack(device_id, cmd_id, now_ms)
         points = self.energy.flush(now_ms)
         if points:
             self.outbox.points(points)

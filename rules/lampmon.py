@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from citygrid.fleet import FleetDevice
 from citygrid.lamps import LampType, LampTypes
+from rules.alerts import ACK_RULE
 from rules.energy import MAX_GAP_MS
 from rules.expr import parse_duration
 from rules.snapshot import SavedLamp
@@ -378,6 +379,8 @@ class LampMonitor:
             f"are dark ({dark}); at most {limits.min_lights - 1} or under "
             f"{limits.share * 100:g} % should be", cabinet, now_ms)
         for device_id in ids:
+            # Commands its dark lights never answered are the cabinet's alarm, not theirs.
+            self.engine.alerting.clear(f"{ACK_RULE}@{device_id}", None, now_ms)
             lamp = self.lamps.get(device_id)
             if lamp is None:
                 continue
@@ -386,6 +389,13 @@ class LampMonitor:
             for rule in (LAMP_FAULT, LAMP_POWER):
                 if lamp.raised & _BIT[rule]:
                     self._clear(lamp, rule, now_ms)
+
+    def cabinet_down(self, device_id: str) -> bool:
+        """Is this light's cabinet without supply (its alarm standing)?"""
+        if not self.down:
+            return False
+        device = self.engine.fleet.by_id.get(device_id)
+        return device is not None and device.cabinet in self.down
 
     def _cabinet_back(self, cabinet: str, ids: list[str], now_ms: int) -> None:
         self.down.discard(cabinet)

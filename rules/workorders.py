@@ -25,6 +25,10 @@ PROBLEM_OF_RULE = {"lamp-fault": "lamp_fault", "lamp-failure": "lamp_fault",
                    "lamp-power": "lamp_power", "day-burning": "day_burning",
                    "lamp-cycling": "cycling", "cabinet-supply-loss": "cabinet_supply_loss",
                    "missing-ack": "missing_ack"}
+# A command never acknowledged is a crew's only once it has stood this long (event time): a
+# cabinet that lost its supply leaves every light's command unanswered before its own alarm
+# (the lamp monitor's silent_for) — that alarm clears them, and its one order covers them.
+ACK_ORDER_AFTER_MS = 5 * 60_000
 MAINTENANCE_MEASUREMENT = "citygrid_maintenance"
 ORDERS_MEASUREMENT = "citygrid_work_orders"
 WHO = "rules"
@@ -42,6 +46,7 @@ class AlertOrders:
         # replay years of replacements).
         self.done_seq = store.last_done_seq() if done_seq is None else done_seq
         self._minute: int | None = None
+        self._unacknowledged: list[AlertState] = []  # missing-ack alerts not yet a crew's
 
     def _mine(self, district: str) -> bool:
         return self.owned is None or district in self.owned
@@ -51,6 +56,12 @@ class AlertOrders:
         problem = PROBLEM_OF_RULE.get(alert.rule_id)
         if problem is None:
             return None
+        if alert.rule_id == "missing-ack":
+            self._unacknowledged.append(alert)  # a crew's if it stands (tick)
+            return None
+        return self._open_or_join(alert, problem)
+
+    def _open_or_join(self, alert: AlertState, problem: str) -> str | None:
         fleet = self.fleet()
         device = fleet.by_id.get(alert.scope)
         if device is not None:
@@ -72,6 +83,13 @@ class AlertOrders:
     def tick(self, engine: object, now_ms: int | None) -> None:
         """Orders done since the last look; the minute's counts. ``engine`` is told of every
         lamp replaced (``lamp_replaced(device_id, done_ms)``, when it has it)."""
+        if self._unacknowledged and now_ms is not None:
+            due = [a for a in self._unacknowledged if now_ms - a.since_ms >= ACK_ORDER_AFTER_MS]
+            if due:
+                self._unacknowledged = [a for a in self._unacknowledged if a not in due]
+                for alert in due:
+                    if alert.active:  # still unanswered (an ack or its cabinet cleared it)
+                        self._open_or_join(alert, PROBLEM_OF_RULE[alert.rule_id])
         done = self.store.done_since(self.done_seq)
         fleet = self.fleet() if done else None
         points = []

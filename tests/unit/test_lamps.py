@@ -349,6 +349,24 @@ class TestCabinets:
         feed(again, NIGHT + 63 * MIN, NIGHT + 64 * MIN + 10_000, {"sl-4": ON})
         assert raised(box) == ["cabinet-supply-loss@cab-1"]  # three minutes after the first
 
+    def test_commands_a_dark_cabinets_lights_never_answered_are_its_alarm_not_theirs(self):
+        """The lights of a cabinet without supply answer no command: their missing-ack alerts
+        clear when the cabinet's alarm is raised, and no new one comes while it stands."""
+        engine, box = engine_for(fleet=CABINET_FLEET)
+        feed(engine, NIGHT, NIGHT + MIN, self.ALL)
+        for device_id in ("sl-1", "sl-2", "sl-3"):  # commands they will never acknowledge
+            engine.acks.expect(device_id, f"{device_id}-cmd", NIGHT + MIN + 30_000)
+        feed(engine, NIGHT + MIN, NIGHT + 2 * MIN, {"sl-4": ON})
+        assert {k for k in raised(box) if k.startswith("missing-ack")} == {
+            "missing-ack@sl-1", "missing-ack@sl-2", "missing-ack@sl-3"}
+        feed(engine, NIGHT + 2 * MIN, NIGHT + 6 * MIN, {"sl-4": ON})
+        active = {k for k, a in engine.alerts.items() if a.active}
+        assert active == {"cabinet-supply-loss@cab-1"}
+        engine.acks.expect("sl-1", "sl-1-cmd-2", NIGHT + 6 * MIN + 30_000)
+        feed(engine, NIGHT + 6 * MIN, NIGHT + 8 * MIN, {"sl-4": ON})
+        assert {k for k, a in engine.alerts.items() if a.active} == {
+            "cabinet-supply-loss@cab-1"}
+
     def test_lights_never_heard_are_not_dark(self):
         """A new city whose devices have not reported yet has no cabinet alarms: a light is
         silent only once it was heard (here or before a restart)."""

@@ -210,7 +210,8 @@ NIGHT = int(datetime(2026, 11, 27, 22, 0, tzinfo=COPENHAGEN.tz).timestamp() * 10
 
 def test_the_runner_opens_an_order_from_a_live_alert_and_polls_replacements(tmp_path):
     """missing-ack and lamp-failure (the shipped rules) raised by readings through the runner:
-    one order; a restart does not replay replacements taken before it."""
+    one order (the lamp failure opens it; the command unanswered for five minutes joins it);
+    a restart does not replay replacements taken before it."""
     from citygrid import wire
     from citygrid.contract import Topic
     from citygrid.settings import Settings
@@ -239,11 +240,11 @@ def test_the_runner_opens_an_order_from_a_live_alert_and_polls_replacements(tmp_
                                                        power_w=0.0)))
         assert "lamp-failure@sl-1" in r.engine.alerting.by_key
         store = WorkOrders(tmp_path)
-        # The command it never acknowledged opened the order; the lamp failure joined it.
-        [order] = store.list()
-        assert (order.target, order.problem, order.state) == ("sl-1", "missing_ack", "open")
-        assert [h.ref for h in store.get(order.id).history] == ["missing-ack@sl-1",
-                                                                "lamp-failure@sl-1"]
+        [order] = store.list()  # the lamp failure's; the missing ack is not a crew's yet
+        assert (order.target, order.problem, order.state) == ("sl-1", "lamp_fault", "open")
+        r.follow_workorders()  # seven minutes of event time: the missing ack still stands
+        assert [h.ref for h in store.get(order.id).history] == ["lamp-failure@sl-1",
+                                                                "missing-ack@sl-1"]
         store.done(order.id, "lamp_replaced", "crew", NIGHT + H)
         r.engine.lamp_replaced = lambda device_id, ts: replaced.append((device_id, ts))
         replaced: list[tuple[str, int]] = []
@@ -258,4 +259,30 @@ def test_the_runner_opens_an_order_from_a_live_alert_and_polls_replacements(tmp_
         assert replaced == [("sl-1", NIGHT + H)]  # not again after the restart
     finally:
         r.stop()
+        store.close()
+
+
+def test_a_missing_ack_is_a_crews_only_once_it_has_stood_five_minutes(tmp_path):
+    """A command unanswered opens no order at once (a cabinet without supply leaves all its
+    lights' commands unanswered before its own alarm); one still unanswered five minutes on
+    does, one answered (cleared) by then does not."""
+    from rules.alerts import AlertState
+    from rules.workorders import ACK_ORDER_AFTER_MS, AlertOrders
+
+    store = WorkOrders(tmp_path)
+    points: list = []
+    hook = AlertOrders(store, lambda: Fleet([SL1, SL2]), points.extend)
+    try:
+        standing = AlertState("missing-ack@sl-1", "missing-ack", "minor", "no ack", "sl-1",
+                              NIGHT)
+        answered = AlertState("missing-ack@sl-2", "missing-ack", "minor", "no ack", "sl-2",
+                              NIGHT)
+        assert hook.alert(standing) is None and hook.alert(answered) is None
+        hook.tick(object(), NIGHT + ACK_ORDER_AFTER_MS - 1000)
+        assert store.list() == []
+        answered.active = False  # its ack came (or its cabinet's alarm cleared it)
+        hook.tick(object(), NIGHT + ACK_ORDER_AFTER_MS)
+        [order] = store.list()
+        assert (order.target, order.problem) == ("sl-1", "missing_ack")
+    finally:
         store.close()
