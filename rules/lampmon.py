@@ -301,6 +301,9 @@ class LampMonitor:
         drawn = f"{d} draws {lamp.power:.1f} W at {lamp.level:g} %"
         should = f"its {t.name} should draw {lamp.expected:.1f} W ± {t.tolerance_pct:g} %"
         if rule == LAMP_FAULT:
+            if not lamp.level or lamp.level <= 0:  # off: only its controller can tell
+                return (f"{d} reports a lamp failure (fault: lamp_failure) while off; its "
+                        f"{t.name} should draw {t.expected_w(100):.1f} W at 100 %")
             return f"{drawn}; {should}: the lamp has failed"
         if rule == LAMP_POWER:
             how = "too little" if lamp.power < lamp.lo else "too much"

@@ -234,6 +234,9 @@ class TestChecks:
         engine, box = engine_for()
         feed(engine, DAY, DAY + 3 * MIN, {"sl-1": {**OFF, "fault": "lamp_failure"}})
         assert raised(box) == ["lamp-fault@sl-1"]
+        assert engine.alerts["lamp-fault@sl-1"].message == (
+            "sl-1 reports a lamp failure (fault: lamp_failure) while off; its led-55w should "
+            "draw 59.9 W at 100 %")
 
     def test_too_little_power_for_the_level_is_raised_after_power_for(self):
         engine, box = engine_for()
