@@ -58,8 +58,8 @@ def _intervals(meter_id: str, start: str, end: str, interval: str, registry: Any
     try:
         readings = [(p.ts_ms, p.fields["energy_kwh"], p.fields.get("energy_export_kwh"))
                     for p in store.points("meter", start_ms=start_ms - MAX_GAP_MS,
-                                          end_ms=end_ms + MAX_GAP_MS + 1)
-                    if p.tags.get("device_id") == meter_id and "energy_kwh" in p.fields]
+                                          end_ms=end_ms + MAX_GAP_MS + 1, device_id=meter_id)
+                    if "energy_kwh" in p.fields]
     except StoreError as e:
         metrics.store_error("points")
         raise HTTPException(503, f"the store did not answer: {e}") from None
