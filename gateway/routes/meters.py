@@ -9,9 +9,11 @@ from fastapi import Path as PathParam
 
 from billing import MAX_GAP_MS, Interval, intervals
 from citygrid.clock import SYSTEM_CLOCK, iso_time
-from citygrid.store import StoreError
+from citygrid.registry import Registry
+from citygrid.store import StoreError, TelemetryStore
 from gateway.deps import AUTH_ERRORS, MetricsDep, RegistryDep, StoreDep, Viewer
 from gateway.export import to_csv, to_greenbutton
+from gateway.metrics import Metrics
 from gateway.problems import documented
 
 router = APIRouter(tags=["meters"], responses=AUTH_ERRORS)
@@ -41,8 +43,8 @@ def _time(name: str, text: str) -> int:
         raise HTTPException(422, f"{name}: {e}{hint}") from None
 
 
-def _intervals(meter_id: str, start: str, end: str, interval: str, registry: Any,
-               store: Any, metrics: Any) -> tuple[list[Interval], int, int, int]:
+def _intervals(meter_id: str, start: str, end: str, interval: str, registry: Registry,
+               store: TelemetryStore, metrics: Metrics) -> tuple[list[Interval], int, int, int]:
     record = registry.record(meter_id)
     if record is None or record["kind"] != "meter":
         raise HTTPException(404, f"no meter {meter_id!r}")
