@@ -100,7 +100,9 @@ class TelemetryStore(Protocol):
               district: str | None = None, device_id: str | None = None) -> int:
         """How many points (distinct timestamps per series) are stored."""
 
-    def points(self, measurement: str, *, start_ms: int, end_ms: int) -> Iterator[Point]:
-        """Every point in [start, end), oldest first (replays and backtests)."""
+    def points(self, measurement: str, *, start_ms: int, end_ms: int,
+               device_id: str | None = None) -> Iterator[Point]:
+        """Every point in [start, end), oldest first (replays and backtests); only one
+        device's with ``device_id`` (a meter's export)."""
 
     def close(self) -> None: ...

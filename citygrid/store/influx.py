@@ -285,13 +285,15 @@ class InfluxStore:
         return max(v for v in series[0]["values"][0][1:] if v is not None)
 
     def points(self, measurement: str, *, start_ms: int, end_ms: int,
-               chunk_ms: int = 3_600_000) -> Iterator[Point]:
+               device_id: str | None = None, chunk_ms: int = 3_600_000) -> Iterator[Point]:
         tag_keys = {row[0] for s in self.query(f"SHOW TAG KEYS FROM {quote_ident(measurement)}")
                     for row in s["values"]}
+        if device_id:  # one series: a day's chunk holds fewer points than an hour of all
+            chunk_ms *= 24
         for lo in range(int(start_ms), int(end_ms), chunk_ms):
             hi = min(lo + chunk_ms, int(end_ms))
             for s in self.query(f"SELECT * FROM {quote_ident(measurement)}"
-                                f"{self._where(lo, hi)} ORDER BY time"):
+                                f"{self._where(lo, hi, device_id=device_id)} ORDER BY time"):
                 columns = s["columns"]
                 for values in s["values"]:
                     row = dict(zip(columns, values, strict=True))

@@ -347,18 +347,20 @@ class SqliteStore:
         where, args = self._where(mid, start_ms, end_ms, district, device_id)
         return self._query(f"SELECT count(*) FROM points AS p{where}", args)[0][0]
 
-    def points(self, measurement: str, *, start_ms: int, end_ms: int) -> Iterator[Point]:
+    def points(self, measurement: str, *, start_ms: int, end_ms: int,
+               device_id: str | None = None) -> Iterator[Point]:
         mid = self._measurement(measurement)
         if mid is None:
             return
+        of = "AND s.device_id = ?5 " if device_id else ""
         select = ("SELECT p.ts, s.series, s.tags, p.fields FROM points AS p "
                   "JOIN series AS s ON s.id = p.sid WHERE p.mid = ?1 AND p.ts >= ?2 "
-                  "{after}AND p.ts < ?4 ORDER BY p.ts, s.series LIMIT 5000")
+                  "{after}AND p.ts < ?4 " + of + "ORDER BY p.ts, s.series LIMIT 5000")
         first, after = select.format(after=""), select.format(
             after="AND (p.ts > ?2 OR s.series > ?3) ")
         sql, last = first, (start_ms, "")
         while True:  # in pages, so a long replay does not hold the lock or the heap
-            rows = self._query(sql, (mid, *last, end_ms))
+            rows = self._query(sql, (mid, *last, end_ms, *([device_id] if device_id else [])))
             for ts, _, tags, fields in rows:
                 yield Point(measurement, orjson.loads(tags), orjson.loads(fields), ts)
             if len(rows) < 5000:

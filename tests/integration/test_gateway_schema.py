@@ -34,8 +34,12 @@ def test_every_route_answers_as_documented(tmp_path, mosquitto):
             continue
         # A citizen's report that fits the schema is still refused (422) away from every
         # streetlight: the registry decides that, not the schema.
+        # A meter's export that fits the schema is still refused (422) for a range the schema
+        # cannot express: from after to, over 366 days, off the interval's boundaries.
         excluded = [positive_data_acceptance] if operation.path in (
-            "/api/v1/reports", "/open311/v2/requests.json") else []
+            "/api/v1/reports", "/open311/v2/requests.json",
+            "/api/v1/meters/{meter_id}/intervals.csv",
+            "/api/v1/meters/{meter_id}/greenbutton.xml") else []
         _check(operation, {} if operation.path == "/health"
                else {"Authorization": f"Bearer {token}"}, excluded)
 

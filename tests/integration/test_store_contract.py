@@ -136,3 +136,7 @@ def test_points_in_time_order_across_pages(store):
     assert got[0].tags == {"device_id": "sl-0", "district": "norrebro"}
     assert list(store.points("streetlight", start_ms=T0, end_ms=T0 + 1000)) == [
         p for p in got if p.ts_ms < T0 + 1000]
+    # one device's points, across pages too (a meter's export reads them so)
+    one = list(store.points("streetlight", start_ms=T0, end_ms=T0 + 10_000_000,
+                            device_id="sl-1"))
+    assert one == [p for p in got if p.tags["device_id"] == "sl-1"] and len(one) > 2000
