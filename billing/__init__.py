@@ -1,8 +1,11 @@
 """Billing: tariffs, meter-register accounting, settlement and the hash-chained ledger; read
 functions (accounts, settlements, ledger status, meters' interval data) for the other
-services."""
+services; the ledger's anchoring."""
 
 from billing.cli import add_parsers  # noqa: I001 (last: it uses the read functions above)
+from billing.anchor import HEAD_TOPIC, Anchor
+from billing.anchor import path as anchor_path
+from billing.anchor import read as read_anchor
 from billing.config import BillingConfig
 from billing.config import load as load_config
 from billing.meterdata import MAX_GAP_MS, Interval, intervals
@@ -17,7 +20,7 @@ from billing.read import (
 )
 from billing.tariffs import period_of, price_now
 
-__all__ = ["MAX_GAP_MS", "Account", "BillingConfig", "BillingStore", "Interval", "LedgerError",
-           "LedgerStatus", "Settlement", "accounts", "add_parsers", "check_balances",
-           "intervals", "ledger_status", "load_config", "period_of", "price_now",
-           "settlements", "verify"]
+__all__ = ["HEAD_TOPIC", "MAX_GAP_MS", "Account", "Anchor", "BillingConfig", "BillingStore",
+           "Interval", "LedgerError", "LedgerStatus", "Settlement", "accounts", "add_parsers",
+           "anchor_path", "check_balances", "intervals", "ledger_status", "load_config",
+           "period_of", "price_now", "read_anchor", "settlements", "verify"]

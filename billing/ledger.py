@@ -97,6 +97,7 @@ class BillingStore:
         # Per meter: mWh priced per period so far (tiers count per month), as the table has
         # it after the last commit — read once, like the meter state, not on every reading.
         self._usage: dict[str, dict[str, int]] = {}
+        self.appended = 0  # ledger entries this store appended (the anchor looks after a change)
 
     # ------------------------------------------------------------------ readings
 
@@ -258,6 +259,7 @@ class BillingStore:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        self.appended += 1
         return Settlement(entry, digest, balance < low)
 
     # ------------------------------------------------------------------ reading the ledger
@@ -265,6 +267,14 @@ class BillingStore:
     def entries(self) -> list[tuple[int, dict[str, Any], str]]:
         return [(seq, json.loads(entry), h) for seq, entry, h in self.db.execute(
             "SELECT seq, entry, hash FROM ledger ORDER BY seq")]
+
+    def head(self) -> tuple[int, str | None]:
+        """The ledger's entries and head hash as committed, whoever appended them (workers
+        sharing the file included)."""
+        with self._lock:
+            row = self.db.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1"
+                                  ).fetchone()
+        return (row[0], row[1]) if row else (0, None)
 
     def balance(self, account_id: str) -> int:
         with self._lock:

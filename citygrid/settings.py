@@ -85,6 +85,8 @@ class Settings:
     # The status page's address as operators reach it: alerts link to their light there.
     status_url: str = ""
     unknown_devices: str = "store"  # readings from devices the registry lacks: UNKNOWN_DEVICES
+    # The ledger's head is anchored (docs/ledger-anchoring.md) every this many entries.
+    ledger_anchor_every: int = 100
     mqtt: MqttUrl = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +133,15 @@ class Settings:
         if self.unknown_devices not in UNKNOWN_DEVICES:
             raise SettingsError("CITYGRID_UNKNOWN_DEVICES",
                                 f"{self.unknown_devices!r} must be store or quarantine")
+        try:  # from the environment it comes as text
+            every = int(str(self.ledger_anchor_every).strip())
+        except ValueError:
+            every = 0
+        if every < 1:
+            raise SettingsError("CITYGRID_LEDGER_ANCHOR_EVERY",
+                                f"{self.ledger_anchor_every!r} must be a whole number of "
+                                "entries, at least 1")
+        object.__setattr__(self, "ledger_anchor_every", every)
         if bool(self.influx_user) != bool(self.influx_password):
             raise SettingsError("CITYGRID_INFLUX_PASSWORD",
                                 "CITYGRID_INFLUX_USER and _PASSWORD go together")

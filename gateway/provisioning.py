@@ -34,7 +34,7 @@ from citygrid.contract import Topic
 from citygrid.fleet import FleetDevice
 from citygrid.registry import FILENAME as REGISTRY_FILE
 from citygrid.registry import Registry, RegistryError
-from rules import PUBLISH_FILTERS
+from rules import SERVICE_FILTERS
 
 log = logging.getLogger("citygrid.gateway")
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes
@@ -44,8 +44,8 @@ SERVICES = {
     "citygrid-rules": ["topic read city/v1/+/+/+/telemetry", "topic read city/v1/+/+/+/ack",
                        "topic read city/v1/+/+/+/override",
                        # what the rules may publish is theirs to say (`rules check` holds
-                       # every publish action to it)
-                       *(f"topic write {f}" for f in PUBLISH_FILTERS)],
+                       # every publish action to it), and the ledger head they anchor
+                       *(f"topic write {f}" for f in SERVICE_FILTERS)],
     "citygrid-gateway": ["topic read city/v1/#", "topic write city/v1/+/+/+/override"],
     # and the native topics of every profile (_adapters_native_acl), added when written
     "citygrid-adapters": ["topic write city/v1/+/+/+/telemetry",

@@ -10,12 +10,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from billing import HEAD_TOPIC
 from citygrid.yamlconf import ConfigError, parse
 from rules.context import TEMPLATE
 from rules.loader import RuleProblem, rule_files
 
 # Commands to streetlights; settlements of meters (the `settle` action).
 PUBLISH_FILTERS = ("city/v1/+/+/+/cmd", "city/v1/+/+/+/settlement")
+# What the service publishes besides: the ledger's head (docs/ledger-anchoring.md). Not open to
+# rules' `publish` actions — a rule must not be able to forge an anchor.
+SERVICE_FILTERS = (*PUBLISH_FILTERS, HEAD_TOPIC)
 
 
 def _level(template_level: str) -> re.Pattern:

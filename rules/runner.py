@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import orjson
 
-from billing import BillingStore, load_config
+from billing import Anchor, BillingStore, anchor_path, load_config
 from citygrid import lamps, wire
 from citygrid.city import CityProfile
 from citygrid.clock import SYSTEM_CLOCK, Clock
@@ -181,6 +181,13 @@ class RuleRunner:
                                     load_config(settings.billing), fleet, city.tz)
         self.outbox = MqttOutbox(None, store,  # type: ignore[arg-type]  # the client: below
                                  None if self.owned is None else config.worker)
+        # The ledger's head, anchored every N entries (billing/anchor.py): whoever appends
+        # checks, and what it anchors is the shared ledger's head, whichever worker wrote it.
+        self.anchor = Anchor(self.billing.head, anchor_path(settings.data_dir),
+                             settings.ledger_anchor_every,
+                             lambda topic, payload: self.outbox.publish(topic, payload, 1, True),
+                             clock=clock)
+        self._appended = 0
         partitioned = {} if self.owned is None else {"owned_districts": frozenset(self.owned)}
         self.engine = RuleEngine(self.ruleset, fleet, city, self.outbox, billing=self.billing,
                                  lamp_types=lamps.load(settings.lamp_types), **partitioned)
@@ -382,6 +389,19 @@ class RuleRunner:
             self._readings(batch)
         if telemetry:
             self._last_reading = (self.clock.monotonic(), self.engine.watermark)
+        self._anchor_if_appended()
+
+    def _anchor_if_appended(self) -> None:
+        """Settled since the last look (a reading, or a timer): is an anchor due?"""
+        if self.billing.appended != self._appended:
+            self._appended = self.billing.appended
+            self._anchor()
+
+    def _anchor(self, start: bool = False) -> None:
+        try:
+            self.anchor.check(start=start)
+        except Exception:  # an anchor not written never stops the rules; the next one comes
+            log.exception("could not anchor the ledger's head")
 
     def _readings(self, batch: list[Reading]) -> None:
         try:
@@ -483,6 +503,7 @@ class RuleRunner:
         with backoff), so a reading goes from the socket to the rules without a queue or a
         thread switch; between reads it saves, reloads, follows the registry."""
         self._last_reading = (self.clock.monotonic(), self.engine.watermark)
+        self._anchor(start=True)  # what was settled since the last anchor (or before any)
         last_save = last_reload = last_health = self.clock.monotonic()
         try:
             while not self.stopping.is_set():
@@ -496,6 +517,7 @@ class RuleRunner:
                 if now - last_wall > IDLE_S and last_wm is not None:
                     # Quiet: time still passes (holds expire, `for:` timers fire).
                     self.engine.advance(last_wm + int((now - last_wall) * 1000))
+                self._anchor_if_appended()
                 if now - last_save >= self.config.save_every_s:
                     self.state.save(self.engine)
                     last_save = now
