@@ -13,6 +13,7 @@ import time
 import orjson
 import pytest
 
+from billing import HEAD_TOPIC
 from citygrid import mqtt
 from citygrid.fleet import FleetDevice
 from citygrid.settings import MqttUrl
@@ -90,6 +91,21 @@ def test_a_device_publishes_only_its_own_topics_and_reads_only_its_own_commands(
     assert b.messages == [("city/v1/norrebro/streetlight/sl-b/cmd", b'{"id":"c1"}')]
     assert a.messages == []
     for c in (platform, a, b, rules):
+        c.close()
+
+
+def test_the_rules_service_publishes_the_ledger_anchor_and_a_device_cannot_forge_it(secured):
+    registry, port, creds = secured
+    rules = Client(port, creds["rules"], "rules")
+    rules.client.publish(HEAD_TOPIC, b'{"head":"real"}', qos=1, retain=True).wait_for_publish(5)
+    a = Client(port, creds["a"], "a")  # after the rules: a forgery allowed would replace it
+    a.client.publish(HEAD_TOPIC, b'{"head":"forged"}', qos=1, retain=True).wait_for_publish(5)
+    auditor = Client(port, registry.service_account("citygrid-gateway"), "gateway")
+    auditor.subscribe(HEAD_TOPIC)  # after both: what it gets is the retained one
+    wait_until(lambda: auditor.messages, message="the retained anchor")
+    time.sleep(0.3)
+    assert auditor.messages == [(HEAD_TOPIC, b'{"head":"real"}')]
+    for c in (a, rules, auditor):
         c.close()
 
 
