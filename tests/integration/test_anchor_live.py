@@ -34,9 +34,14 @@ def test_every_n_settlements_the_ledger_head_is_anchored_retained_and_verifies(
                                tariff="business-flat", max_power_w=17250.0)])
     data = tmp_path / "data"
     settings = Settings(mqtt_url=mosquitto.url, data_dir=str(data), ledger_anchor_every=3)
-    runner = RuleRunner(settings, fleet, COPENHAGEN, None, RunnerConfig(
-        DEFAULT_RULES, f"city/v1/{uid}/+/+/telemetry", client_id=f"rules-{uid}"))
-    runner.start()
+
+    def start() -> RuleRunner:
+        runner = RuleRunner(settings, fleet, COPENHAGEN, None, RunnerConfig(
+            DEFAULT_RULES, f"city/v1/{uid}/+/+/telemetry", client_id=f"rules-{uid}"))
+        runner.start()
+        return runner
+
+    runner = start()
     topic = str(Topic(uid, "meter", "m-1"))
     db, file = data / "billing.sqlite", data / "ledger-head.json"
 
@@ -76,6 +81,15 @@ def test_every_n_settlements_the_ledger_head_is_anchored_retained_and_verifies(
         assert later.returncode == 0 and "ledger ok: 6 entries" in later.stdout
         bad = verify_cli(data, "f" * 64)
         assert bad.returncode == 1 and "is not in the ledger" in bad.stdout
+
+        settle(range(7, 8))  # a seventh entry, not yet due; then a restart anchors it
+        wait_until(lambda: verify(db)[0] == 7, message="the seventh settlement")
+        runner.stop()
+        assert len(watcher.messages) == 2 and read_anchor(file) == second
+        runner = start()
+        wait_until(lambda: len(watcher.messages) == 3, message="the anchor at start")
+        third = json.loads(watcher.messages[2][1])
+        assert third == read_anchor(file) and (third["entries"], third["head"]) == verify(db)
     finally:
         runner.stop()
         if watcher is not None:
