@@ -24,6 +24,9 @@ def test_environment_and_flags():
     ({"CITYGRID_MQTT_URL": "mqtt://h:99999"}, "CITYGRID_MQTT_URL"),
     ({"CITYGRID_INFLUX_URL": "influx:8086"}, "CITYGRID_INFLUX_URL"),
     ({"CITYGRID_INFLUX_USER": "admin"}, "CITYGRID_INFLUX_PASSWORD"),
+    ({"CITYGRID_LEDGER_ANCHOR_EVERY": "0"}, "CITYGRID_LEDGER_ANCHOR_EVERY"),
+    ({"CITYGRID_LEDGER_ANCHOR_EVERY": "ten"}, "CITYGRID_LEDGER_ANCHOR_EVERY"),
+    ({"CITYGRID_LEDGER_ANCHOR_EVERY": "2.5"}, "CITYGRID_LEDGER_ANCHOR_EVERY"),
 ])
 def test_errors_name_the_variable(env, variable):
     with pytest.raises(SettingsError) as e:
@@ -32,6 +35,12 @@ def test_errors_name_the_variable(env, variable):
     assert str(e.value).startswith(variable)
 
 
+def test_the_ledger_anchor_interval_is_a_number_of_entries():
+    assert Settings.from_env({}).ledger_anchor_every == 100
+    assert Settings.from_env({"CITYGRID_LEDGER_ANCHOR_EVERY": " 25 "}).ledger_anchor_every == 25
+    assert Settings(ledger_anchor_every=1).ledger_anchor_every == 1
+
+
 def test_as_env_round_trips():
-    s = Settings(influx_url="http://127.0.0.1:8086", data_dir="/d")
+    s = Settings(influx_url="http://127.0.0.1:8086", data_dir="/d", ledger_anchor_every=7)
     assert Settings.from_env(s.as_env()) == s
