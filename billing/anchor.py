@@ -93,9 +93,11 @@ class Anchor:
         """Anchor if due; the anchor written, or None. Due: the ledger has crossed another
         multiple of ``every`` since the last anchor; at ``start``, also whenever its head is
         not the last anchor's (entries settled since, or a ledger rebuilt)."""
+        if self.head()[1] is None:
+            return None  # nothing to anchor (and no lock file in a data dir with no ledger)
         with _locked(self.path):
             entries, head = self.head()
-            if head is None:
+            if head is None:  # emptied meanwhile
                 return None
             last = read(self.path)
             done = last["entries"] if last else 0
