@@ -84,12 +84,13 @@ class AlertOrders:
         """Orders done since the last look; the minute's counts. ``engine`` is told of every
         lamp replaced (``lamp_replaced(device_id, done_ms)``, when it has it)."""
         if self._unacknowledged and now_ms is not None:
-            due = [a for a in self._unacknowledged if now_ms - a.since_ms >= ACK_ORDER_AFTER_MS]
-            if due:
-                self._unacknowledged = [a for a in self._unacknowledged if a not in due]
-                for alert in due:
-                    if alert.active:  # still unanswered (an ack or its cabinet cleared it)
-                        self._open_or_join(alert, PROBLEM_OF_RULE[alert.rule_id])
+            waiting = []
+            for alert in self._unacknowledged:
+                if now_ms - alert.since_ms < ACK_ORDER_AFTER_MS:
+                    waiting.append(alert)
+                elif alert.active:  # still unanswered (an ack or its cabinet cleared it)
+                    self._open_or_join(alert, PROBLEM_OF_RULE[alert.rule_id])
+            self._unacknowledged = waiting
         done = self.store.done_since(self.done_seq)
         fleet = self.fleet() if done else None
         points = []

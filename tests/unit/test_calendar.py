@@ -59,6 +59,21 @@ calendar:
 """
 
 
+def save_state(engine: RuleEngine, tmp_path) -> None:
+    """The engine's state, saved as `rules run` saves it, in ``tmp_path/rules.sqlite``."""
+    store = RuleStateStore(tmp_path / "rules.sqlite")
+    store.save(engine)
+    store.close()
+
+
+def restarted(engine: RuleEngine, text: str, tmp_path) -> RuleEngine:
+    """A new engine with the rules ``text``, from ``engine``'s saved state (a restart)."""
+    from rules.state import engine_from_state
+
+    save_state(engine, tmp_path)
+    return engine_from_state(parse_text(text), FLEET, COPENHAGEN, tmp_path / "rules.sqlite")
+
+
 def run_night(engine: RuleEngine, start_ms: int, hours: float, step_ms: int = 1000) -> None:
     for t in range(start_ms, start_ms + int(hours * 3_600_000) + 1, step_ms):
         engine.advance(t)
@@ -199,13 +214,7 @@ def test_a_restart_without_the_calendar_withdraws_its_saved_wishes(tmp_path):
     engine, box = engine_for()
     start = ms(2026, 11, 27, 22)
     run_night(engine, start, 0.01)
-    store = RuleStateStore(tmp_path / "rules.sqlite")
-    store.save(engine)
-    store.close()
-    from rules.state import engine_from_state
-
-    again = engine_from_state(parse_text("settings: {safety_floor: {level: 20}}\n"), FLEET,
-                              COPENHAGEN, tmp_path / "rules.sqlite")
+    again = restarted(engine, "settings: {safety_floor: {level: 20}}\n", tmp_path)
     assert "calendar@sl-1" in again.lights["sl-1"].wishes
     again.outbox = box2 = Box()
     again.advance(start + 60_000)
@@ -342,12 +351,7 @@ def test_a_restart_from_saved_state_issues_no_command_again(tmp_path):
     engine, box = engine_for()
     start = ms(2026, 11, 27, 22)
     run_night(engine, start, 0.01)
-    store = RuleStateStore(tmp_path / "rules.sqlite")
-    store.save(engine)
-    store.close()
-    from rules.state import engine_from_state
-
-    again = engine_from_state(parse_text(SMALL), FLEET, COPENHAGEN, tmp_path / "rules.sqlite")
+    again = restarted(engine, SMALL, tmp_path)
     again.outbox = box2 = Box()
     run_night(again, start + 60_000, 1.1, 10_000)
     assert sorted((d, level, datetime.fromtimestamp(ts / 1000, TZ).strftime("%H:%M"))
@@ -377,9 +381,7 @@ def test_explain_names_the_entry_and_program_with_the_days_steps():
 def test_rules_explain_prints_the_calendar(tmp_path, capsys, monkeypatch):
     engine, _ = engine_for(CALENDAR.read_text())
     engine.advance(ms(2026, 12, 25, 23, 0))
-    store = RuleStateStore(tmp_path / "rules.sqlite")
-    store.save(engine)
-    store.close()
+    save_state(engine, tmp_path)
     FLEET.dump(tmp_path / "fleet.geojson")
     monkeypatch.setenv("CITYGRID_DATA_DIR", str(tmp_path))
     assert main(["rules", "explain", "sl-1", "--rules", str(CALENDAR),
