@@ -79,8 +79,35 @@ class AccountDefaults(BaseModel):
     low_balance: Money = Decimal(0)
 
 
+class PaymentAgent(BaseModel):
+    """The account's payment agent (docs/payments.md): an HTTP endpoint that is asked to pay,
+    and the shared secret both sides sign with, read from an environment variable (never
+    written in the billing file)."""
+
+    model_config = _STRICT
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
+    secret_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")]
+    pays: Literal["settlements", "invoices"] = "settlements"
+
+
+class TopUp(BaseModel):
+    """Prepaid with automatic top-up: below ``below``, the agent is asked for ``amount``."""
+
+    model_config = _STRICT
+    below: Money
+    amount: Annotated[Decimal, Field(gt=0, max_digits=12, decimal_places=4)]
+
+
 class Account(AccountDefaults):
-    pass
+    name: Annotated[str, Field(max_length=200)] | None = None
+    payment_agent: PaymentAgent | None = None
+    top_up: TopUp | None = None
+
+    @model_validator(mode="after")
+    def _top_up_needs_agent(self) -> Account:
+        if self.top_up is not None and self.payment_agent is None:
+            raise ValueError("top_up needs a payment_agent to ask for the money")
+        return self
 
 
 class MeterBinding(BaseModel):

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -177,17 +179,6 @@ class BillingStore:
 
     # ------------------------------------------------------------------ settlement
 
-    def _account_row(self, account_id: str) -> tuple[int, int]:
-        row = self.db.execute("SELECT balance_minor, low_balance_minor FROM accounts "
-                              "WHERE account_id = ?", (account_id,)).fetchone()
-        if row:
-            return row
-        a = self.config.account(account_id)
-        opening, low = self.config.minor(a.opening_balance), self.config.minor(a.low_balance)
-        self.db.execute("INSERT INTO accounts VALUES (?, ?, ?, ?)",
-                        (account_id, opening, low, self.config.currency))
-        return opening, low
-
     def settle(self, meter_id: str, now_ms: int, *, ended_periods_only: bool = False
                ) -> list[Settlement]:
         """Settle the meter's unbilled consumption, one ledger entry per month it spans."""
@@ -224,43 +215,27 @@ class BillingStore:
                 standing = Decimal(0)
         minor = int(((amount + standing) * self.config.minor_units)
                     .quantize(Decimal(1), rounding=ROUND_HALF_UP))
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            if self.db.execute("SELECT 1 FROM ledger WHERE key = ?", (key,)).fetchone():
-                # Settled before (a replay, or a crash after the commit): just tidy up.
-                self.db.execute("DELETE FROM unbilled WHERE meter_id = ? AND start_ms >= ? AND "
-                                "end_ms <= ?", (meter_id, first, last))
-                self._unbilled.pop(meter_id, None)
-                self.db.execute("COMMIT")
-                return None
-            balance, low = self._account_row(account_id)
-            balance -= minor
-            self.db.execute("UPDATE accounts SET balance_minor = ? WHERE account_id = ?",
-                            (balance, account_id))
-            head = self.db.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1"
-                                   ).fetchone()
-            seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
-            entry = {"seq": seq, "key": key, "meter": meter_id, "account": account_id,
-                     "tariff": tariff, "period": period, "from_ms": first, "to_ms": last,
-                     "kwh": f"{Decimal(mwh) / Decimal(1_000_000):.6f}",
-                     "energy_amount": f"{amount:.6f}", "standing_charge": f"{standing:.2f}",
-                     "amount_minor": minor, "currency": self.config.currency,
-                     "settled_at_ms": now_ms, "balance_after_minor": balance, "prev_hash": prev}
-            digest = entry_hash(entry)
-            self.db.execute("INSERT INTO ledger VALUES (?, ?, ?, ?)",
-                            (seq, key, canonical(entry).decode(), digest))
+        entry = {"meter": meter_id, "account": account_id, "tariff": tariff, "period": period,
+                 "from_ms": first, "to_ms": last,
+                 "kwh": f"{Decimal(mwh) / Decimal(1_000_000):.6f}",
+                 "energy_amount": f"{amount:.6f}", "standing_charge": f"{standing:.2f}",
+                 "amount_minor": minor, "currency": self.config.currency,
+                 "settled_at_ms": now_ms}
+
+        def also() -> None:
             if ended:
                 self.db.execute("INSERT OR IGNORE INTO standing_charged VALUES (?, ?)",
                                 (meter_id, period))
             self.db.execute("DELETE FROM unbilled WHERE meter_id = ? AND start_ms >= ? AND "
                             "end_ms <= ?", (meter_id, first, last))
             self._unbilled.pop(meter_id, None)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+
+        done = append(self.db, self.config, key, account_id, entry, -minor, also=also,
+                      again=also)
+        if done is None:
+            return None
         self.appended += 1
-        return Settlement(entry, digest, balance < low)
+        return done
 
     # ------------------------------------------------------------------ reading the ledger
 
@@ -278,12 +253,63 @@ class BillingStore:
 
     def balance(self, account_id: str) -> int:
         with self._lock:
-            balance, _ = self._account_row(account_id)
+            balance, _ = account_row(self.db, self.config, account_id)
         return balance
 
     def close(self) -> None:
         self._checkpoints.set()
         self.db.close()
+
+
+def append(db: sqlite3.Connection, config: BillingConfig, key: str, account_id: str,
+           fields: dict[str, Any], delta_minor: int, *, also: Callable[[], None] | None = None,
+           again: Callable[[], None] | None = None) -> Settlement | None:
+    """Append one ledger entry — a settlement, a payment, a credit note — in one transaction:
+    the account's balance moved by ``delta_minor`` (negative: a debit), the entry chained to
+    the head with ``seq``, ``key``, ``balance_after_minor`` and ``prev_hash`` added to
+    ``fields``. ``also`` runs inside the same transaction (the caller's own tables). A key
+    already in the ledger changes nothing (``again`` runs instead, to tidy up) and returns
+    None: a replay, a duplicate or a retry after a crash is applied once."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("SELECT 1 FROM ledger WHERE key = ?", (key,)).fetchone():
+            if again is not None:
+                again()
+            db.execute("COMMIT")
+            return None
+        balance, low = account_row(db, config, account_id)
+        balance += delta_minor
+        db.execute("UPDATE accounts SET balance_minor = ? WHERE account_id = ?",
+                   (balance, account_id))
+        head = db.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
+        entry = {**fields, "seq": seq, "key": key, "account": account_id,
+                 "balance_after_minor": balance, "prev_hash": prev}
+        digest = entry_hash(entry)
+        db.execute("INSERT INTO ledger VALUES (?, ?, ?, ?)",
+                   (seq, key, canonical(entry).decode(), digest))
+        if also is not None:
+            also()
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return Settlement(entry, digest, balance < low)
+
+
+def account_row(db: sqlite3.Connection, config: BillingConfig, account_id: str
+                ) -> tuple[int, int]:
+    """The account's (balance, low-balance threshold) in minor units, opened from the config
+    (its opening balance) the first time it is asked for."""
+    row = db.execute("SELECT balance_minor, low_balance_minor FROM accounts "
+                     "WHERE account_id = ?", (account_id,)).fetchone()
+    if row:
+        return row
+    a = config.account(account_id)
+    opening, low = config.minor(a.opening_balance), config.minor(a.low_balance)
+    db.execute("INSERT INTO accounts VALUES (?, ?, ?, ?)",
+               (account_id, opening, low, config.currency))
+    return opening, low
 
 
 def verify(db_path: str | Path, head: str | None = None) -> tuple[int, str]:
