@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.responses import Response
 
+from billing import load_config as load_billing_config
 from citygrid.maintenance import WorkOrders
 from citygrid.registry import Registry
 from citygrid.settings import Settings
@@ -86,6 +87,7 @@ def create_app(settings: Settings, *, store: TelemetryStore | None = None,
     state.acks = Acks(settings.data_dir)
     state.limiter = FailedTokenLimiter()
     state.workorders = workorders
+    state.billing_config = load_billing_config(settings.billing)
     state.report_limiter = FailedTokenLimiter(reports.REPORTS_PER_HOUR, 3600.0)
 
     install(app)

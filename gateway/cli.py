@@ -52,8 +52,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     t = sub.add_parser("tokens", help="API bearer tokens")
     ts = t.add_subparsers(dest="tokens_command", required=True, metavar="SUBCOMMAND")
     tc = ts.add_parser("create", parents=[common], help="create a token; printed once")
-    tc.add_argument("--role", required=True, choices=("viewer", "operator", "admin"))
+    tc.add_argument("--role", required=True, choices=("customer", "viewer", "operator", "admin"))
     tc.add_argument("--name", default="operator", help="who or what it is for")
+    tc.add_argument("--account", help="a customer token's account: the one it may see")
     tc.set_defaults(func=cmd_token_create)
 
     g = sub.add_parser("gateway", parents=[common], help="the operators' HTTP API")
@@ -255,8 +256,13 @@ def cmd_account(args: argparse.Namespace) -> int:
 def cmd_token_create(args: argparse.Namespace) -> int:
     from gateway.tokens import create_token
 
-    token = create_token(_data_dir(args), args.role, args.name)
-    print(f"{token}\n(a {args.role} token for {args.name}; shown once, only its hash is kept)")
+    try:
+        token = create_token(_data_dir(args), args.role, args.name, args.account)
+    except ValueError as e:
+        raise SystemExit(f"citygrid tokens create: {e}") from None
+    bound = f" bound to account {args.account}" if args.account else ""
+    print(f"{token}\n(a {args.role} token for {args.name}{bound}; shown once, only its hash is "
+          "kept)")
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from billing import BillingConfig
 from citygrid.maintenance import WorkOrders
 from citygrid.registry import Registry
 from citygrid.settings import Settings
@@ -28,7 +29,7 @@ from gateway.metrics import Metrics
 from gateway.problems import documented
 from gateway.provisioning import Provisioner
 from gateway.publisher import Publisher
-from gateway.tokens import ROLES, Tokens
+from gateway.tokens import ROLES, Holder, Tokens
 
 # What every route with a role documents besides its own answers.
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -94,12 +95,30 @@ AcksDep = Annotated[Acks, Depends(_app_state("acks"))]
 MetricsDep = Annotated[Metrics, Depends(_app_state("metrics"))]
 LimiterDep = Annotated[FailedTokenLimiter, Depends(_app_state("limiter"))]
 WorkOrdersDep = Annotated[WorkOrders, Depends(_app_state("workorders"))]
+BillingConfigDep = Annotated[BillingConfig, Depends(_app_state("billing_config"))]
 # Citizens' reports per address (they come without a token): the same sliding window.
 ReportLimiterDep = Annotated[FailedTokenLimiter, Depends(_app_state("report_limiter"))]
 
 # ------------------------------------------------------------------ roles
 
 bearer = HTTPBearer(auto_error=False)
+
+
+def _authenticate(request: Request, creds: HTTPAuthorizationCredentials | None,
+                  tokens: Tokens, limiter: FailedTokenLimiter) -> Holder:
+    if creds is None:
+        raise HTTPException(401, "a bearer token is required",
+                            headers={"WWW-Authenticate": "Bearer"})
+    client = request.client.host if request.client else "?"
+    wait_s = limiter.blocked_for(client)
+    if wait_s:
+        raise HTTPException(429, f"too many unknown tokens from {client}; try again in "
+                            f"{wait_s} s", headers={"Retry-After": str(wait_s)})
+    found = tokens.holder(creds.credentials)
+    if found is None:
+        limiter.failed(client)
+        raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+    return found
 
 
 def require(minimum: str):
@@ -110,18 +129,7 @@ def require(minimum: str):
     def check(request: Request,
               creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
               tokens: TokensDep, limiter: LimiterDep) -> str:
-        if creds is None:
-            raise HTTPException(401, "a bearer token is required",
-                                headers={"WWW-Authenticate": "Bearer"})
-        client = request.client.host if request.client else "?"
-        wait_s = limiter.blocked_for(client)
-        if wait_s:
-            raise HTTPException(429, f"too many unknown tokens from {client}; try again in "
-                                f"{wait_s} s", headers={"Retry-After": str(wait_s)})
-        found = tokens.role(creds.credentials)
-        if found is None:
-            limiter.failed(client)
-            raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+        found = _authenticate(request, creds, tokens, limiter).role
         if ROLES[found] < ROLES[minimum]:
             raise HTTPException(403, f"this needs the {minimum} role; the token is {found}")
         return found
@@ -130,9 +138,44 @@ def require(minimum: str):
     return check
 
 
+def _reader(request: Request,
+            creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+            tokens: TokensDep, limiter: LimiterDep) -> Holder:
+    return _authenticate(request, creds, tokens, limiter)
+
+
 Viewer = Annotated[str, Depends(require("viewer"))]
 Operator = Annotated[str, Depends(require("operator"))]
 Admin = Annotated[str, Depends(require("admin"))]
+# The routes that serve one account's own data let customer tokens in too: ``scope`` and
+# ``owns`` below keep a customer to its account.
+Reader = Annotated[Holder, Depends(_reader)]
+
+
+def scope(reader: Holder, account: str | None) -> str | None:
+    """The account a read is limited to: a customer's own (asking for another → 404, as if
+    it did not exist), else the one asked for (None: all)."""
+    if reader.role != "customer":
+        return account
+    if account is not None and account != reader.account:
+        raise HTTPException(404, f"no account {account!r}")
+    return reader.account
+
+
+def meter_account(meter_id: str, registry: Registry, config: BillingConfig) -> str | None:
+    """The account a meter bills to: the billing file's `meters:`, else its registry entry."""
+    binding = config.meters.get(meter_id)
+    if binding is not None:
+        return binding.account
+    record = registry.record(meter_id)
+    return record.get("account_id") if record else None
+
+
+def owns(reader: Holder, account: str | None, what: str) -> None:
+    """404 unless ``reader`` may see a thing of ``account`` (``what`` names it, e.g. "meter
+    m-1"): a customer only its own account's things, the other roles everything."""
+    if reader.role == "customer" and (account is None or account != reader.account):
+        raise HTTPException(404, f"no {what}")
 
 
 def _who(role: Operator, tokens: TokensDep,
@@ -144,7 +187,7 @@ def _who(role: Operator, tokens: TokensDep,
 
 OperatorName = Annotated[str, Depends(_who)]
 
-__all__ = ["AUTH_ERRORS", "AcksDep", "Admin", "FailedTokenLimiter", "FeedDep", "MetricsDep",
-           "Operator", "OperatorName", "ProvisionerDep", "PublisherDep", "RegistryDep",
-           "ReportLimiterDep", "SettingsDep", "StoreDep", "TokensDep", "Viewer",
-           "WorkOrdersDep", "bearer", "require"]
+__all__ = ["AUTH_ERRORS", "AcksDep", "Admin", "BillingConfigDep", "FailedTokenLimiter", "FeedDep",
+           "MetricsDep", "Operator", "OperatorName", "ProvisionerDep", "PublisherDep", "Reader",
+           "RegistryDep", "ReportLimiterDep", "SettingsDep", "StoreDep", "TokensDep", "Viewer",
+           "WorkOrdersDep", "bearer", "meter_account", "owns", "require", "scope"]

@@ -147,6 +147,18 @@ class AccountOut(BaseModel):
     low: bool
 
 
+class AccountDetail(BaseModel):
+    """An account: its balance (None before its first settlement), name and meters."""
+
+    account_id: str
+    name: str | None
+    balance_minor: int | None
+    low_balance_minor: int | None
+    currency: str
+    low: bool
+    meters: list[str]
+
+
 class BucketOut(BaseModel):
     start_ms: int
     value: float | None
@@ -196,10 +208,11 @@ class RegisterDevice(BaseModel):
 
 
 class WhoAmI(BaseModel):
-    """The caller's token: its role (what it may do) and name."""
+    """The caller's token: its role (what it may do), name, and a customer's account."""
 
-    role: Literal["viewer", "operator", "admin"]
+    role: Literal["customer", "viewer", "operator", "admin"]
     name: str | None
+    account: str | None = None
 
 WorkOrderState = Literal["open", "assigned", "done"]
 Cause = Literal["lamp_replaced", "driver_replaced", "cable_fault", "no_fault_found"]

@@ -15,12 +15,16 @@ from gateway import queries
 from gateway.deps import (
     AUTH_ERRORS,
     Admin,
+    BillingConfigDep,
     FeedDep,
     MetricsDep,
     ProvisionerDep,
+    Reader,
     RegistryDep,
     StoreDep,
     Viewer,
+    meter_account,
+    owns,
 )
 from gateway.models import BucketOut, Device, DeviceChange, NewCredentials, NewDevice
 from gateway.problems import documented
@@ -112,14 +116,18 @@ def revoke(device_id: DeviceId, _: Admin, provisioner: ProvisionerDep) -> Respon
             responses=NO_DEVICE)
 def history(device_id: DeviceId,
             field: Annotated[str, Query(pattern=r"^[a-z0-9_]{1,64}$")],
-            start_ms: int, end_ms: int, _: Viewer, registry: RegistryDep, store: StoreDep,
-            metrics: MetricsDep,
+            start_ms: int, end_ms: int, reader: Reader, registry: RegistryDep,
+            store: StoreDep, metrics: MetricsDep, config: BillingConfigDep,
             fn: Literal["mean", "min", "max", "sum", "count", "last"] = "mean",
             every_s: Annotated[int, Query(ge=1, le=86_400 * 31)] = 300) -> list[BucketOut]:
-    """A field of the device's readings in time buckets."""
+    """A field of the device's readings in time buckets. A customer token sees its own
+    account's meters (their consumption), no other device."""
     record = registry.record(device_id)
     if record is None:
         raise HTTPException(404, f"no device {device_id!r}")
+    if reader.role == "customer":
+        owns(reader, meter_account(device_id, registry, config) if record["kind"] == "meter"
+             else None, f"device {device_id!r}")
     if end_ms <= start_ms:
         raise HTTPException(422, "end_ms must be after start_ms")
     try:

@@ -7,14 +7,24 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi import Path as PathParam
 
-from billing import MAX_GAP_MS, Interval, intervals
+from billing import MAX_GAP_MS, BillingConfig, Interval, intervals
 from citygrid.clock import SYSTEM_CLOCK, iso_time
 from citygrid.registry import Registry
 from citygrid.store import StoreError, TelemetryStore
-from gateway.deps import AUTH_ERRORS, MetricsDep, RegistryDep, StoreDep, Viewer
+from gateway.deps import (
+    AUTH_ERRORS,
+    BillingConfigDep,
+    MetricsDep,
+    Reader,
+    RegistryDep,
+    StoreDep,
+    meter_account,
+    owns,
+)
 from gateway.export import to_csv, to_greenbutton
 from gateway.metrics import Metrics
 from gateway.problems import documented
+from gateway.tokens import Holder
 
 router = APIRouter(tags=["meters"], responses=AUTH_ERRORS)
 MeterId = Annotated[str, PathParam(max_length=64)]
@@ -44,10 +54,12 @@ def _time(name: str, text: str) -> int:
 
 
 def _intervals(meter_id: str, start: str, end: str, interval: str, registry: Registry,
-               store: TelemetryStore, metrics: Metrics) -> tuple[list[Interval], int, int, int]:
+               store: TelemetryStore, metrics: Metrics, reader: Holder, config: BillingConfig
+               ) -> tuple[list[Interval], int, int, int]:
     record = registry.record(meter_id)
     if record is None or record["kind"] != "meter":
         raise HTTPException(404, f"no meter {meter_id!r}")
+    owns(reader, meter_account(meter_id, registry, config), f"meter {meter_id!r}")
     start_ms, end_ms, every_ms = _time("from", start), _time("to", end), EVERY_MS[interval]
     if end_ms <= start_ms:
         raise HTTPException(422, "to: must be after from")
@@ -72,13 +84,15 @@ def _intervals(meter_id: str, start: str, end: str, interval: str, registry: Reg
 @router.get("/api/v1/meters/{meter_id}/intervals.csv", response_class=Response,
             responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
                              "description": "start,end,import_kwh[,export_kwh]"}, **ERRORS})
-def intervals_csv(meter_id: MeterId, start: From, to: To, _: Viewer, registry: RegistryDep,
-                  store: StoreDep, metrics: MetricsDep, interval: Every = "15m") -> Response:
+def intervals_csv(meter_id: MeterId, start: From, to: To, reader: Reader,
+                  registry: RegistryDep, store: StoreDep, metrics: MetricsDep,
+                  config: BillingConfigDep, interval: Every = "15m") -> Response:
     """The meter's energy per interval: start and end (UTC), import kWh (the register's
     increase, interpolated at the boundaries) and export kWh when the meter reports it.
     Intervals the readings do not cover (no reading within an hour on either side of a
     boundary) are left out."""
-    rows, *_ = _intervals(meter_id, start, to, interval, registry, store, metrics)
+    rows, *_ = _intervals(meter_id, start, to, interval, registry, store, metrics, reader,
+                          config)
     return Response(to_csv(rows), media_type="text/csv; charset=utf-8", headers={
         "Content-Disposition": _filename(meter_id, "intervals.csv")})
 
@@ -87,13 +101,14 @@ def intervals_csv(meter_id: MeterId, start: From, to: To, _: Viewer, registry: R
             responses={200: {"content": {"application/atom+xml": {"schema": {"type": "string"}}},
                              "description": "A Green Button (NAESB REQ.21 ESPI) Atom feed"},
                        **ERRORS})
-def greenbutton(meter_id: MeterId, start: From, to: To, _: Viewer, registry: RegistryDep,
-                store: StoreDep, metrics: MetricsDep, interval: Every = "15m") -> Response:
+def greenbutton(meter_id: MeterId, start: From, to: To, reader: Reader,
+                registry: RegistryDep, store: StoreDep, metrics: MetricsDep,
+                config: BillingConfigDep, interval: Every = "15m") -> Response:
     """The same intervals as Green Button data: UsagePoint, MeterReading and ReadingType per
     direction (import; export when reported), an IntervalBlock per UTC day, values in Wh
     with powerOfTenMultiplier -3 (mWh)."""
     rows, start_ms, end_ms, every_ms = _intervals(meter_id, start, to, interval, registry,
-                                                  store, metrics)
+                                                  store, metrics, reader, config)
     body = to_greenbutton(meter_id, rows, start_ms=start_ms, end_ms=end_ms, every_ms=every_ms,
                           now_ms=SYSTEM_CLOCK.now_ms())
     return Response(body, media_type="application/atom+xml", headers={

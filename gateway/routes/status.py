@@ -10,12 +10,11 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.staticfiles import StaticFiles
 
 from gateway import queries
@@ -24,12 +23,11 @@ from gateway.deps import (
     AcksDep,
     FeedDep,
     MetricsDep,
+    Reader,
     RegistryDep,
     SettingsDep,
     StoreDep,
-    TokensDep,
     Viewer,
-    bearer,
 )
 from gateway.models import WhoAmI
 
@@ -85,10 +83,10 @@ def status(request: Request, _: Viewer, settings: SettingsDep, registry: Registr
 
 
 @router.get("/api/v1/whoami", response_model=WhoAmI)
-def whoami(role: Viewer, tokens: TokensDep,
-           creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> WhoAmI:
-    """The token's role and name: the page shows operators' buttons only to operators."""
-    return WhoAmI(role=role, name=tokens.name(creds.credentials) if creds else None)
+def whoami(reader: Reader) -> WhoAmI:
+    """The token's role and name (and a customer token's account): the page shows operators'
+    buttons only to operators."""
+    return WhoAmI(role=reader.role, name=reader.name, account=reader.account)
 
 
 @router.get("/api/v1/stream",

@@ -675,7 +675,7 @@ async function open() {
   $("logout").hidden = false;
   api("/api/v1/whoami").then((me) => {
     state.role = me.role;
-    $("orders-card").classList.toggle("operator", me.role !== "viewer");
+    $("orders-card").classList.toggle("operator", (me.role === "operator" || me.role === "admin"));
   }).catch(() => {});
   await Promise.all([loadSummary(), loadUnregistered(), loadOrders(), loadLamps()]);
   clearInterval(state.ordersTimer);

@@ -238,6 +238,6 @@ def test_open311_clients_find_the_same_routes_under_their_endpoint(wo):
 def test_whoami_tells_the_page_the_tokens_role(wo):
     client, tokens, _ = wo
     assert client.get("/api/v1/whoami", headers=tokens["operator"]).json() == {
-        "role": "operator", "name": "operator-ann"}
+        "role": "operator", "name": "operator-ann", "account": None}
     assert client.get("/api/v1/whoami", headers=tokens["viewer"]).json()["role"] == "viewer"
     assert client.get("/api/v1/whoami").status_code == 401
