@@ -15,6 +15,9 @@ from billing.read import (
     LedgerStatus,
     accounts,
     check_balances,
+    entries_after,
+    entry_time,
+    last_seq,
     ledger_status,
     settlements,
 )
@@ -22,5 +25,6 @@ from billing.tariffs import period_of, price_now
 
 __all__ = ["HEAD_TOPIC", "MAX_GAP_MS", "Account", "Anchor", "BillingConfig", "BillingStore",
            "Interval", "LedgerError", "LedgerStatus", "Settlement", "accounts", "add_parsers",
-           "anchor_path", "check_balances", "intervals", "ledger_status", "load_config",
-           "period_of", "price_now", "read_anchor", "settlements", "verify"]
+           "anchor_path", "check_balances", "entries_after", "entry_time", "intervals", "last_seq",
+           "ledger_status", "load_config", "period_of", "price_now", "read_anchor", "settlements",
+           "verify"]

@@ -60,6 +60,32 @@ def settlements(data_dir: str | Path, *, meter: str | None = None, account: str 
         f"ORDER BY seq {order} LIMIT ?3", (meter or None, account or None, limit))]
 
 
+# When an entry happened, by kind: a settlement's settling, a payment's confirmation, an
+# invoice's or a credit note's issue (the first of these an entry has).
+_WHEN = ("settled_at_ms", "confirmed_at_ms", "issued_at_ms", "created_ms")
+
+
+def entry_time(entry: dict[str, Any]) -> int | None:
+    """When a ledger entry happened (epoch ms), whatever its kind."""
+    for name in _WHEN:
+        if isinstance(entry.get(name), int):
+            return entry[name]
+    return None
+
+
+def entries_after(data_dir: str | Path, seq: int, limit: int = 1000
+                  ) -> list[tuple[int, dict[str, Any], str]]:
+    """Ledger entries after ``seq``, oldest first: (seq, entry, hash). One indexed read."""
+    return [(n, json.loads(e), h) for n, e, h in _rows(
+        data_dir, "SELECT seq, entry, hash FROM ledger WHERE seq > ? ORDER BY seq LIMIT ?",
+        (seq, limit))]
+
+
+def last_seq(data_dir: str | Path) -> int:
+    rows = _rows(data_dir, "SELECT coalesce(max(seq), 0) FROM ledger")
+    return rows[0][0] if rows else 0
+
+
 def ledger_status(data_dir: str | Path, head: str | None = None) -> LedgerStatus:
     """Whether the ledger's hash chain verifies (and still holds ``head``), its size and head."""
     p = path(data_dir)
@@ -88,5 +114,5 @@ def check_balances(data_dir: str | Path) -> tuple[int, str]:
                               f"but its newest ledger entry left {after} (a half-written "
                               "settlement)")
     return entries, head
-__all__ = ["FILENAME", "Account", "LedgerStatus", "accounts", "check_balances", "ledger_status",
-           "path", "settlements"]
+__all__ = ["FILENAME", "Account", "LedgerStatus", "accounts", "check_balances", "entries_after",
+           "entry_time", "last_seq", "ledger_status", "path", "settlements"]

@@ -43,6 +43,7 @@ from rules.alertmanager import AlertmanagerNotifier
 from rules.alerts import AlertState
 from rules.engine import RuleEngine
 from rules.lampmon import CABINET
+from rules.ledgerfeed import LedgerFeed
 from rules.report import RULES_MEASUREMENT
 from rules.state import RuleStateStore
 from rules.workorders import AlertOrders
@@ -213,6 +214,11 @@ class RuleRunner:
         if not seen:  # from now on, and from here after a restart
             self.state.set_meta(self._orders_key, str(self.workorders.done_seq))
         self.outbox.on_alert = self.workorders.alert
+        # The ledger's entries as citygrid_ledger points (rules/ledgerfeed.py), from the first
+        # entry on a first start: each worker writes them; the same point twice is one point.
+        self._ledger_key = f"ledger_feed_seq:{config.worker or ''}"
+        self.ledger_feed = LedgerFeed(settings.data_dir, self.outbox.points,
+                                      int(self.state.meta(self._ledger_key) or 0))
         if settings.alertmanager_url:
             self.outbox.notifier = AlertmanagerNotifier(
                 settings.alertmanager_url, self.alert_labels, self.alert_link)
@@ -490,6 +496,14 @@ class RuleRunner:
         if self.workorders.done_seq != before:
             self.state.set_meta(self._orders_key, str(self.workorders.done_seq))
 
+    def follow_ledger(self) -> None:
+        """Ledger entries appended since the last look, by anyone, become points."""
+        try:
+            if self.ledger_feed.tick():
+                self.state.set_meta(self._ledger_key, str(self.ledger_feed.seq))
+        except Exception:  # never the end of the loop
+            log.exception("could not read the ledger")
+
     # ------------------------------------------------------------------ the engine thread
 
     def start(self, timeout_s: float | None = 10.0) -> None:
@@ -525,6 +539,7 @@ class RuleRunner:
                     self.reload_if_changed()
                     self.follow_inventory()
                     self.follow_workorders()
+                    self.follow_ledger()
                     last_reload = now
                 if now - last_health >= 5:
                     self.state.save_health(self.engine)
