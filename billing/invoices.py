@@ -52,8 +52,20 @@ CREATE TABLE IF NOT EXISTS invoices (
     total_minor INTEGER NOT NULL, currency TEXT NOT NULL, ledger_key TEXT NOT NULL UNIQUE,
     ledger_seq INTEGER NOT NULL, document TEXT NOT NULL, sha256 TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS invoices_by_account ON invoices (account_id, issued_at_ms);
+CREATE INDEX IF NOT EXISTS invoices_by_reference ON invoices (refers_to);
 CREATE TABLE IF NOT EXISTS invoiced (
     seq INTEGER PRIMARY KEY, number TEXT NOT NULL);
+-- What the ledger holds, indexed as it grows (ledger seq ≤ invoice_meta.indexed_seq): the
+-- settlements not yet on an invoice and the payments, so that neither the monthly run nor
+-- one invoice reads the whole ledger.
+CREATE TABLE IF NOT EXISTS uninvoiced (
+    seq INTEGER PRIMARY KEY, account_id TEXT NOT NULL, period TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS uninvoiced_by_period ON uninvoiced (period, account_id);
+CREATE INDEX IF NOT EXISTS uninvoiced_by_account ON uninvoiced (account_id, seq);
+CREATE TABLE IF NOT EXISTS payments_seen (
+    seq INTEGER PRIMARY KEY, account_id TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS payments_by_account ON payments_seen (account_id, seq);
+CREATE TABLE IF NOT EXISTS invoice_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
@@ -155,7 +167,10 @@ def open_db(data_dir: str | Path) -> sqlite3.Connection:
 
 
 def ensure_schema(db: sqlite3.Connection) -> None:
-    db.executescript(ledger._SCHEMA + _SCHEMA)
+    """The ledger's and the invoices' tables (one look at the schema when they exist)."""
+    if db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
+                  "('ledger', 'invoices', 'invoice_meta')").fetchone()[0] < 3:
+        db.executescript(ledger._SCHEMA + _SCHEMA)
 
 
 def _rows(source: Source, sql: str, params: tuple = ()) -> list[tuple]:
@@ -339,26 +354,54 @@ def _snapshot(db: sqlite3.Connection, config: BillingConfig, account_id: str) ->
                      last or 0)
 
 
-def _pending(db: sqlite3.Connection, account_id: str | None = None
+def catch_up(db: sqlite3.Connection) -> int:
+    """Index the ledger entries appended since the last look: settlements into
+    ``uninvoiced``, payments into ``payments_seen``. One short transaction over only the new
+    entries; returns the ledger seq indexed up to."""
+    row = db.execute("SELECT value FROM invoice_meta WHERE name = 'indexed_seq'").fetchone()
+    head = db.execute("SELECT coalesce(max(seq), 0) FROM ledger").fetchone()[0]
+    if row and row[0] >= head:
+        return row[0]
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        row = db.execute("SELECT value FROM invoice_meta WHERE name = 'indexed_seq'").fetchone()
+        upto = row[0] if row else 0
+        db.execute(
+            "INSERT OR IGNORE INTO uninvoiced SELECT seq, json_extract(entry, '$.account'), "
+            "coalesce(json_extract(entry, '$.period'), '') FROM ledger WHERE seq > ? AND "
+            "json_extract(entry, '$.kind') IS NULL AND seq NOT IN (SELECT seq FROM invoiced)",
+            (upto,))
+        db.execute(
+            "INSERT OR IGNORE INTO payments_seen SELECT seq, json_extract(entry, '$.account') "
+            "FROM ledger WHERE seq > ? AND json_extract(entry, '$.kind') = 'payment'", (upto,))
+        head = db.execute("SELECT coalesce(max(seq), 0) FROM ledger").fetchone()[0]
+        db.execute("INSERT OR REPLACE INTO invoice_meta VALUES ('indexed_seq', ?)", (head,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return head
+
+
+def _pending(db: sqlite3.Connection, account_id: str, upto_seq: int
              ) -> list[tuple[int, dict[str, Any], str]]:
-    """Settlements not yet on an invoice, oldest first (seq, entry, hash)."""
+    """The account's settlements not yet on an invoice, oldest first (seq, entry, hash)."""
     rows = db.execute(
-        "SELECT l.seq, l.entry, l.hash FROM ledger l LEFT JOIN invoiced i ON i.seq = l.seq "
-        "WHERE i.seq IS NULL AND json_extract(l.entry, '$.kind') IS NULL AND "
-        "(?1 IS NULL OR json_extract(l.entry, '$.account') = ?1) ORDER BY l.seq",
-        (account_id,)).fetchall()
+        "SELECT l.seq, l.entry, l.hash FROM uninvoiced u JOIN ledger l ON l.seq = u.seq "
+        "WHERE u.account_id = ? AND u.seq <= ? ORDER BY u.seq", (account_id, upto_seq)
+    ).fetchall()
     return [(seq, json.loads(text), h) for seq, text, h in rows]
 
 
-def _payments(db: sqlite3.Connection, account_id: str, after_seq: int
+def _payments(db: sqlite3.Connection, account_id: str, after_seq: int, upto_seq: int
               ) -> list[dict[str, Any]]:
     """Payments (``"kind": "payment"``) the ledger took for the account since its previous
     invoice: what this invoice acknowledges as received."""
     out = []
     for seq, text, h in db.execute(
-            "SELECT seq, entry, hash FROM ledger WHERE seq > ? AND "
-            "json_extract(entry, '$.kind') = 'payment' AND "
-            "json_extract(entry, '$.account') = ? ORDER BY seq", (after_seq, account_id)):
+            "SELECT l.seq, l.entry, l.hash FROM payments_seen p JOIN ledger l ON l.seq = p.seq "
+            "WHERE p.account_id = ? AND p.seq > ? AND p.seq <= ? ORDER BY p.seq",
+            (account_id, after_seq, upto_seq)):
         e = json.loads(text)
         at = next((e[k] for k in ("paid_at_ms", "received_at_ms", "confirmed_at_ms", "at_ms",
                                   "settled_at_ms") if isinstance(e.get(k), int)), None)
@@ -412,9 +455,9 @@ def _number(db: sqlite3.Connection, kind: str, issued_at_ms: int, tz: ZoneInfo) 
     """The next number of the kind's series in the year of issue (city time): one more
     than how many it holds, so a number is never skipped."""
     prefix = f"{SERIES[kind]}-{datetime.fromtimestamp(issued_at_ms / 1000, tz).year:04d}-"
-    n = db.execute("SELECT count(*) FROM invoices WHERE kind = ? AND number LIKE ?",
-                   (kind, prefix + "%")).fetchone()[0]
-    return f"{prefix}{n + 1:06d}"
+    last = db.execute("SELECT max(number) FROM invoices WHERE number > ? AND number < ?",
+                      (prefix, prefix + "~")).fetchone()[0]  # the primary key's index
+    return f"{prefix}{(int(last[len(prefix):]) if last else 0) + 1:06d}"
 
 
 def _base(config: BillingConfig, tz: ZoneInfo, kind: str, number: str, account_id: str,
@@ -499,6 +542,7 @@ def _append(db: sqlite3.Connection, config: BillingConfig, tz: ZoneInfo, kind: s
                                [(seq, number) for seq in covered])
             except sqlite3.IntegrityError:
                 raise _Stale from None
+            db.executemany("DELETE FROM uninvoiced WHERE seq = ?", [(q,) for q in covered])
 
         try:
             done = ledger.append(db, config, entry_key, account_id, fields,
@@ -534,12 +578,12 @@ def _issue(db: sqlite3.Connection, config: BillingConfig, tz: ZoneInfo, account_
         key = f"invoice:{account_id}:{period}"
 
     def build(number: str, snap: _Snapshot) -> tuple[dict[str, Any], list[int]] | None:
-        entries = [p for p in _pending(db, account_id)
-                   if p[0] <= snap.head_seq
-                   and (period is None or p[1].get("period", "") <= period)]
+        catch_up(db)  # after the snapshot: every settlement up to its head is indexed
+        entries = [p for p in _pending(db, account_id, snap.head_seq)
+                   if period is None or p[1].get("period", "") <= period]
         if not entries:
             return None
-        payments = _payments(db, account_id, snap.last_invoice_seq)
+        payments = _payments(db, account_id, snap.last_invoice_seq, snap.head_seq)
         doc = invoice_document(config, tz, number, account_id, period, entries, now_ms, snap,
                                payments)
         return doc, [seq for seq, _, _ in entries]
@@ -552,28 +596,31 @@ def _issue(db: sqlite3.Connection, config: BillingConfig, tz: ZoneInfo, account_
     return done, created
 
 
-def issue_due(db: sqlite3.Connection, config: BillingConfig, tz: ZoneInfo, now_ms: int
-              ) -> list[Invoice]:
+def issue_due(db: sqlite3.Connection, config: BillingConfig, tz: ZoneInfo, now_ms: int,
+              *, limit: int | None = None) -> list[Invoice]:
     """The monthly invoices due at ``now_ms`` (event time): for each account and each month
     that has ended with settlements not yet invoiced, its invoice (oldest month first). A
     settlement of a month already invoiced (late) goes on the account's next monthly
-    invoice. Idempotent: run it as often as you like; the rule runner does periodically."""
+    invoice. Idempotent: run it as often as you like; the rule runner does, periodically.
+    ``limit``: at most this many issued per call (the runner spreads a month's end over
+    several looks); what is left is issued by the next call."""
     ensure_schema(db)
+    catch_up(db)
     current = tariffs.period_of(now_ms, tz)
-    due: dict[str, set[str]] = {}
-    for _, e, _ in _pending(db):
-        p = e.get("period")
-        if isinstance(p, str) and PERIOD.match(p) and p < current and e.get("account"):
-            due.setdefault(e["account"], set()).add(p)
-    issued = []
-    for account_id, periods in sorted(due.items()):
-        for p in sorted(periods):
-            try:
-                inv, created = _issue(db, config, tz, account_id, now_ms, p)
-            except NothingToInvoice:  # an earlier month's invoice took them
-                continue
-            if created:
-                issued.append(inv)
+    issued: list[Invoice] = []
+    for account_id, p in db.execute(
+            "SELECT DISTINCT account_id, period FROM uninvoiced WHERE period < ? "
+            "ORDER BY account_id, period", (current,)).fetchall():
+        if limit is not None and len(issued) >= limit:
+            break
+        if not PERIOD.match(p):
+            continue
+        try:
+            inv, created = _issue(db, config, tz, account_id, now_ms, p)
+        except NothingToInvoice:  # an earlier month's invoice took them
+            continue
+        if created:
+            issued.append(inv)
     return issued
 
 
@@ -691,6 +738,6 @@ def credit(db: sqlite3.Connection, config: BillingConfig, tz: ZoneInfo, number: 
 
 __all__ = ["CREDIT_NOTE", "INVOICE", "BadCredit", "BadPeriod", "CreditTooLarge", "Invoice",
            "InvoiceError", "NoSuchInvoice", "NothingToInvoice", "UnknownAccount",
-           "build_lines", "check_period", "credit", "credit_notes_of", "document_hash",
+           "build_lines", "catch_up", "check_period", "credit", "credit_notes_of", "document_hash",
            "entry_lines", "get_invoice", "issue", "issue_due", "known_account",
            "list_invoices", "money", "open_db"]
