@@ -24,6 +24,7 @@ from billing.invoices import (
     issue_due,
     list_invoices,
     open_db,
+    verify_invoice,
 )
 from billing.invoices import credit as credit_note
 from billing.invoices import issue as issue_invoice
@@ -54,4 +55,4 @@ __all__ = ["HEAD_TOPIC", "MAX_GAP_MS", "Account", "Anchor", "BadCredit", "BadPer
            "check_balances", "credit_note", "get_invoice", "intervals", "issue_due",
            "issue_invoice", "ledger_status", "list_invoices", "load_config", "open_db",
            "period_of", "price_now", "read_anchor", "render_html", "render_pdf",
-           "settlements", "verify"]
+           "settlements", "verify", "verify_invoice"]

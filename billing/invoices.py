@@ -25,7 +25,7 @@ import json
 import re
 import sqlite3
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
@@ -122,6 +122,7 @@ class Invoice:
     ledger_seq: int
     sha256: str
     document: dict[str, Any]
+    created: bool = field(default=False, compare=False)  # issued by the call that returned it
 
     def summary(self) -> dict[str, Any]:
         """The invoice without its document (lists)."""
@@ -192,7 +193,7 @@ def list_invoices(source: Source, *, account: str | None = None, kind: str | Non
     (a customer's token sees only its own)."""
     return [_invoice(r) for r in _rows(
         source, f"SELECT {_COLUMNS} FROM invoices WHERE (?1 IS NULL OR account_id = ?1) AND "
-        "(?2 IS NULL OR kind = ?2) ORDER BY issued_at_ms DESC, number DESC LIMIT ?3",
+        "(?2 IS NULL OR kind = ?2) ORDER BY ledger_seq DESC LIMIT ?3",
         (account, kind, limit))]
 
 
@@ -210,6 +211,34 @@ def credit_notes_of(source: Source, number: str) -> list[Invoice]:
     return [_invoice(r) for r in _rows(
         source, f"SELECT {_COLUMNS} FROM invoices WHERE kind = 'credit_note' AND refers_to = ? "
         "ORDER BY number", (number,))]
+
+
+def verify_invoice(source: Source, number: str) -> Invoice:
+    """The stored document is the one its ledger entry hashed, and the entries and head it
+    names are the ledger's; raises ledger.LedgerError saying which is not (run
+    ``ledger.verify`` for the chain itself)."""
+    inv = get_invoice(source, number)
+    where = (inv.ledger_seq, f"{inv.kind}:{number}")
+    if document_hash(inv.document) != inv.sha256:
+        raise ledger.LedgerError(*where, f"{number}: the stored document does not match its "
+                                 "hash (edited)")
+    hashes = dict(_rows(source, "SELECT seq, hash FROM ledger WHERE seq IN (SELECT value FROM "
+                        "json_each(?))", (json.dumps(
+                            [inv.ledger_seq] + [e["seq"] for e in inv.document["entries"]]),)))
+    rows = _rows(source, "SELECT entry FROM ledger WHERE seq = ?", (inv.ledger_seq,))
+    entry = json.loads(rows[0][0]) if rows else {}
+    if entry.get("number") != number or entry.get("document_sha256") != inv.sha256:
+        raise ledger.LedgerError(*where, f"{number}: its ledger entry does not carry this "
+                                 "document's hash")
+    head = inv.document["ledger_head"]
+    if entry.get("prev_hash") != head["hash"]:
+        raise ledger.LedgerError(*where, f"{number}: the head it names is not the entry "
+                                 "before its own")
+    for e in inv.document["entries"]:
+        if hashes.get(e["seq"]) != e["hash"]:
+            raise ledger.LedgerError(e["seq"], e.get("key"), f"{number} lists another hash "
+                                     "for this entry")
+    return inv
 
 
 # ------------------------------------------------------------------ money
@@ -551,7 +580,7 @@ def _append(db: sqlite3.Connection, config: BillingConfig, tz: ZoneInfo, kind: s
             continue
         if done is None:  # the key was taken meanwhile: the loop returns what it holds
             continue
-        return get_invoice(db, number), True
+        return replace(get_invoice(db, number), created=True), True
     raise InvoiceError("the ledger kept moving while the document was built; try again")
 
 
@@ -600,13 +629,15 @@ def issue_due(db: sqlite3.Connection, config: BillingConfig, tz: ZoneInfo, now_m
               *, limit: int | None = None) -> list[Invoice]:
     """The monthly invoices due at ``now_ms`` (event time): for each account and each month
     that has ended with settlements not yet invoiced, its invoice (oldest month first). A
-    settlement of a month already invoiced (late) goes on the account's next monthly
-    invoice. Idempotent: run it as often as you like; the rule runner does, periodically.
-    ``limit``: at most this many issued per call (the runner spreads a month's end over
-    several looks); what is left is issued by the next call."""
+    settlement of a month already invoiced (late) goes on the invoice of the newest month
+    that has ended, or when that one is issued already, the next one. Idempotent: run it as
+    often as you like; the rule runner does, periodically. ``limit``: at most this many
+    issued per call (the runner spreads a month's end over several looks); the next call
+    issues what is left."""
     ensure_schema(db)
     catch_up(db)
     current = tariffs.period_of(now_ms, tz)
+    last_ended = previous_period(current)
     issued: list[Invoice] = []
     for account_id, p in db.execute(
             "SELECT DISTINCT account_id, period FROM uninvoiced WHERE period < ? "
@@ -615,13 +646,23 @@ def issue_due(db: sqlite3.Connection, config: BillingConfig, tz: ZoneInfo, now_m
             break
         if not PERIOD.match(p):
             continue
-        try:
-            inv, created = _issue(db, config, tz, account_id, now_ms, p)
-        except NothingToInvoice:  # an earlier month's invoice took them
-            continue
-        if created:
-            issued.append(inv)
+        # That month's invoice; if it was issued already (these came late), the newest
+        # ended month's, which takes every month up to it.
+        for month in dict.fromkeys((p, last_ended)):
+            try:
+                inv, created = _issue(db, config, tz, account_id, now_ms, month)
+            except NothingToInvoice:  # an earlier month's invoice took them
+                break
+            if created:
+                issued.append(inv)
+                break
     return issued
+
+
+def previous_period(period: str) -> str:
+    """The month before ``period`` (YYYY-MM)."""
+    year, month = int(period[:4]), int(period[5:7])
+    return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
 
 
 # ------------------------------------------------------------------ credit notes
@@ -740,4 +781,4 @@ __all__ = ["CREDIT_NOTE", "INVOICE", "BadCredit", "BadPeriod", "CreditTooLarge",
            "InvoiceError", "NoSuchInvoice", "NothingToInvoice", "UnknownAccount",
            "build_lines", "catch_up", "check_period", "credit", "credit_notes_of", "document_hash",
            "entry_lines", "get_invoice", "issue", "issue_due", "known_account",
-           "list_invoices", "money", "open_db"]
+           "list_invoices", "money", "open_db", "verify_invoice"]
