@@ -133,10 +133,19 @@ def render_pdf(doc: dict[str, Any], *, compress: bool = True, unicode_font: bool
     pdf.ln(2)
     cols = (8, width - 8 - 32 - 28 - 16 - 30, 32, 28, 16, 30)
 
+    def fit(text: str, w: float) -> str:
+        """Cut to the column's width (a cell does not clip what overflows it)."""
+        text = txt(text)
+        if pdf.get_string_width(text) <= w - 1:
+            return text
+        while text and pdf.get_string_width(text + "...") > w - 1:
+            text = text[:-1]
+        return text + "..."
+
     def row(cells: tuple[str, ...], style: str = "") -> None:
         pdf.set_font(font, style, 9)
         for i, (w, text) in enumerate(zip(cols, cells, strict=True)):
-            pdf.cell(w, 6, txt(text), align="L" if i < 2 else "R")
+            pdf.cell(w, 6, fit(text, w), align="L" if i < 2 else "R")
         pdf.ln(6)
 
     row(("#", "Item", "Quantity", "Unit price", "VAT", f"Amount {doc['currency']}"), "B")
@@ -144,7 +153,7 @@ def render_pdf(doc: dict[str, Any], *, compress: bool = True, unicode_font: bool
         price = li.get("unit_price") or ""
         if price and li.get("average_price"):
             price = f"avg {price}"
-        row((str(i), li["label"][:60], f"{li['quantity']} {li['unit']}".strip(), price,
+        row((str(i), li["label"], f"{li['quantity']} {li['unit']}".strip(), price,
              pct(li.get("vat_rate")), m(li["amount_minor"])))
     row(("", "Net", "", "", "", m(doc["net_minor"])), "B")
     for v in doc["vat"]:

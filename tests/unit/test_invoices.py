@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from billing import config as billing_config
 from billing import invoices, ledger, render
@@ -153,6 +155,42 @@ def test_a_rounding_line_makes_the_lines_add_up_to_what_was_debited(store):
     assert doc["total_minor"] == 126 and doc["vat_minor"] == 25  # 0.24975
     assert doc["lines"][-1]["kind"] == "rounding"
     assert sum(li["amount_minor"] for li in doc["lines"]) == doc["net_minor"] == 101
+
+
+AMOUNTS = st.decimals(min_value=Decimal("-50"), max_value=Decimal("500"), places=6,
+                      allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def settled(draw) -> dict:
+    """A settlement of either shape, its debit rounded once as settling rounds it."""
+    if draw(st.booleans()):
+        energy = draw(AMOUNTS.filter(lambda a: a >= 0))
+        standing = draw(st.sampled_from([Decimal(0), Decimal("25.00"), Decimal("9.99")]))
+        return {"kwh": "1.000000", "energy_amount": str(energy), "standing_charge":
+                str(standing), "tariff": "t", "amount_minor": invoices.to_minor(
+                    CONFIG, energy + standing)}
+    kinds = st.sampled_from(["energy", "grid", "export", "fixed", "demand"])
+    lines = draw(st.lists(st.builds(lambda k, a, p: {
+        "kind": k, "label": k, "quantity": "1", "unit": "kWh", "unit_price": p, "amount": str(a)},
+        kinds, AMOUNTS, st.sampled_from(["1", "2.5", "0.333"])), min_size=1, max_size=4))
+    rate = draw(st.sampled_from(["0", "0.25", "0.06"]))
+    net = sum(Decimal(li["amount"]) for li in lines)
+    vat = net * Decimal(rate)
+    return {"lines": lines, "net_amount": str(net), "vat_rate": rate, "vat_amount": str(vat),
+            "amount_minor": invoices.to_minor(CONFIG, net + vat)}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(settled(), min_size=1, max_size=8))
+def test_lines_net_vat_and_total_always_add_up(entries):
+    lines, vat, net, vat_minor, total = invoices.build_lines(CONFIG, entries)
+    assert total == sum(e["amount_minor"] for e in entries)  # what the ledger debited
+    assert net + vat_minor == total
+    assert sum(li["amount_minor"] for li in lines) == net
+    assert vat_minor == sum(v["amount_minor"] for v in vat)
+    assert len({(li["kind"], li["label"], li["unit_price"], li["vat_rate"]) for li in lines}) \
+        == len(lines)  # grouped: no two lines alike
 
 
 # ------------------------------------------------------------------ numbers, idempotence
