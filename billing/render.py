@@ -9,6 +9,7 @@ Helvetica with the characters Latin-1 lacks replaced.
 from __future__ import annotations
 
 import functools
+import logging
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -77,6 +78,8 @@ def render_html(doc: dict[str, Any]) -> str:
 def _pdf(unicode_font: bool):
     from fpdf import FPDF
 
+    # fontTools logs ~60 INFO lines for each font it subsets: noise in any service's log.
+    logging.getLogger("fontTools").setLevel(logging.WARNING)
     pdf = FPDF(format="A4")
     regular, bold = DEJAVU / "DejaVuSans.ttf", DEJAVU / "DejaVuSans-Bold.ttf"
     if unicode_font and regular.is_file() and bold.is_file():
