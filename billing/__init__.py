@@ -1,15 +1,35 @@
 """Billing: tariffs, meter-register accounting, settlement and the hash-chained ledger; read
 functions (accounts, settlements, ledger status, meters' interval data) for the other
-services; the ledger's anchoring."""
+services; the ledger's anchoring; invoices and credit notes, and their HTML and PDF."""
 
-from billing.cli import add_parsers  # noqa: I001 (last: it uses the read functions above)
+import argparse
+
 from billing.anchor import HEAD_TOPIC, Anchor
 from billing.anchor import path as anchor_path
 from billing.anchor import read as read_anchor
+from billing.cli import add_parsers as _ledger_parsers
 from billing.config import BillingConfig
 from billing.config import load as load_config
-from billing.meterdata import MAX_GAP_MS, Interval, intervals
+from billing.invoice_cli import add_parsers as _invoice_parsers
+from billing.invoices import (
+    BadCredit,
+    BadPeriod,
+    CreditTooLarge,
+    Invoice,
+    InvoiceError,
+    NoSuchInvoice,
+    NothingToInvoice,
+    UnknownAccount,
+    get_invoice,
+    issue_due,
+    list_invoices,
+    open_db,
+    verify_invoice,
+)
+from billing.invoices import credit as credit_note
+from billing.invoices import issue as issue_invoice
 from billing.ledger import BillingStore, LedgerError, Settlement, verify
+from billing.meterdata import MAX_GAP_MS, Interval, intervals
 from billing.read import (
     Account,
     LedgerStatus,
@@ -21,10 +41,21 @@ from billing.read import (
     ledger_status,
     settlements,
 )
+from billing.render import render_html, render_pdf
 from billing.tariffs import period_of, price_now
 
-__all__ = ["HEAD_TOPIC", "MAX_GAP_MS", "Account", "Anchor", "BillingConfig", "BillingStore",
-           "Interval", "LedgerError", "LedgerStatus", "Settlement", "accounts", "add_parsers",
-           "anchor_path", "check_balances", "entries_after", "entry_time", "intervals", "last_seq",
-           "ledger_status", "load_config", "period_of", "price_now", "read_anchor", "settlements",
-           "verify"]
+
+def add_parsers(sub, common: argparse.ArgumentParser) -> None:
+    """``citygrid ledger …`` and ``citygrid invoice …``."""
+    _ledger_parsers(sub, common)
+    _invoice_parsers(sub, common)
+
+
+__all__ = ["HEAD_TOPIC", "MAX_GAP_MS", "Account", "Anchor", "BadCredit", "BadPeriod",
+           "BillingConfig", "BillingStore", "CreditTooLarge", "Interval", "Invoice",
+           "InvoiceError", "LedgerError", "LedgerStatus", "NoSuchInvoice", "NothingToInvoice",
+           "Settlement", "UnknownAccount", "accounts", "add_parsers", "anchor_path",
+           "check_balances", "credit_note", "entries_after", "entry_time", "get_invoice", "intervals", "issue_due",
+           "issue_invoice", "last_seq", "ledger_status", "list_invoices", "load_config", "open_db",
+           "period_of", "price_now", "read_anchor", "render_html", "render_pdf",
+           "settlements", "verify", "verify_invoice"]

@@ -3,6 +3,7 @@
 Problem details (the error body) live with their handlers in :mod:`gateway.problems`.
 """
 
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -175,6 +176,52 @@ class LedgerStatus(BaseModel):
     entries: int
     head: str | None
     error: str | None = None
+
+
+class InvoiceSummary(BaseModel):
+    """An invoice or credit note without its document (docs/invoices.md)."""
+
+    number: str = Field(examples=["INV-2026-000001"])
+    kind: Literal["invoice", "credit_note"]
+    account: str
+    period: str | None = Field(None, description="YYYY-MM of a monthly invoice; null: on demand")
+    issued_at_ms: int
+    total_minor: int = Field(description="charged (invoice) or credited (credit note), in "
+                             "minor units, VAT included")
+    currency: str
+    refers_to: str | None = Field(None, description="a credit note's invoice")
+    ledger_seq: int = Field(description="the ledger entry that issued it")
+    sha256: str = Field(description="SHA-256 of the document's canonical JSON, also in its "
+                        "ledger entry")
+
+
+class InvoiceOut(InvoiceSummary):
+    document: dict[str, Any] = Field(description="the document as hashed: seller, account, "
+                                     "lines, VAT, totals, payments, the ledger entries it "
+                                     "covers with their hashes, the ledger head")
+
+
+class IssueInvoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    period: str | None = Field(None, pattern=r"^\d{4}-(0[1-9]|1[0-2])$", examples=["2026-03"],
+                               description="the monthly invoice of this month (ended); "
+                               "omitted: on demand, everything not yet invoiced")
+
+
+class CreditNoteBody(BaseModel):
+    """An amount (gross, in currency units) or the invoice's line numbers credited in full."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=500)
+    amount: Decimal | None = Field(None, gt=0, max_digits=14, decimal_places=4,
+                                   examples=["12.50"])
+    lines: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1, max_length=500)
+
+    @model_validator(mode="after")
+    def _one(self) -> "CreditNoteBody":
+        if (self.amount is None) == (self.lines is None):
+            raise ValueError("give amount or lines, one of the two")
+        return self
 
 
 class UnregisteredDevice(BaseModel):

@@ -118,6 +118,23 @@ def ledger(data_dir: str | Path) -> LedgerStatus:
     return LedgerStatus(**dataclasses.asdict(billing.ledger_status(data_dir)))
 
 
+def invoices(data_dir: str | Path, *, account: str | None = None, kind: str | None = None,
+             limit: int = 500, scope: str | None = None) -> list[billing.Invoice]:
+    """Invoices and credit notes, newest first. ``scope``: the one account the caller may see
+    (a customer's token); another account's are not there for it."""
+    if scope is not None:
+        if account not in (None, scope):
+            return []
+        account = scope
+    return billing.list_invoices(data_dir, account=account, kind=kind, limit=limit)
+
+
+def invoice(data_dir: str | Path, number: str, *, scope: str | None = None) -> billing.Invoice:
+    """One invoice or credit note; raises billing.NoSuchInvoice — also for another account's
+    when ``scope`` is given (it is not there for that caller)."""
+    return billing.get_invoice(data_dir, number, account=scope)
+
+
 # ------------------------------------------------------------------ the status page
 
 

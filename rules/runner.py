@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import orjson
 
-from billing import Anchor, BillingStore, anchor_path, load_config
+from billing import Anchor, BillingStore, anchor_path, issue_due, load_config
 from citygrid import lamps, wire
 from citygrid.city import CityProfile
 from citygrid.clock import SYSTEM_CLOCK, Clock
@@ -50,6 +50,8 @@ from rules.workorders import AlertOrders
 
 log = logging.getLogger("citygrid.rules")
 IDLE_S = 5.0  # no reading for this long: the watermark follows the wall clock
+INVOICES_EVERY_S = 60.0  # how often the monthly invoices due are looked for (a month ends once)
+INVOICES_PER_LOOK = 100  # issued per look at most (~1.5 ms each); more due: look again in 1 s
 SESSION_EXPIRY_S = wire.SESSION_EXPIRY_S  # rules/cli.py and the tests name it here
 ROUTE_CACHE_MAX = 200_000  # topics remembered (parsed once); a city of 100,000 devices fits
 # Makes the MQTT client; called as ``citygrid.wire.Client`` is (the default).
@@ -409,6 +411,25 @@ class RuleRunner:
         except Exception:  # an anchor not written never stops the rules; the next one comes
             log.exception("could not anchor the ledger's head")
 
+    def _issue_invoices(self) -> bool:
+        """The monthly invoices whose month has ended, in event time (billing/invoices.py;
+        idempotent, and serialised with the other workers by the ledger's transaction); at
+        most INVOICES_PER_LOOK at a time, so a month's end never holds the rules up long.
+        Returns whether more may be due."""
+        now = self.engine.watermark if self.engine.watermark is not None else \
+            self.clock.now_ms()
+        try:
+            done = issue_due(self.billing.db, self.billing.config, self.billing.tz, now,
+                             limit=INVOICES_PER_LOOK)
+        except Exception:  # an invoice not issued never stops the rules; the next look comes
+            log.exception("could not issue the monthly invoices")
+            return False
+        if done:
+            self.billing.appended += len(done)  # ledger entries too: the anchor looks
+            log.info("issued %d monthly invoices: %s … %s", len(done), done[0].number,
+                     done[-1].number)
+        return len(done) >= INVOICES_PER_LOOK
+
     def _readings(self, batch: list[Reading]) -> None:
         try:
             self.engine.on_readings(batch)  # one that fails is logged, the others go on
@@ -519,6 +540,7 @@ class RuleRunner:
         self._last_reading = (self.clock.monotonic(), self.engine.watermark)
         self._anchor(start=True)  # what was settled since the last anchor (or before any)
         last_save = last_reload = last_health = self.clock.monotonic()
+        last_invoices = last_save - INVOICES_EVERY_S  # a first look at start
         try:
             while not self.stopping.is_set():
                 try:
@@ -544,6 +566,9 @@ class RuleRunner:
                 if now - last_health >= 5:
                     self.state.save_health(self.engine)
                     last_health = now
+                if now - last_invoices >= INVOICES_EVERY_S:
+                    more = self._issue_invoices()  # more due: look again in a second
+                    last_invoices = now - INVOICES_EVERY_S + 1.0 if more else now
         finally:
             self._drain(2.0)  # the last commands acknowledged before DISCONNECT
             self.engine.lamps.settle()  # every lamp's burning time, not just each 5 minutes
