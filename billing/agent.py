@@ -73,7 +73,8 @@ def check_signature(secret: bytes, header: str | None, body: bytes, now_s: float
     parts = [p.strip().partition("=") for p in header.split(",")]
     stamps = [v for k, _, v in parts if k == "t"]
     signatures = [v.lower() for k, _, v in parts if k == "v1"]
-    if len(stamps) != 1 or not stamps[0].isdigit() or not signatures:
+    if (len(stamps) != 1 or not stamps[0].isascii() or not stamps[0].isdigit()
+            or not signatures):
         raise Refused(401, f"{SIGNATURE_HEADER} must be t=<unix seconds>,v1=<hex hmac>")
     timestamp = int(stamps[0])
     if abs(now_s - timestamp) > tolerance_s:

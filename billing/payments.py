@@ -322,7 +322,11 @@ class Dispatcher:
 
     def _claim(self, now_ms: int) -> list[PaymentRequest]:
         """Due requests, claimed for a lease in one write transaction: another dispatcher
-        sees them due only when the lease has run out (this one died mid-send)."""
+        sees them due only when the lease has run out (this one died mid-send). Nothing due —
+        the common case, every poll — takes no write lock."""
+        if not self.db.execute("SELECT 1 FROM payment_requests WHERE status IN ('pending', "
+                               "'sent') AND next_try_ms <= ? LIMIT 1", (now_ms,)).fetchone():
+            return []
         self.db.execute("BEGIN IMMEDIATE")
         try:
             rows = [PaymentRequest(*r) for r in self.db.execute(

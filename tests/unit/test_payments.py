@@ -530,3 +530,75 @@ class TestApi:
         assert problem["status"] == status and words in problem["detail"], problem
         assert problem["instance"] == self.URL
         assert state(store) == before
+
+
+# ------------------------------------------------------------------ the reference agent
+
+
+class TestReferenceAgent:
+    def agent(self, tmp_path, **kw):
+        from billing import agent
+
+        return agent, agent.Agent(SECRET.encode(), agent.State(tmp_path / "agent.json"),
+                                  clock=lambda: 1_000_000.0, **kw)
+
+    def send(self, a, amount: int = 1000, key: str = "k-1", t: int = 1_000_000):
+        r = payments.PaymentRequest(key, "acc-1", "settlement", key, amount, "DKK", 1, "pending",
+                                    0, 0, None, None, None, None, None, 0)
+        body = payments.request_body(r, 100, CALLBACK)
+        return a.receive({"CityGrid-Signature": signed(body, t), "Idempotency-Key": key}, body)
+
+    def test_decides_once_per_key_and_remembers_it_across_a_restart(self, tmp_path):
+        module, a = self.agent(tmp_path)
+        status, answer, key = self.send(a)
+        assert (status, answer["status"], answer["duplicate"], key) == (202, "confirmed",
+                                                                        False, "k-1")
+        _, b = self.agent(tmp_path)  # restarted: the same decision, from its file
+        status, again, _ = self.send(b)
+        assert status == 200 and again["duplicate"]
+        assert again["payment_id"] == answer["payment_id"]
+        with pytest.raises(module.Refused) as e:
+            self.send(b, amount=1001)
+        assert e.value.status == 422 and "another request" in e.value.detail
+        callback = json.loads(b.callback_body(b.state.records["k-1"]))
+        assert callback == {"protocol": 1, "request": "k-1", "status": "confirmed",
+                            "payment_id": answer["payment_id"], "amount_minor": 1000,
+                            "currency": "DKK", "decided_ms": 1_000_000_000}
+
+    def test_refuses_bad_signatures_and_stale_timestamps_and_declines_above_its_limit(
+            self, tmp_path):
+        module, a = self.agent(tmp_path, decline_above=5000)
+        for t in (1_000_000 - 301, 1_000_000 + 301):
+            with pytest.raises(module.Refused) as e:
+                self.send(a, t=t)
+            assert e.value.status == 401 and "stale" in e.value.detail
+        with pytest.raises(module.Refused) as e:
+            a.receive({"CityGrid-Signature": "t=1000000,v1=00", "Idempotency-Key": "k"}, b"{}")
+        assert e.value.status == 401
+        _, answer, _ = self.send(a, amount=5001, key="big")
+        assert answer["status"] == "declined" and answer["payment_id"] is None
+        assert "above" in json.loads(a.callback_body(a.state.records["big"]))["reason"]
+        assert module.sign(b"cg_example_secret", 1764547230, EXAMPLE_BODY) == EXAMPLE_HMAC
+
+
+def test_the_rules_runner_runs_a_dispatcher_only_when_configured(tmp_path, billing_file, env):
+    from rules.loader import DEFAULT_RULES
+    from rules.runner import RuleRunner, RunnerConfig
+
+    def runner(**settings):
+        data = tmp_path / f"data-{len(settings)}"
+        return RuleRunner(Settings(mqtt_url="mqtt://127.0.0.1:1", data_dir=str(data),
+                                   **settings), FLEET, COPENHAGEN, None,
+                          RunnerConfig(DEFAULT_RULES))
+
+    with pytest.raises(SettingsError) as e:
+        runner(billing=str(billing_file))
+    assert e.value.variable == "CITYGRID_PAYMENT_CALLBACK_URL"
+    plain = runner()  # the shipped billing example: no agents, no dispatcher
+    assert plain.payments is None
+    plain.stop()
+    paying = runner(billing=str(billing_file), status_url="http://gw.example:8000")
+    assert isinstance(paying.payments, Dispatcher)
+    assert paying.payments.callback_url == ("http://gw.example:8000/api/v1/billing/payments/"
+                                            "callback")
+    paying.stop()
