@@ -1,4 +1,5 @@
-"""Billing: tariffs, meter-register accounting, settlement and the hash-chained ledger; read
+"""Billing: tariffs, meter-register accounting, settlement and the hash-chained ledger; payments
+(payment agents, docs/payments.md); read
 functions (accounts, settlements, ledger status, meters' interval data) for the other
 services; the ledger's anchoring; invoices and credit notes, and their HTML and PDF."""
 
@@ -30,6 +31,11 @@ from billing.invoices import credit as credit_note
 from billing.invoices import issue as issue_invoice
 from billing.ledger import BillingStore, LedgerError, Settlement, verify
 from billing.meterdata import MAX_GAP_MS, Interval, intervals
+from billing.payments import CallbackError as PaymentCallbackError
+from billing.payments import CallbackOutcome as PaymentOutcome
+from billing.payments import PaymentRequest, payment_entries, payment_requests
+from billing.payments import dispatcher as payment_dispatcher
+from billing.payments import handle_callback as handle_payment_callback
 from billing.read import (
     Account,
     LedgerStatus,
@@ -51,11 +57,13 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     _invoice_parsers(sub, common)
 
 
-__all__ = ["HEAD_TOPIC", "MAX_GAP_MS", "Account", "Anchor", "BadCredit", "BadPeriod",
-           "BillingConfig", "BillingStore", "CreditTooLarge", "Interval", "Invoice",
-           "InvoiceError", "LedgerError", "LedgerStatus", "NoSuchInvoice", "NothingToInvoice",
-           "Settlement", "UnknownAccount", "accounts", "add_parsers", "anchor_path",
-           "check_balances", "credit_note", "entries_after", "entry_time", "get_invoice", "intervals", "issue_due",
-           "issue_invoice", "last_seq", "ledger_status", "list_invoices", "load_config", "open_db",
-           "period_of", "price_now", "read_anchor", "render_html", "render_pdf",
-           "settlements", "verify", "verify_invoice"]
+__all__ = ["Account", "Anchor", "BadCredit", "BadPeriod", "BillingConfig", "BillingStore",
+           "CreditTooLarge", "HEAD_TOPIC", "Interval", "Invoice", "InvoiceError", "LedgerError",
+           "LedgerStatus", "MAX_GAP_MS", "NoSuchInvoice", "NothingToInvoice",
+           "PaymentCallbackError", "PaymentOutcome", "PaymentRequest", "Settlement",
+           "UnknownAccount", "accounts", "add_parsers", "anchor_path", "check_balances",
+           "credit_note", "entries_after", "entry_time", "get_invoice", "handle_payment_callback",
+           "intervals", "issue_due", "issue_invoice", "last_seq", "ledger_status", "list_invoices",
+           "load_config", "open_db", "payment_dispatcher", "payment_entries", "payment_requests",
+           "period_of", "price_now", "read_anchor", "render_html", "render_pdf", "settlements",
+           "verify", "verify_invoice"]

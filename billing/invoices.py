@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from billing import ledger, tariffs
+from billing import ledger, payments, tariffs
 from billing.config import BillingConfig
 from citygrid import statedb
 
@@ -572,6 +572,9 @@ def _append(db: sqlite3.Connection, config: BillingConfig, tz: ZoneInfo, kind: s
             except sqlite3.IntegrityError:
                 raise _Stale from None
             db.executemany("DELETE FROM uninvoiced WHERE seq = ?", [(q,) for q in covered])
+            if kind == INVOICE:  # an agent that pays invoices is asked, in this transaction
+                payments.on_invoiced(db, config, account_id, number, total, config.currency,
+                                     now_ms)
 
         try:
             done = ledger.append(db, config, entry_key, account_id, fields,

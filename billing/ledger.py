@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from billing import tariffs
+from billing import payments, tariffs
 from billing.accounting import MeterState, account, to_mwh
 from billing.config import BillingConfig, MeterBinding
 from citygrid import statedb
@@ -229,6 +229,7 @@ class BillingStore:
             self.db.execute("DELETE FROM unbilled WHERE meter_id = ? AND start_ms >= ? AND "
                             "end_ms <= ?", (meter_id, first, last))
             self._unbilled.pop(meter_id, None)
+            payments.on_settled(self.db, self.config, {**entry, "key": key})
 
         done = append(self.db, self.config, key, account_id, entry, -minor, also=also,
                       again=also)

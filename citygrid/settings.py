@@ -87,6 +87,9 @@ class Settings:
     unknown_devices: str = "store"  # readings from devices the registry lacks: UNKNOWN_DEVICES
     # The ledger's head is anchored (docs/ledger-anchoring.md) every this many entries.
     ledger_anchor_every: int = 100
+    # Where payment agents call back (docs/payments.md): the gateway's callback route as the
+    # agents reach it. Empty: derived from status_url (the gateway serves the status page).
+    payment_callback_url: str = ""
     mqtt: MqttUrl = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,7 +119,7 @@ class Settings:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise SettingsError("CITYGRID_INFLUX_URL",
                                     f"{self.influx_url!r} must be http(s)://host:port")
-        for name in ("alertmanager_url", "status_url"):
+        for name in ("alertmanager_url", "status_url", "payment_callback_url"):
             value = getattr(self, name)
             parts = urlsplit(value)
             if value and (parts.scheme not in ("http", "https") or not parts.hostname):
@@ -164,6 +167,16 @@ class Settings:
         """The environment that gives a child process these settings."""
         return {_env(f.name): str(getattr(self, f.name)) for f in fields(self)
                 if f.init and getattr(self, f.name) is not None}
+
+    @property
+    def payment_callback(self) -> str:
+        """The URL payment agents call back: CITYGRID_PAYMENT_CALLBACK_URL, else the gateway's
+        callback route under CITYGRID_STATUS_URL, else empty (none known)."""
+        if self.payment_callback_url:
+            return self.payment_callback_url
+        if self.status_url:
+            return self.status_url.rstrip("/") + "/api/v1/billing/payments/callback"
+        return ""
 
     @property
     def lifecycle(self):

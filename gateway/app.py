@@ -32,7 +32,7 @@ from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.problems import Problem, install
 from gateway.provisioning import Provisioner
 from gateway.publisher import MqttPublisher, Publisher
-from gateway.routes import ROUTERS, invoices, reports, unregistered
+from gateway.routes import ROUTERS, invoices, payments, reports, unregistered
 from gateway.routes import workorders as workorder_routes
 from gateway.routes.status import mount_static
 from gateway.tokens import Tokens
@@ -97,6 +97,7 @@ def create_app(settings: Settings, *, store: TelemetryStore | None = None,
     for router in ROUTERS:
         app.include_router(router)
     app.include_router(workorder_routes.router)
+    app.include_router(payments.router)
     app.include_router(reports.router)
     app.include_router(invoices.router)
     mount_static(app)

@@ -399,3 +399,42 @@ class LampOut(BaseModel):
     remaining_life_h: float = Field(description="The lamp type's rated life less the burning "
                                                 "hours (negative: past it).")
     replaced_ms: int | None = Field(description="When the lamp was last replaced, epoch ms.")
+
+
+class PaymentRequestOut(BaseModel):
+    """A request to an account's payment agent (docs/payments.md) and how far it got."""
+
+    key: str = Field(description="The idempotency key the agent is sent (Idempotency-Key).")
+    account: str
+    kind: Literal["settlement", "invoice", "top_up"]
+    reference: str = Field(description="The settlement's key or the invoice's number (a "
+                                       "top-up: the settlement that took the balance below).")
+    amount_minor: int
+    currency: str
+    status: Literal["pending", "sent", "confirmed", "declined"] = Field(
+        description="pending: not answered yet; sent: the agent accepted it, its callback is "
+                    "awaited; confirmed: paid (a payment entry in the ledger); declined.")
+    attempts: int = Field(description="Times it was sent.")
+    created_ms: int
+    next_try_ms: int | None = Field(description="When it is sent again (open requests).")
+    last_error: str | None = Field(description="Why the last try failed, or why it was "
+                                               "declined.")
+    payment_id: str | None = Field(description="The agent's id of the payment, confirmed.")
+    sent_ms: int | None
+    answered_ms: int | None = Field(description="When it was confirmed or declined.")
+
+
+class PaymentsOut(BaseModel):
+    requests: list[PaymentRequestOut] = Field(description="Newest first.")
+    payments: list[dict[str, Any]] = Field(description="The ledger's payment entries, newest "
+                                                       "first, each with its hash.")
+
+
+class CallbackOut(BaseModel):
+    """The answer to an agent's callback (docs/payments.md)."""
+
+    request: str
+    status: Literal["pending", "sent", "confirmed", "declined"]
+    duplicate: bool = Field(description="True: this outcome was recorded before; nothing "
+                                        "changed.")
+    entry: dict[str, Any] | None = Field(description="The payment's ledger entry (confirmed).")

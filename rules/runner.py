@@ -28,7 +28,14 @@ from urllib.parse import quote
 
 import orjson
 
-from billing import Anchor, BillingStore, anchor_path, issue_due, load_config
+from billing import (
+    Anchor,
+    BillingStore,
+    anchor_path,
+    issue_due,
+    load_config,
+    payment_dispatcher,
+)
 from citygrid import lamps, wire
 from citygrid.city import CityProfile
 from citygrid.clock import SYSTEM_CLOCK, Clock
@@ -182,6 +189,9 @@ class RuleRunner:
                                     foreign=None if self.owned is None else self.foreign)
         self.billing = BillingStore(Path(settings.data_dir) / "billing.sqlite",
                                     load_config(settings.billing), fleet, city.tz)
+        # Accounts with a payment agent are asked to pay (docs/payments.md); None without.
+        self.payments = payment_dispatcher(self.billing.path, self.billing.config,
+                                           settings.payment_callback, worker=config.worker)
         self.outbox = MqttOutbox(None, store,  # type: ignore[arg-type]  # the client: below
                                  None if self.owned is None else config.worker)
         # The ledger's head, anchored every N entries (billing/anchor.py): whoever appends
@@ -539,6 +549,8 @@ class RuleRunner:
         thread switch; between reads it saves, reloads, follows the registry."""
         self._last_reading = (self.clock.monotonic(), self.engine.watermark)
         self._anchor(start=True)  # what was settled since the last anchor (or before any)
+        if self.payments is not None:
+            self.payments.start()
         last_save = last_reload = last_health = self.clock.monotonic()
         last_invoices = last_save - INVOICES_EVERY_S  # a first look at start
         try:
@@ -586,6 +598,8 @@ class RuleRunner:
         else:
             self.client.stop()
         self.state.close()
+        if self.payments is not None:
+            self.payments.stop()
         self.billing.close()
         self.workorders.store.close()
         if self.outbox.notifier is not None:

@@ -27,6 +27,7 @@ def test_environment_and_flags():
     ({"CITYGRID_LEDGER_ANCHOR_EVERY": "0"}, "CITYGRID_LEDGER_ANCHOR_EVERY"),
     ({"CITYGRID_LEDGER_ANCHOR_EVERY": "ten"}, "CITYGRID_LEDGER_ANCHOR_EVERY"),
     ({"CITYGRID_LEDGER_ANCHOR_EVERY": "2.5"}, "CITYGRID_LEDGER_ANCHOR_EVERY"),
+    ({"CITYGRID_PAYMENT_CALLBACK_URL": "gateway:8000/cb"}, "CITYGRID_PAYMENT_CALLBACK_URL"),
 ])
 def test_errors_name_the_variable(env, variable):
     with pytest.raises(SettingsError) as e:
@@ -41,6 +42,17 @@ def test_the_ledger_anchor_interval_is_a_number_of_entries():
     assert Settings(ledger_anchor_every=1).ledger_anchor_every == 1
 
 
+def test_the_payment_callback_url_is_set_or_derived_from_the_status_url():
+    assert Settings.from_env({}).payment_callback == ""
+    derived = Settings.from_env({"CITYGRID_STATUS_URL": "https://city.example/"})
+    assert derived.payment_callback == ("https://city.example/api/v1/billing/payments/"
+                                        "callback")
+    own = Settings.from_env({"CITYGRID_STATUS_URL": "https://city.example",
+                             "CITYGRID_PAYMENT_CALLBACK_URL": "https://pay.example/cb"})
+    assert own.payment_callback == "https://pay.example/cb"
+
+
 def test_as_env_round_trips():
-    s = Settings(influx_url="http://127.0.0.1:8086", data_dir="/d", ledger_anchor_every=7)
+    s = Settings(influx_url="http://127.0.0.1:8086", data_dir="/d", ledger_anchor_every=7,
+                 payment_callback_url="http://gw:8000/api/v1/billing/payments/callback")
     assert Settings.from_env(s.as_env()) == s
