@@ -1,4 +1,5 @@
-"""``citygrid ledger verify | list | head``."""
+"""``citygrid ledger verify | list | head`` (every kind of entry: settlements, payments,
+invoices, credit notes)."""
 
 from __future__ import annotations
 
@@ -53,15 +54,19 @@ def cmd_head(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     entries = read.settlements(_data_dir(args), meter=args.meter, account=args.account,
-                               limit=-1, newest_first=False)
+                               limit=-1, newest_first=False, every_kind=True)
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
     for e in entries:
-        h = e["hash"]
-        when = datetime.fromtimestamp(e["settled_at_ms"] / 1000, UTC).isoformat(timespec="seconds")
-        print(f"{e['seq']:>5} {when} {e['meter']:<10} {e['account']:<10} {e['kwh']:>12} kWh "
-              f"{e['amount_minor'] / 100:>10.2f} {e['currency']} {e['period']} {e['key']} "
-              f"{h[:16]}…")
+        h, at = e["hash"], read.entry_time(e)
+        when = "?" if at is None else datetime.fromtimestamp(at / 1000, UTC).isoformat(
+            timespec="seconds")
+        kind = e.get("kind", "settlement")
+        what = (f"{e.get('meter', ''):<10} {e.get('kwh', ''):>12} kWh" if kind == "settlement"
+                else f"{kind:<10} {e.get('number', e.get('request', '')):>16}")
+        amount = e.get("total_minor", e.get("amount_minor", 0))
+        print(f"{e['seq']:>5} {when} {e['account']:<10} {what} {amount / 100:>10.2f} "
+              f"{e.get('currency', '')} {e.get('period') or ''} {e['key']} {h[:16]}…")
     print(f"{len(entries)} entries", file=sys.stderr)
     return 0

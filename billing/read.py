@@ -51,13 +51,16 @@ def accounts(data_dir: str | Path) -> list[Account]:
 
 
 def settlements(data_dir: str | Path, *, meter: str | None = None, account: str | None = None,
-                limit: int = 100, newest_first: bool = True) -> list[dict[str, Any]]:
-    """Ledger entries, each with its ``hash``; filtered and limited in SQL."""
+                limit: int = 100, newest_first: bool = True, every_kind: bool = False
+                ) -> list[dict[str, Any]]:
+    """Settlements (``every_kind``: every ledger entry — payments, invoices, credit notes
+    too), each with its ``hash``; filtered and limited in SQL."""
     order = "DESC" if newest_first else "ASC"
     return [{**json.loads(e), "hash": h} for e, h in _rows(
         data_dir, "SELECT entry, hash FROM ledger WHERE (?1 IS NULL OR json_extract(entry, "
         "'$.meter') = ?1) AND (?2 IS NULL OR json_extract(entry, '$.account') = ?2) "
-        f"ORDER BY seq {order} LIMIT ?3", (meter or None, account or None, limit))]
+        "AND (?4 OR json_extract(entry, '$.kind') IS NULL) "
+        f"ORDER BY seq {order} LIMIT ?3", (meter or None, account or None, limit, every_kind))]
 
 
 # When an entry happened, by kind: a settlement's settling, a payment's confirmation, an
@@ -107,7 +110,7 @@ def check_balances(data_dir: str | Path) -> tuple[int, str]:
     entries, head = verify(path(data_dir))
     balances = {a.account_id: a.balance_minor for a in accounts(data_dir)}
     last = {e["account"]: e["balance_after_minor"]
-            for e in settlements(data_dir, limit=-1, newest_first=False)}
+            for e in settlements(data_dir, limit=-1, newest_first=False, every_kind=True)}
     for account, after in last.items():
         if balances.get(account) != after:
             raise LedgerError(None, None, f"account {account}: balance {balances.get(account)} "

@@ -38,10 +38,12 @@ from gateway.routes.status import mount_static
 from gateway.tokens import Tokens
 
 DESCRIPTION = ("The operators' API: devices, provisioning, lights and their overrides, rules, "
-               "alerts, billing, work orders. Every route but /health and the citizens' "
-               "reports (Open311: /api/v1/services, /api/v1/reports) needs a bearer token "
-               "(`citygrid tokens create --role viewer|operator|admin`). Errors are RFC 9457 "
-               "problem details.")
+               "alerts, billing (accounts, settlements, invoices, payments), work orders. Every "
+               "route but /health, the citizens' reports (Open311: /api/v1/services, "
+               "/api/v1/reports) and the payment agents' callback (signed with HMAC-SHA256 "
+               "instead: payment agent protocol v1, docs/payments.md) needs a bearer token "
+               "(`citygrid tokens create --role customer|viewer|operator|admin`; a customer "
+               "token sees its own account only). Errors are RFC 9457 problem details.")
 
 
 def create_app(settings: Settings, *, store: TelemetryStore | None = None,

@@ -3,8 +3,8 @@ account's invoice on demand, a credit note against an invoice. Writes go through
 functions (one ``BEGIN IMMEDIATE`` transaction each, beside the rule engine's settlements).
 
 Every lookup takes the caller's account scope (``Scope``): None for operators' and viewers'
-tokens today; a customer's token bound to one account will set it, and another account's
-invoice then answers 404 as if it did not exist.
+tokens; a customer token's own account, and another account's invoice then answers 404 as if
+it did not exist.
 """
 
 from typing import Annotated, Literal
@@ -18,7 +18,7 @@ from citygrid.city import city
 from citygrid.clock import SYSTEM_CLOCK
 from citygrid.settings import Settings
 from gateway import queries
-from gateway.deps import AUTH_ERRORS, Operator, SettingsDep, Viewer
+from gateway.deps import AUTH_ERRORS, Operator, Reader, SettingsDep, scope
 from gateway.models import CreditNoteBody, InvoiceOut, InvoiceSummary, IssueInvoice
 from gateway.problems import documented
 
@@ -30,10 +30,10 @@ NOT_FOUND = {404: documented("No such invoice or credit note")}
 HTML_POLICY = "default-src 'none'; style-src 'unsafe-inline'"
 
 
-def account_scope() -> str | None:
-    """The one account the caller may see; None: every account (viewer, operator, admin).
-    A customer token bound to an account will answer it here."""
-    return None
+def account_scope(reader: Reader) -> str | None:
+    """The one account the caller may see: a customer token's own; None: every account
+    (viewer, operator, admin)."""
+    return scope(reader, None)
 
 
 Scope = Annotated[str | None, Depends(account_scope)]
@@ -55,19 +55,21 @@ def _out(inv: billing.Invoice) -> InvoiceOut:
 
 
 @router.get("/api/v1/billing/invoices", response_model=list[InvoiceSummary])
-def list_invoices(_: Viewer, settings: SettingsDep, scope: Scope,
+def list_invoices(reader: Reader, settings: SettingsDep, only: Scope,
                   account: Annotated[str | None, Query(max_length=64)] = None,
                   kind: Literal["invoice", "credit_note"] | None = None,
                   limit: Annotated[int, Query(ge=1, le=10_000)] = 500) -> list[InvoiceSummary]:
-    """Invoices and credit notes, newest first, optionally of one account."""
+    """Invoices and credit notes, newest first, optionally of one account (a customer
+    token: its own)."""
     return [InvoiceSummary(**i.summary()) for i in queries.invoices(
-        settings.data_dir, account=account, kind=kind, limit=limit, scope=scope)]
+        settings.data_dir, account=scope(reader, account), kind=kind, limit=limit,
+        scope=only)]
 
 
 @router.get("/api/v1/billing/invoices/{number}.html", response_class=HTMLResponse,
             responses={**NOT_FOUND, 200: {"content": {"text/html": {}},
                                           "description": "The invoice as one HTML page"}})
-def invoice_html(_: Viewer, settings: SettingsDep, scope: Scope, number: Number
+def invoice_html(_: Reader, settings: SettingsDep, scope: Scope, number: Number
                  ) -> HTMLResponse:
     """The invoice or credit note as an HTML page (self-contained, every value escaped)."""
     inv = _find(settings, number, scope)
@@ -78,7 +80,7 @@ def invoice_html(_: Viewer, settings: SettingsDep, scope: Scope, number: Number
 @router.get("/api/v1/billing/invoices/{number}.pdf", response_class=Response,
             responses={**NOT_FOUND, 200: {"content": {"application/pdf": {}},
                                           "description": "The invoice as an A4 PDF"}})
-def invoice_pdf(_: Viewer, settings: SettingsDep, scope: Scope, number: Number) -> Response:
+def invoice_pdf(_: Reader, settings: SettingsDep, scope: Scope, number: Number) -> Response:
     """The invoice or credit note as a PDF download."""
     inv = _find(settings, number, scope)
     return Response(billing.render_pdf(inv.document), media_type="application/pdf",
@@ -87,7 +89,7 @@ def invoice_pdf(_: Viewer, settings: SettingsDep, scope: Scope, number: Number) 
 
 @router.get("/api/v1/billing/invoices/{number}", response_model=InvoiceOut,
             responses=NOT_FOUND)
-def invoice_json(_: Viewer, settings: SettingsDep, scope: Scope, number: Number) -> InvoiceOut:
+def invoice_json(_: Reader, settings: SettingsDep, scope: Scope, number: Number) -> InvoiceOut:
     """One invoice or credit note with its document (what its ledger entry hashes)."""
     return _out(_find(settings, number, scope))
 

@@ -18,15 +18,25 @@ from starlette.concurrency import run_in_threadpool
 import billing
 from citygrid.settings import Settings
 from citygrid.yamlconf import ConfigError
-from gateway.deps import AUTH_ERRORS, SettingsDep, Viewer
+from gateway.deps import AUTH_ERRORS, Reader, SettingsDep, scope
 from gateway.models import CallbackOut, PaymentRequestOut, PaymentsOut
-from gateway.problems import problem
+from gateway.problems import documented, problem
 
 router = APIRouter(tags=["billing"])
 SIGNATURE_HEADER = "CityGrid-Signature"
 
 _configs: dict[tuple[str | None, float], billing.BillingConfig] = {}
 _configs_lock = threading.Lock()
+
+
+CALLBACK_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: documented("Unsigned, badly signed, or outside the replay window"),
+    404: documented("No such payment request"),
+    409: documented("Contradicts the outcome already recorded"),
+    413: documented("The body is over 64 KiB"),
+    422: documented("A malformed body, or an amount or currency that does not match"),
+    503: documented("The billing configuration or the account's secret is not available"),
+}
 
 
 def _config(settings: Settings) -> billing.BillingConfig:
@@ -45,7 +55,7 @@ def _config(settings: Settings) -> billing.BillingConfig:
     return config
 
 
-@router.post("/api/v1/billing/payments/callback", include_in_schema=False)
+@router.post("/api/v1/billing/payments/callback", responses=CALLBACK_ERRORS)
 async def callback(request: Request, settings: SettingsDep) -> JSONResponse:
     """An agent confirms or declines a payment request: 200 with the outcome (also for a
     duplicate, which changes nothing); 401 unsigned, badly signed, or outside the replay
@@ -72,23 +82,17 @@ def _apply(settings: Settings, signature: str | None, body: bytes) -> billing.Pa
     return billing.handle_payment_callback(settings.data_dir, config, signature, body)
 
 
-def _visible(role: str) -> frozenset[str] | None:
-    """The accounts a caller may see: every one for the operators' roles (None). A customer
-    token bound to one account will answer its own here."""
-    return None
-
-
 @router.get("/api/v1/billing/payments", response_model=PaymentsOut, responses=AUTH_ERRORS)
-def payments(role: Viewer, settings: SettingsDep,
+def payments(reader: Reader, settings: SettingsDep,
              account: Annotated[str | None, Query(max_length=64)] = None,
              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> PaymentsOut:
     """Payment requests to the accounts' agents — status, attempts, the last error — newest
-    first, and the ledger's payment entries; ``account``: one account's only."""
-    scope = _visible(role)
-    if account:
-        scope = frozenset({account}) if scope is None else scope & {account}
-    requests = billing.payment_requests(settings.data_dir, accounts=scope, limit=limit)
-    entries: list[dict[str, Any]] = billing.payment_entries(settings.data_dir, accounts=scope,
+    first, and the ledger's payment entries; ``account``: one account's only (a customer
+    token: its own)."""
+    only = scope(reader, account)
+    accounts = None if only is None else frozenset({only})
+    requests = billing.payment_requests(settings.data_dir, accounts=accounts, limit=limit)
+    entries: list[dict[str, Any]] = billing.payment_entries(settings.data_dir, accounts=accounts,
                                                             limit=limit)
     return PaymentsOut(requests=[_out(r) for r in requests], payments=entries)
 

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from billing import load_config
+from billing.invoices import issue
 from billing.ledger import BillingStore
 from citygrid.city import COPENHAGEN
 from citygrid.fleet import Fleet, FleetDevice
@@ -38,6 +39,8 @@ def gw(tmp_path):
         billing.on_reading(meter, T0, 100.0)
         billing.on_reading(meter, T0 + 3_600_000, 101.5)
         assert billing.settle(meter, T0 + 3_600_000)
+    numbers = {a: issue(billing.db, billing.config, COPENHAGEN.tz, a, T0 + 7_200_000).number
+               for a in ("acc-a", "acc-b")}
     billing.close()
     settings = Settings(mqtt_url="mqtt://127.0.0.1:9", data_dir=str(tmp_path))
     app = create_app(settings, store=FakeStore(), registry=registry, feed=FakeFeed({}),
@@ -45,7 +48,7 @@ def gw(tmp_path):
     auth = {"a": create_token(tmp_path, "customer", "household a", "acc-a"),
             "viewer": create_token(tmp_path, "viewer", "ops")}
     with TestClient(app) as client:
-        yield client, {k: {"Authorization": f"Bearer {v}"} for k, v in auth.items()}
+        yield client, {k: {"Authorization": f"Bearer {v}"} for k, v in auth.items()}, numbers
     registry.close()
 
 
@@ -55,7 +58,7 @@ def _404(r) -> None:
 
 
 def test_a_customer_sees_its_own_account_meters_and_settlements(gw):
-    client, h = gw
+    client, h, _ = gw
     assert client.get("/api/v1/whoami", headers=h["a"]).json() == {
         "role": "customer", "name": "household a", "account": "acc-a"}
     accounts = client.get("/api/v1/billing/accounts", headers=h["a"]).json()
@@ -70,7 +73,7 @@ def test_a_customer_sees_its_own_account_meters_and_settlements(gw):
 
 
 def test_another_accounts_things_do_not_exist_for_a_customer(gw):
-    client, h = gw
+    client, h, _ = gw
     _404(client.get("/api/v1/billing/accounts/acc-b", headers=h["a"]))
     _404(client.get("/api/v1/billing/settlements", headers=h["a"],
                     params={"account": "acc-b"}))
@@ -83,8 +86,26 @@ def test_another_accounts_things_do_not_exist_for_a_customer(gw):
             "field": "energy_kwh", "start_ms": T0, "end_ms": T0 + 3_600_000}))
 
 
+def test_a_customer_sees_its_own_invoices_and_payments_only(gw):
+    client, h, numbers = gw
+    mine, theirs = numbers["acc-a"], numbers["acc-b"]
+    listed = client.get("/api/v1/billing/invoices", headers=h["a"]).json()
+    assert [i["number"] for i in listed] == [mine]
+    assert client.get(f"/api/v1/billing/invoices/{mine}", headers=h["a"]).status_code == 200
+    pdf = client.get(f"/api/v1/billing/invoices/{mine}.pdf", headers=h["a"])
+    assert pdf.content.startswith(b"%PDF")
+    for suffix in ("", ".html", ".pdf"):
+        _404(client.get(f"/api/v1/billing/invoices/{theirs}{suffix}", headers=h["a"]))
+    _404(client.get("/api/v1/billing/invoices", headers=h["a"], params={"account": "acc-b"}))
+    assert client.get("/api/v1/billing/payments", headers=h["a"]).json() == {
+        "requests": [], "payments": []}
+    _404(client.get("/api/v1/billing/payments", headers=h["a"], params={"account": "acc-b"}))
+    r = client.post("/api/v1/billing/accounts/acc-a/invoices", headers=h["a"], json={})
+    assert r.status_code == 403, r.text  # issuing is the operators'
+
+
 def test_a_customer_token_opens_no_operators_route(gw):
-    client, h = gw
+    client, h, _ = gw
     for path in ("/api/v1/devices", "/api/v1/alerts", "/api/v1/billing/ledger",
                  "/api/v1/work-orders", "/api/v1/status"):
         r = client.get(path, headers=h["a"])
@@ -93,7 +114,7 @@ def test_a_customer_token_opens_no_operators_route(gw):
 
 
 def test_operators_still_see_every_account(gw):
-    client, h = gw
+    client, h, _ = gw
     accounts = client.get("/api/v1/billing/accounts", headers=h["viewer"]).json()
     assert [a["account_id"] for a in accounts] == ["acc-a", "acc-b"]
     assert client.get("/api/v1/billing/accounts/acc-b", headers=h["viewer"]).json()[

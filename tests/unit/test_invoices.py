@@ -302,6 +302,18 @@ def test_the_invoice_is_a_zero_amount_ledger_entry_that_chains(store):
     assert invoices.verify_invoice(store.path.parent, inv.number).number == inv.number
 
 
+def test_ledger_list_shows_invoices_beside_settlements(store, tmp_path, capsys):
+    from cityctl.cli import main
+
+    march(store)
+    inv = invoices.issue(store.db, CONFIG, TZ, "acc-1", ms(2026, 4, 2), period="2026-03")
+    assert main(["ledger", "list", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(store.entries())
+    assert "m-1" in out[0] and " kWh " in out[0]
+    assert f"invoice    {inv.number:>16}" in out[-1] and "invoice:acc-1:2026-03" in out[-1]
+
+
 def test_an_edited_invoice_document_is_found(store):
     march(store)
     inv = invoices.issue(store.db, CONFIG, TZ, "acc-1", ms(2026, 4, 2), period="2026-03")
