@@ -217,6 +217,28 @@ def energy_and_billing() -> dashboard.Dashboard:
             f'SELECT last("balance_minor") / 100 AS "balance", sum("kwh") AS "kwh settled" '
             f'FROM "citygrid_billing" WHERE {DISTRICT} AND $timeFilter GROUP BY "account"',
             result_format="table")))
+    # Every ledger entry, whoever appended it (rules/ledgerfeed.py): invoices issued, payments
+    # the accounts' agents confirmed, credit notes, and what each account owes after them.
+    ledger = 'FROM "citygrid_ledger" WHERE "kind" = \'{}\' AND $timeFilter'
+    d = d.with_panel(_ts("Invoiced, paid and credited (DKK)", (
+        f'SELECT sum("amount_minor") / 100 {ledger.format("invoice")} '
+        "GROUP BY time($__interval) fill(none)", "invoiced"), (
+        f'SELECT sum("amount_minor") / 100 {ledger.format("payment")} '
+        "GROUP BY time($__interval) fill(none)", "paid"), (
+        f'SELECT sum("amount_minor") / 100 {ledger.format("credit_note")} '
+        "GROUP BY time($__interval) fill(none)", "credited")))
+    d = d.with_panel(
+        table.Panel().title("Balance and outstanding by account (DKK)").datasource(DATASOURCE)
+        .height(8).span(12).with_target(InfluxQL(
+            'SELECT last("balance_minor") / 100 AS "balance", last("outstanding_minor") / 100 '
+            'AS "outstanding" FROM "citygrid_ledger" WHERE $timeFilter GROUP BY "account"',
+            result_format="table")))
+    d = d.with_panel(_stat("Outstanding, all accounts (DKK)", (
+        'SELECT sum("outstanding") / 100 FROM (SELECT last("outstanding_minor") AS '
+        '"outstanding" FROM "citygrid_ledger" WHERE $timeFilter GROUP BY "account")'),
+        width=6))
+    d = d.with_panel(_stat("Payments confirmed (DKK)", (
+        f'SELECT sum("amount_minor") / 100 {ledger.format("payment")}'), width=6))
     d = d.with_panel(_ts("Time-of-use price bands (per kWh)", (
         'SELECT last("price") FROM "citygrid_tariff" WHERE $timeFilter '
         'GROUP BY time($__interval), "tariff" fill(previous)', "$tag_tariff")))

@@ -14,6 +14,9 @@ from datetime import datetime, timedelta
 
 import pytest
 
+import billing
+from billing import config as billing_config
+from billing import payments
 from citygrid.city import COPENHAGEN
 from citygrid.contract import Topic
 from citygrid.fleet import Fleet
@@ -41,6 +44,30 @@ def expand(query: str, start_ms: int, end_ms: int, district_regex: str) -> str:
     return (query.replace("$timeFilter", f"time >= {start_ms}ms AND time <= {end_ms}ms")
             .replace("$__interval", "10m").replace("$district", district_regex)
             .replace("$device", ".*"))
+
+
+def bill_the_night(data_dir, now_ms: int) -> None:
+    """An account's invoice on demand, a credit note on it, and its payment agent's signed
+    confirmation: billing's own functions, as the gateway calls them for an operator and an
+    agent. The running rule runner's ledger feed writes them as citygrid_ledger points."""
+    account = billing.settlements(data_dir, limit=1)[0]["account"]
+    config = billing_config.parse_text(billing_config.EXAMPLE.read_text() + (
+        f"accounts:\n  {account}:\n    opening_balance: 1000.00\n    low_balance: 100.00\n"
+        "    payment_agent: {url: 'http://agent.invalid/pay', secret_env: DASH_SECRET}\n"))
+    db = billing.open_db(data_dir)
+    try:
+        invoice = billing.issue_invoice(db, config, COPENHAGEN.tz, account, now_ms)
+        billing.credit_note(db, config, COPENHAGEN.tz, invoice.number, "a goodwill credit",
+                            now_ms, amount="1.00")
+        payments.enqueue(db, f"invoice:{invoice.number}", account, "invoice", invoice.number,
+                         invoice.total_minor, "DKK", now_ms)
+        body = json.dumps({"protocol": 1, "request": f"invoice:{invoice.number}",
+                           "status": "confirmed", "amount_minor": invoice.total_minor,
+                           "currency": "DKK", "payment_id": "pay-1"}).encode()
+        payments.callback(db, config, payments.signature_header(b"s3cret", now_ms // 1000, body),
+                          body, now_ms, environ={"DASH_SECRET": "s3cret"})
+    finally:
+        db.close()
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +113,10 @@ def night(influxd, mosquitto, tmp_path_factory):
             orders.close()
         wait_until(lambda: store.count("citygrid_work_orders") >= 2, timeout_s=10,
                    message="the orders done in InfluxDB")
+        bill_the_night(tmp, int(time.time() * 1000))
+        wait_until(lambda: store.query('SELECT count("seq") FROM "citygrid_ledger" WHERE '
+                                       '"kind" = \'payment\''), timeout_s=10,
+                   message="the invoice, credit note and payment as citygrid_ledger points")
         time.sleep(2)  # last self-reports, lighting and billing points
         # The long-range panels read the hourly rollups: what the continuous queries would
         # have written over the night, written now with their own statements.
