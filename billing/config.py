@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
@@ -49,17 +50,22 @@ class Tier(BaseModel):
     upto_kwh: Annotated[Decimal, Field(gt=0)] | None = None  # None: the last, open band
 
 
-class Tariff(BaseModel):
-    """One price (flat), a base price with time-of-use windows, or tiers per month."""
+Rate = Annotated[Decimal, Field(ge=0, le=1, max_digits=6, decimal_places=4)]
+
+
+class Prices(BaseModel):
+    """What a tariff charges while one version is valid: one price (flat), a base price with
+    time-of-use windows, or tiers per month; and fixed charges per month and per day."""
 
     model_config = _STRICT
     price: Money | None = None
     windows: list[Window] = []
     tiers: list[Tier] = []
     standing_charge_per_month: Money = Decimal(0)
+    fixed_per_day: Money = Decimal(0)
 
     @model_validator(mode="after")
-    def _shape(self) -> Tariff:
+    def _shape(self) -> Prices:
         if self.tiers and (self.price is not None or self.windows):
             raise ValueError("a tariff is tiered or priced (with optional windows), not both")
         if not self.tiers and self.price is None:
@@ -71,6 +77,39 @@ class Tariff(BaseModel):
             if None in bounds or bounds != sorted(bounds):
                 raise ValueError("tiers need rising upto_kwh, all but the last")
         return self
+
+
+class Version(Prices):
+    """A later version of a tariff: valid from local midnight of ``valid_from`` until the
+    next version starts. A price change never reprices consumption before it."""
+
+    valid_from: date
+
+
+class Tariff(Prices):
+    """A tariff: its first version's prices (valid since ever), later ``versions`` each from
+    its date, and a VAT rate (shown separately on every settlement, 0 if none)."""
+
+    vat_rate: Rate = Decimal(0)
+    versions: list[Version] = []
+
+    @model_validator(mode="after")
+    def _versions_do_not_overlap(self) -> Tariff:
+        starts = [v.valid_from for v in self.versions]
+        for a, b in zip(starts, starts[1:], strict=False):
+            if b <= a:
+                raise ValueError(f"tariff versions overlap: one from {b} follows one from {a} "
+                                 "(list them by rising valid_from, one per date)")
+        return self
+
+    def on(self, day: date) -> Prices:
+        """The version valid on a local calendar day."""
+        current: Prices = self
+        for v in self.versions:
+            if v.valid_from > day:
+                break
+            current = v
+        return current
 
 
 class AccountDefaults(BaseModel):

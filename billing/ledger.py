@@ -18,12 +18,12 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from billing import payments, tariffs
+from billing import payments, settlement, tariffs
 from billing.accounting import MeterState, account, to_mwh
 from billing.config import BillingConfig, MeterBinding
 from citygrid import statedb
@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS meters (
     resets INTEGER NOT NULL, ignored INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS unbilled (
     meter_id TEXT NOT NULL, start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
-    mwh INTEGER NOT NULL, price TEXT NOT NULL, amount TEXT NOT NULL, period TEXT NOT NULL);
+    mwh INTEGER NOT NULL, price TEXT NOT NULL, amount TEXT NOT NULL, period TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'energy', label TEXT NOT NULL DEFAULT 'Energy');
 CREATE INDEX IF NOT EXISTS unbilled_by_meter ON unbilled (meter_id, start_ms);
 CREATE TABLE IF NOT EXISTS period_usage (
     meter_id TEXT NOT NULL, period TEXT NOT NULL, mwh INTEGER NOT NULL,
@@ -88,6 +89,7 @@ class BillingStore:
         # simply settled again from the unbilled readings. Per-reading fsyncs cost more.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        _migrate(self.db)
         self._checkpoints = statedb.checkpoint_in_background(self.db, self.path)
         self._lock = threading.Lock()
         self._bindings: dict[str, tuple[Any, MeterBinding | None]] = {}
@@ -137,9 +139,9 @@ class BillingStore:
                                 (meter_id, state.last_ts, state.last_register, state.spike_ts,
                                  state.spike_register, state.held_mwh, state.resets,
                                  state.ignored))
-                self.db.executemany("INSERT INTO unbilled VALUES (?,?,?,?,?,?,?)", [
+                self.db.executemany("INSERT INTO unbilled VALUES (?,?,?,?,?,?,?,?,?)", [
                     (meter_id, s.start_ms, s.end_ms, s.mwh, str(s.price), str(s.amount),
-                     s.period) for s in segments])
+                     s.period, s.kind, s.label) for s in segments])
                 self.db.executemany("INSERT OR REPLACE INTO period_usage VALUES (?,?,?)", [
                     (meter_id, p, m) for p, m in used.items() if before.get(p) != m])
             self._usage[meter_id] = used  # committed
@@ -188,8 +190,9 @@ class BillingStore:
         current = tariffs.period_of(now_ms, self.tz)
         done = []
         with self._lock:
-            rows = self.db.execute("SELECT start_ms, end_ms, mwh, amount, period FROM unbilled "
-                                   "WHERE meter_id = ? ORDER BY start_ms", (meter_id,)).fetchall()
+            rows = self.db.execute("SELECT start_ms, end_ms, mwh, amount, period, kind, label, "
+                                   "price FROM unbilled WHERE meter_id = ? ORDER BY start_ms",
+                                   (meter_id,)).fetchall()
             periods: dict[str, list[tuple]] = {}
             for r in rows:
                 if not (ended_periods_only and r[4] >= current):
@@ -207,20 +210,22 @@ class BillingStore:
         key = f"{meter_id}:{first}:{last}"
         mwh = sum(s[2] for s in segs)
         amount = sum((Decimal(s[3]) for s in segs), Decimal(0))
-        standing = Decimal(0)
-        if ended:
-            standing = self.config.tariffs[tariff].standing_charge_per_month
-            if self.db.execute("SELECT 1 FROM standing_charged WHERE meter_id = ? AND "
-                               "period = ?", (meter_id, period)).fetchone():
-                standing = Decimal(0)
-        minor = int(((amount + standing) * self.config.minor_units)
-                    .quantize(Decimal(1), rounding=ROUND_HALF_UP))
+        lines = settlement.energy_lines(segs)
+        if ended and not self.db.execute("SELECT 1 FROM standing_charged WHERE meter_id = ? "
+                                         "AND period = ?", (meter_id, period)).fetchone():
+            lines += settlement.fixed_lines(self.config.tariffs[tariff], period)
+        standing = sum((ln.amount for ln in lines if ln.kind == "fixed"), Decimal(0))
+        vat_rate = self.config.tariffs[tariff].vat_rate
+        net, vat, minor = settlement.totals(lines, vat_rate, self.config.minor_units)
         entry = {"meter": meter_id, "account": account_id, "tariff": tariff, "period": period,
                  "from_ms": first, "to_ms": last,
                  "kwh": f"{Decimal(mwh) / Decimal(1_000_000):.6f}",
                  "energy_amount": f"{amount:.6f}", "standing_charge": f"{standing:.2f}",
                  "amount_minor": minor, "currency": self.config.currency,
-                 "settled_at_ms": now_ms}
+                 "settled_at_ms": now_ms,
+                 "lines": [ln.as_dict() for ln in lines], "net_amount": settlement.dec(net),
+                 "vat_rate": str(vat_rate), "vat_amount": settlement.dec(vat),
+                 "export_kwh": "0.000000"}
 
         def also() -> None:
             if ended:
@@ -260,6 +265,15 @@ class BillingStore:
     def close(self) -> None:
         self._checkpoints.set()
         self.db.close()
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Billing files from before settlement lines: their unbilled rows are energy."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(unbilled)")}
+    for column, sql in (("kind", "TEXT NOT NULL DEFAULT 'energy'"),
+                        ("label", "TEXT NOT NULL DEFAULT 'Energy'")):
+        if column not in have:
+            db.execute(f"ALTER TABLE unbilled ADD COLUMN {column} {sql}")
 
 
 def append(db: sqlite3.Connection, config: BillingConfig, key: str, account_id: str,

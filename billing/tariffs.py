@@ -14,7 +14,7 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from billing.config import DAYS, BillingConfig, Tariff, minutes
+from billing.config import DAYS, BillingConfig, Prices, Tariff, minutes
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class Segment:
     price: Decimal  # currency units per kWh
     amount: Decimal  # currency units, exact
     period: str  # YYYY-MM in the city's timezone
+    kind: str = "energy"  # a settlement line's kind (docs/tariffs.md)
+    label: str = "Energy"  # and its label: segments with the same kind, label, price group
 
 
 def period_of(ts_ms: int, tz: ZoneInfo) -> str:
@@ -43,11 +45,12 @@ def _instant(day: date, hhmm: str, tz: ZoneInfo) -> int:
 
 
 def _day_cuts(tariff: Tariff, tz: ZoneInfo, day: date) -> tuple[int, ...]:
-    """The instants a price may change on ``day``: its windows' ends, and a month's start."""
+    """The instants a price may change on ``day``: its windows' ends (of the version valid
+    that day), a month's start and a version's start."""
     cuts = []
-    if day.day == 1:
+    if day.day == 1 or any(v.valid_from == day for v in tariff.versions):
         cuts.append(int(datetime.combine(day, time(0), tz).timestamp() * 1000))
-    for w in tariff.windows:
+    for w in tariff.on(day).windows:
         cuts.append(_instant(day, w.start, tz))
         cuts.append(_instant(day, w.end, tz))
     return tuple(cuts)
@@ -110,13 +113,24 @@ def _cuts_inside(tariff: Tariff, tz: ZoneInfo, t0: int, t1: int) -> list[int]:
     return inside
 
 
-def _price_at(tariff: Tariff, tz: ZoneInfo, ts_ms: int) -> Decimal:
+def _priced_at(tariff: Tariff, tz: ZoneInfo, ts_ms: int) -> tuple[Decimal, str]:
+    """The price per kWh at a moment, and its line's label (the window it falls in)."""
     local = datetime.fromtimestamp(ts_ms / 1000, tz)
+    prices = tariff.on(local.date())
     now = local.hour * 60 + local.minute + local.second / 60
-    for w in tariff.windows:
+    for w in prices.windows:
         if DAYS[local.weekday()] in w.days and minutes(w.start) <= now < minutes(w.end):
-            return w.price
-    return tariff.price  # type: ignore[return-value]
+            return w.price, f"Energy {w.start}\u2013{w.end}"
+    return prices.price, "Energy"  # type: ignore[return-value]
+
+
+def _price_at(tariff: Tariff, tz: ZoneInfo, ts_ms: int) -> Decimal:
+    return _priced_at(tariff, tz, ts_ms)[0]
+
+
+def version_at(tariff: Tariff, tz: ZoneInfo, ts_ms: int) -> Prices:
+    """The tariff version valid at a moment (the local day it falls on)."""
+    return tariff.on(datetime.fromtimestamp(ts_ms / 1000, tz).date())
 
 
 def _share(mwh: int, weights: list[int]) -> list[int]:
@@ -140,23 +154,26 @@ def price(config: BillingConfig, tariff_name: str, tz: ZoneInfo, t0: int, t1: in
     segments = []
     for (a, b), part in zip(pieces, shares, strict=True):
         period = period_of(a, tz)
-        if tariff.tiers:
+        prices = version_at(tariff, tz, a)
+        if prices.tiers:
             used = used_in_period.get(period, 0)
             left = part
-            for tier in tariff.tiers:
+            for n, tier in enumerate(prices.tiers, start=1):
                 cap = None if tier.upto_kwh is None else int(tier.upto_kwh * 1_000_000)
                 room = left if cap is None else max(0, min(left, cap - used))
                 if room:
                     segments.append(Segment(a, b, room, tier.price,
-                                            tier.price * room / Decimal(1_000_000), period))
+                                            tier.price * room / Decimal(1_000_000), period,
+                                            "energy", f"Energy tier {n}"))
                     used += room
                     left -= room
                 if not left:
                     break
             used_in_period[period] = used
         else:
-            p = _price_at(tariff, tz, a)
-            segments.append(Segment(a, b, part, p, p * part / Decimal(1_000_000), period))
+            p, label = _priced_at(tariff, tz, a)
+            segments.append(Segment(a, b, part, p, p * part / Decimal(1_000_000), period,
+                                    "energy", label))
             used_in_period[period] = used_in_period.get(period, 0) + part
     return segments
 
@@ -164,4 +181,5 @@ def price(config: BillingConfig, tariff_name: str, tz: ZoneInfo, t0: int, t1: in
 def price_now(config: BillingConfig, tariff_name: str, tz: ZoneInfo, ts_ms: int) -> Decimal:
     """The tariff's price per kWh at a moment (a tiered tariff: its first band)."""
     tariff = config.tariffs[tariff_name]
-    return tariff.tiers[0].price if tariff.tiers else _price_at(tariff, tz, ts_ms)
+    prices = version_at(tariff, tz, ts_ms)
+    return prices.tiers[0].price if prices.tiers else _price_at(tariff, tz, ts_ms)

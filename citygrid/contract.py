@@ -342,6 +342,14 @@ class Settlement(BaseModel):
     amount_minor: Annotated[int, Field(description="Debited, in minor units (øre, cents).")]
     currency: str
     settled_at_ms: int
+    lines: Annotated[list[dict[str, str]] | None, Field(
+        description="The bill's parts (docs/tariffs.md): kind (energy|grid|export|fixed|"
+                    "demand), label, quantity, unit (kWh|day|month|kW), unit_price and "
+                    "amount (decimal, excluding VAT; export negative).")] = None
+    net_amount: Annotated[str | None, Field(description="Sum of the lines, excl. VAT.")] = None
+    vat_rate: Annotated[str | None, Field(description="The tariff's VAT rate, e.g. 0.25.")] = None
+    vat_amount: Annotated[str | None, Field(description="net_amount × vat_rate.")] = None
+    export_kwh: Annotated[str | None, Field(description="Decimal kWh exported.")] = None
     balance_after_minor: int
     prev_hash: Annotated[str, Field(description="SHA-256 of the previous entry.")]
     hash: Annotated[str, Field(description="SHA-256 of this entry's canonical encoding "
