@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from billing.prices import PriceFileError
+from billing.prices import load as load_prices
 from citygrid.fleet import Fleet
 from citygrid.yamlconf import ConfigError, ConfigProblem, parse, validate
 
@@ -18,6 +20,8 @@ DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$|^24:00$")
 
 Money = Annotated[Decimal, Field(ge=0, max_digits=12, decimal_places=4)]
+SignedMoney = Annotated[Decimal, Field(max_digits=12, decimal_places=4)]  # may be negative
+MONTHS = list(range(1, 13))
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -44,6 +48,70 @@ class Window(BaseModel):
         return self
 
 
+class Band(Window):
+    """A time-banded grid price: between two local clock times on some days, in some months
+    (1–12, all by default), e.g. a winter peak 17:00–21:00."""
+
+    label: Annotated[str, Field(min_length=1, max_length=60)]
+    months: list[Annotated[int, Field(ge=1, le=12)]] = MONTHS
+
+
+class Grid(BaseModel):
+    """Grid (network) charges per kWh imported: a base price and bands over it. They are
+    their own lines (kind ``grid``), added to whatever the energy costs."""
+
+    model_config = _STRICT
+    price: Money = Decimal(0)
+    bands: list[Band] = []
+
+
+class Spot(BaseModel):
+    """Energy at the hourly (or quarter-hourly) spot price of a price area, from the billing
+    file's ``price_file``: the price per MWh / 1000, plus ``markup`` per kWh."""
+
+    model_config = _STRICT
+    area: Annotated[str, Field(pattern=r"^[A-Z0-9]{2,8}$")]
+    markup: SignedMoney = Decimal(0)
+
+
+class Demand(BaseModel):
+    """A capacity (demand) charge: the month's highest 15-minute average power, at least
+    ``minimum_kw``, × ``price_per_kw``, once per ended month (like the Flemish capacity
+    tariff)."""
+
+    model_config = _STRICT
+    price_per_kw: Money
+    minimum_kw: Annotated[Decimal, Field(ge=0, max_digits=8, decimal_places=3)] = Decimal(0)
+
+
+class Export(BaseModel):
+    """How the export register is credited. ``net``: import and export are netted within
+    each interval between two readings; a surplus is credited at that moment's energy price.
+    ``separate``: import is billed in full, export credited at ``price`` per kWh or at the
+    spot price (``spot: true``) less ``fee``. The credit offsets only energy charges (what is
+    left is carried to the next settlement) unless ``offsets_fixed`` says it may offset grid,
+    fixed and demand charges too."""
+
+    model_config = _STRICT
+    mode: Literal["net", "separate"]
+    price: SignedMoney | None = None
+    spot: bool = False
+    area: Annotated[str, Field(pattern=r"^[A-Z0-9]{2,8}$")] | None = None  # else the energy's
+    fee: Money = Decimal(0)
+    offsets_fixed: bool = False
+
+    @model_validator(mode="after")
+    def _priced(self) -> Export:
+        if self.mode == "separate" and (self.price is None) == (not self.spot):
+            raise ValueError("a separate export is credited at a price or at spot: give one "
+                             "of price and spot: true")
+        if self.mode == "net" and (self.price is not None or self.spot or self.fee
+                                   or self.area):
+            raise ValueError("net metering credits a surplus at the energy price: no price, "
+                             "spot, area or fee")
+        return self
+
+
 class Tier(BaseModel):
     model_config = _STRICT
     price: Money
@@ -61,6 +129,10 @@ class Prices(BaseModel):
     price: Money | None = None
     windows: list[Window] = []
     tiers: list[Tier] = []
+    spot: Spot | None = None
+    grid: Grid | None = None
+    demand: Demand | None = None
+    export: Export | None = None
     standing_charge_per_month: Money = Decimal(0)
     fixed_per_day: Money = Decimal(0)
 
@@ -68,8 +140,14 @@ class Prices(BaseModel):
     def _shape(self) -> Prices:
         if self.tiers and (self.price is not None or self.windows):
             raise ValueError("a tariff is tiered or priced (with optional windows), not both")
-        if not self.tiers and self.price is None:
-            raise ValueError("a tariff needs a price (or tiers)")
+        if self.spot is not None and (self.tiers or self.price is not None or self.windows):
+            raise ValueError("a spot tariff has no price, windows or tiers of its own")
+        if not self.tiers and self.price is None and self.spot is None:
+            raise ValueError("a tariff needs a price (or tiers, or spot)")
+        if (self.export is not None and self.export.spot and self.export.area is None
+                and self.spot is None):
+            raise ValueError("an export at spot needs its price area: export.area, or the "
+                             "tariff's own spot")
         if self.tiers:
             if self.tiers[-1].upto_kwh is not None:
                 raise ValueError("the last tier has no upto_kwh (it is open-ended)")
@@ -101,6 +179,10 @@ class Tariff(Prices):
                 raise ValueError(f"tariff versions overlap: one from {b} follows one from {a} "
                                  "(list them by rising valid_from, one per date)")
         return self
+
+    def uses_spot(self) -> bool:
+        return any(p.spot is not None or (p.export is not None and p.export.spot)
+                   for p in (self, *self.versions))
 
     def on(self, day: date) -> Prices:
         """The version valid on a local calendar day."""
@@ -160,6 +242,7 @@ class BillingConfig(BaseModel):
     version: Literal[1] = 1
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
     minor_units: Annotated[int, Field(ge=1, le=1000)] = 100
+    price_file: str | None = None  # spot prices (billing/prices.py), relative to this file
     tariffs: dict[str, Tariff]
     account_defaults: AccountDefaults = AccountDefaults()
     accounts: dict[str, Account] = {}
@@ -170,6 +253,12 @@ class BillingConfig(BaseModel):
         for meter, b in self.meters.items():
             if b.tariff not in self.tariffs:
                 raise ValueError(f"meter {meter}: unknown tariff {b.tariff!r}")
+        spot = sorted(name for name, t in self.tariffs.items() if t.uses_spot())
+        if spot and self.price_file is None:
+            raise ValueError(f"tariff {spot[0]} prices at spot: the file needs a price_file")
+        if spot and self.currency not in ("DKK", "EUR"):
+            raise ValueError(f"tariff {spot[0]} prices at spot: a price file has DKK and EUR "
+                             f"prices, not {self.currency}")
         return self
 
     def minor(self, amount: Decimal) -> int:
@@ -201,9 +290,25 @@ def parse_text(text: str, name: str = "<billing>") -> BillingConfig:
 
 
 def load(path: str | Path | None = None) -> BillingConfig:
+    """The billing file, its ``price_file`` resolved next to it and checked: a price file
+    with a gap or a duplicate refuses the whole configuration, as a bad tariff does."""
     path = Path(path or EXAMPLE)
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError([ConfigProblem(str(path), 1, 1, f"cannot read: {e}")]) from None
-    return parse_text(text, str(path))
+    config = parse_text(text, str(path))
+    if config.price_file is not None:
+        resolved = path.parent / config.price_file
+        config = config.model_copy(update={"price_file": str(resolved)})
+        check_price_file(config)
+    return config
+
+
+def check_price_file(config: BillingConfig) -> None:
+    if config.price_file is None:
+        return
+    try:
+        load_prices(config.price_file, config.currency)
+    except PriceFileError as e:
+        raise ConfigError([ConfigProblem(e.path, 1, 1, p) for p in e.problems]) from None

@@ -287,7 +287,8 @@ def entry_lines(entry: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"kind": str(li.get("kind", "energy")), "label": str(li.get("label", "")),
                  "quantity": _dec(li.get("quantity")), "unit": str(li.get("unit", "")),
                  "unit_price": (_plain(_dec(li["unit_price"]))
-                                if li.get("unit_price") not in (None, "") else None),
+                                if li.get("unit_price") not in (None, "")
+                                and not tariffs.averaged(str(li.get("label", ""))) else None),
                  "amount": _dec(li.get("amount")), "vat_rate": rate}
                 for li in entry["lines"]]
     tariff = entry.get("tariff", "?")

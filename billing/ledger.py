@@ -24,8 +24,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from billing import payments, settlement, tariffs
-from billing.accounting import MeterState, account, to_mwh
-from billing.config import BillingConfig, MeterBinding
+from billing.accounting import MeterState, Outcome, account, to_mwh
+from billing.config import BillingConfig, MeterBinding, Tariff
+from billing.prices import QUARTER_MS, PriceFile, SpotPrices
 from citygrid import statedb
 from citygrid.fleet import Fleet
 
@@ -49,6 +50,18 @@ CREATE TABLE IF NOT EXISTS accounts (
     low_balance_minor INTEGER NOT NULL, currency TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS standing_charged (
     meter_id TEXT NOT NULL, period TEXT NOT NULL, PRIMARY KEY (meter_id, period));
+CREATE TABLE IF NOT EXISTS export_meters (
+    meter_id TEXT PRIMARY KEY, last_ts INTEGER, last_register INTEGER NOT NULL,
+    spike_ts INTEGER, spike_register INTEGER NOT NULL, held_mwh INTEGER NOT NULL,
+    resets INTEGER NOT NULL, ignored INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS unpriced (
+    meter_id TEXT NOT NULL, start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
+    mwh INTEGER NOT NULL, period TEXT NOT NULL, kind TEXT NOT NULL, label TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS demand (
+    meter_id TEXT NOT NULL, period TEXT NOT NULL, peak_mwh INTEGER NOT NULL,
+    peak_start_ms INTEGER, q_start_ms INTEGER, q_mwh INTEGER NOT NULL,
+    PRIMARY KEY (meter_id, period));
+CREATE TABLE IF NOT EXISTS export_carry (meter_id TEXT PRIMARY KEY, amount TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger (
     seq INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, entry TEXT NOT NULL,
     hash TEXT NOT NULL);
@@ -101,6 +114,13 @@ class BillingStore:
         # Per meter: mWh priced per period so far (tiers count per month), as the table has
         # it after the last commit — read once, like the meter state, not on every reading.
         self._usage: dict[str, dict[str, int]] = {}
+        self._export_states: dict[str, MeterState] = {}
+        # Per meter and month: [peak mWh in a quarter hour, its start, the current quarter's
+        # start, its mWh so far] — for capacity charges (billing/config.py Demand).
+        self._demand: dict[str, dict[str, list]] = {}
+        # Spot prices (billing/prices.py), read again when the file changes.
+        self.prices = (PriceFile(config.price_file, config.currency)
+                       if config.price_file else None)
         self.appended = 0  # ledger entries this store appended (the anchor looks after a change)
 
     # ------------------------------------------------------------------ readings
@@ -114,45 +134,160 @@ class BillingStore:
             state = self._states[meter_id] = MeterState(*row) if row else MeterState()
         return state
 
+    def _export_state(self, meter_id: str) -> MeterState:
+        state = self._export_states.get(meter_id)
+        if state is None:
+            row = self.db.execute("SELECT last_ts, last_register, spike_ts, spike_register, "
+                                  "held_mwh, resets, ignored FROM export_meters WHERE "
+                                  "meter_id = ?", (meter_id,)).fetchone()
+            state = self._export_states[meter_id] = MeterState(*row) if row else MeterState()
+        return state
+
+    def spot(self) -> SpotPrices | None:
+        return self.prices.current() if self.prices is not None else None
+
+    def price_now(self, tariff: str, ts_ms: int) -> Decimal | None:
+        """The tariff's energy price per kWh now (None at spot when the file has none)."""
+        return tariffs.price_now(self.config, tariff, self.tz, ts_ms, self.spot())
+
     def max_power_w(self, meter_id: str) -> float:
         device = self.fleet.by_id.get(meter_id) if self.fleet else None
         return (device.max_power_w if device and device.max_power_w else 3 * 63 * 230.0)
 
-    def on_reading(self, meter_id: str, ts_ms: int, energy_kwh: float) -> list[tuple[str, str]]:
-        """Account one meter reading; returns events worth an alert (reset, spike, held)."""
+    def on_reading(self, meter_id: str, ts_ms: int, energy_kwh: float,
+                   export_kwh: float | None = None) -> list[tuple[str, str]]:
+        """Account one meter reading — its import register and, when the meter reports one,
+        its export register; returns events worth an alert (reset, spike, held, unpriced;
+        the export register's prefixed ``export-``)."""
         binding = self._binding(meter_id)
         if binding is None:
             return [("unbilled_meter", f"{meter_id} has no account and tariff")]
+        tariff = self.config.tariffs[binding.tariff]
         with self._lock:
             state = self._state(meter_id)
-            outcome = account(state, ts_ms, to_mwh(energy_kwh), self.max_power_w(meter_id))
+            max_w = self.max_power_w(meter_id)
+            outcome = account(state, ts_ms, to_mwh(energy_kwh), max_w)
+            events = outcome.events
+            imports, exports = outcome.intervals, []
+            xstate = None
+            if export_kwh is not None:
+                xstate = self._export_state(meter_id)
+                x: Outcome = account(xstate, ts_ms, to_mwh(export_kwh), max_w)
+                events = events + [(f"export-{k}", f"export register: {d}") for k, d in x.events]
+                imports, exports = _net(tariff, self.tz, imports, x.intervals)
             before = self._usage.get(meter_id)
             if before is None:
                 before = {p: m for p, m in self.db.execute(
                     "SELECT period, mwh FROM period_usage WHERE meter_id = ?", (meter_id,))}
             used = dict(before)
-            segments = [s for t0, t1, mwh in outcome.intervals
+            spot = self.spot() if self.prices is not None else None
+            segments = [s for t0, t1, mwh in imports
                         for s in tariffs.price(self.config, binding.tariff, self.tz, t0, t1, mwh,
-                                               used)]
+                                               used, spot)]
+            segments += [s for t0, t1, mwh in exports
+                         for s in tariffs.credit(self.config, binding.tariff, self.tz, t0, t1,
+                                                 mwh, spot)]
+            held = [s for s in segments if s.price is None]
+            if held:
+                segments = [s for s in segments if s.price is not None]
+                events = events + [_unpriced(held, spot)]
+            demand = self._track_demand(meter_id, tariff, imports)
             with self.db:
                 self.db.execute("INSERT OR REPLACE INTO meters VALUES (?,?,?,?,?,?,?,?)",
                                 (meter_id, state.last_ts, state.last_register, state.spike_ts,
                                  state.spike_register, state.held_mwh, state.resets,
                                  state.ignored))
+                if xstate is not None:
+                    self.db.execute("INSERT OR REPLACE INTO export_meters VALUES "
+                                    "(?,?,?,?,?,?,?,?)", (
+                                        meter_id, xstate.last_ts, xstate.last_register,
+                                        xstate.spike_ts, xstate.spike_register, xstate.held_mwh,
+                                        xstate.resets, xstate.ignored))
                 self.db.executemany("INSERT INTO unbilled VALUES (?,?,?,?,?,?,?,?,?)", [
                     (meter_id, s.start_ms, s.end_ms, s.mwh, str(s.price), str(s.amount),
                      s.period, s.kind, s.label) for s in segments])
+                if held:
+                    self.db.executemany("INSERT INTO unpriced VALUES (?,?,?,?,?,?,?)", [
+                        (meter_id, s.start_ms, s.end_ms, s.mwh, s.period, s.kind, s.label)
+                        for s in held])
                 self.db.executemany("INSERT OR REPLACE INTO period_usage VALUES (?,?,?)", [
                     (meter_id, p, m) for p, m in used.items() if before.get(p) != m])
+                if demand:
+                    self.db.executemany("INSERT OR REPLACE INTO demand VALUES (?,?,?,?,?,?)", [
+                        (meter_id, p, *row) for p, row in demand.items()])
             self._usage[meter_id] = used  # committed
-            cached = self._unbilled.get(meter_id)
-            if cached is not None and segments:
-                mwh, rows, oldest, amount = cached
-                periods = [s.period for s in segments] + ([oldest] if oldest else [])
-                self._unbilled[meter_id] = (
-                    mwh + sum(s.mwh for s in segments), rows + len(segments), min(periods),
-                    amount + sum((s.amount for s in segments), Decimal(0)))
-        return outcome.events
+            self._cache_unbilled(meter_id, segments)
+        return events
+
+    def _cache_unbilled(self, meter_id: str, segments: list[tariffs.Segment]) -> None:
+        cached = self._unbilled.get(meter_id)
+        if cached is not None and segments:
+            mwh, rows, oldest, amount = cached
+            periods = [s.period for s in segments] + ([oldest] if oldest else [])
+            self._unbilled[meter_id] = (
+                mwh + sum(s.mwh for s in segments if s.kind == "energy"),
+                rows + len(segments), min(periods),
+                amount + sum((s.amount for s in segments if s.amount is not None), Decimal(0)))
+
+    def _track_demand(self, meter_id: str, tariff: Tariff, imports: list[tuple[int, int, int]]
+                      ) -> dict[str, list]:
+        """Add imported energy to its quarter hours; returns the months whose row changed."""
+        if not imports or not any(p.demand is not None for p in (tariff, *tariff.versions)):
+            return {}
+        months = self._demand.get(meter_id)
+        if months is None:
+            months = self._demand[meter_id] = {
+                r[0]: list(r[1:]) for r in self.db.execute(
+                    "SELECT period, peak_mwh, peak_start_ms, q_start_ms, q_mwh FROM demand "
+                    "WHERE meter_id = ?", (meter_id,))}
+        changed = {}
+        for t0, t1, mwh in imports:
+            cuts = [t0, *range(-(-t0 // QUARTER_MS) * QUARTER_MS, t1, QUARTER_MS), t1]
+            cuts = sorted(set(cuts))
+            pieces = list(zip(cuts, cuts[1:], strict=False))
+            for (a, _), part in zip(pieces, tariffs.share(mwh, [b - a for a, b in pieces]),
+                                    strict=True):
+                q = a // QUARTER_MS * QUARTER_MS
+                period = tariffs.period_of(q, self.tz)
+                row = months.setdefault(period, [0, None, None, 0])
+                if row[2] == q:
+                    row[3] += part
+                else:
+                    row[2], row[3] = q, part
+                if row[3] > row[0]:
+                    row[0], row[1] = row[3], q
+                changed[period] = row
+        return changed
+
+    def reprice(self, meter_id: str) -> int:
+        """Price consumption held for want of a spot price, where the price file now has one
+        (read again if it changed); returns how many pieces were priced."""
+        binding = self.config.binding(meter_id, self.fleet)
+        if binding is None or self.prices is None:
+            return 0
+        spot = self.spot()
+        with self._lock:
+            rows = self.db.execute("SELECT rowid, start_ms, end_ms, mwh, kind FROM unpriced "
+                                   "WHERE meter_id = ? ORDER BY start_ms", (meter_id,)).fetchall()
+            priced = [(rowid, seg) for rowid, t0, t1, mwh, kind in rows
+                      if (seg := tariffs.price_held(self.config, binding.tariff, self.tz, kind,
+                                                    t0, t1, mwh, spot)) is not None]
+            if not priced:
+                return 0
+            with self.db:
+                self.db.executemany("DELETE FROM unpriced WHERE rowid = ?",
+                                    [(rowid,) for rowid, _ in priced])
+                self.db.executemany("INSERT INTO unbilled VALUES (?,?,?,?,?,?,?,?,?)", [
+                    (meter_id, s.start_ms, s.end_ms, s.mwh, str(s.price), str(s.amount),
+                     s.period, s.kind, s.label) for _, s in priced])
+            self._unbilled.pop(meter_id, None)
+        return len(priced)
+
+    def unpriced(self, meter_id: str) -> int:
+        """mWh held for want of a spot price."""
+        with self._lock:
+            return self.db.execute("SELECT coalesce(sum(mwh), 0) FROM unpriced WHERE "
+                                   "meter_id = ?", (meter_id,)).fetchone()[0]
 
     def _binding(self, meter_id: str) -> MeterBinding | None:
         """``config.binding``, kept per meter while its fleet entry is the same object (a
@@ -171,8 +306,9 @@ class BillingStore:
         with self._lock:
             cached = self._unbilled.get(meter_id)
             if cached is None:
-                row = self.db.execute("SELECT coalesce(sum(mwh), 0), count(*), min(period) "
-                                      "FROM unbilled WHERE meter_id = ?", (meter_id,)).fetchone()
+                row = self.db.execute("SELECT coalesce(sum(CASE kind WHEN 'energy' THEN mwh "
+                                      "ELSE 0 END), 0), count(*), min(period) FROM unbilled "
+                                      "WHERE meter_id = ?", (meter_id,)).fetchone()
                 amount = sum((Decimal(a) for (a,) in self.db.execute(
                     "SELECT amount FROM unbilled WHERE meter_id = ?", (meter_id,))), Decimal(0))
                 cached = self._unbilled[meter_id] = (row[0], row[1], row[2], amount)
@@ -187,6 +323,8 @@ class BillingStore:
         binding = self.config.binding(meter_id, self.fleet)
         if binding is None:
             return []
+        if self.prices is not None:
+            self.reprice(meter_id)
         current = tariffs.period_of(now_ms, self.tz)
         done = []
         with self._lock:
@@ -204,30 +342,41 @@ class BillingStore:
                     done.append(s)
         return done
 
-    def _settle_period(self, meter_id: str, account_id: str, tariff: str, period: str,
+    def _settle_period(self, meter_id: str, account_id: str, tariff_name: str, period: str,
                        segs: list[tuple], now_ms: int, ended: bool) -> Settlement | None:
         first, last = segs[0][0], max(s[1] for s in segs)
         key = f"{meter_id}:{first}:{last}"
-        mwh = sum(s[2] for s in segs)
+        tariff = self.config.tariffs[tariff_name]
+        imported = sum(s[2] for s in segs if s[5] == "energy")
+        exported = sum(s[2] for s in segs if s[5] == "export")
         amount = sum((Decimal(s[3]) for s in segs), Decimal(0))
         lines = settlement.energy_lines(segs)
         if ended and not self.db.execute("SELECT 1 FROM standing_charged WHERE meter_id = ? "
                                          "AND period = ?", (meter_id, period)).fetchone():
-            lines += settlement.fixed_lines(self.config.tariffs[tariff], period)
+            lines += settlement.fixed_lines(tariff, period)
+            peak = self.db.execute("SELECT peak_mwh FROM demand WHERE meter_id = ? AND "
+                                   "period = ?", (meter_id, period)).fetchone()
+            lines += settlement.demand_lines(tariff, period, peak[0] if peak else 0)
+        carried = self.db.execute("SELECT amount FROM export_carry WHERE meter_id = ?",
+                                  (meter_id,)).fetchone()
+        export = tariffs.version_at(tariff, self.tz, first).export
+        lines, carry = settlement.apply_export_credit(
+            lines, Decimal(carried[0]) if carried else Decimal(0),
+            offsets_fixed=export is not None and export.offsets_fixed)
         standing = sum((ln.amount for ln in lines if ln.kind == "fixed"), Decimal(0))
-        vat_rate = self.config.tariffs[tariff].vat_rate
+        vat_rate = tariff.vat_rate
         net, vat, minor = settlement.totals(lines, vat_rate, self.config.minor_units)
-        entry = {"meter": meter_id, "account": account_id, "tariff": tariff, "period": period,
-                 "from_ms": first, "to_ms": last,
-                 "kwh": f"{Decimal(mwh) / Decimal(1_000_000):.6f}",
+        entry = {"meter": meter_id, "account": account_id, "tariff": tariff_name,
+                 "period": period, "from_ms": first, "to_ms": last,
+                 "kwh": f"{Decimal(imported) / Decimal(1_000_000):.6f}",
                  "energy_amount": f"{amount:.6f}", "standing_charge": f"{standing:.2f}",
                  "amount_minor": minor, "currency": self.config.currency,
                  "settled_at_ms": now_ms,
                  "lines": [ln.as_dict() for ln in lines], "net_amount": settlement.dec(net),
                  "vat_rate": str(vat_rate), "vat_amount": settlement.dec(vat),
-                 "export_kwh": "0.000000"}
+                 "export_kwh": f"{Decimal(exported) / Decimal(1_000_000):.6f}"}
 
-        def also() -> None:
+        def again() -> None:
             if ended:
                 self.db.execute("INSERT OR IGNORE INTO standing_charged VALUES (?, ?)",
                                 (meter_id, period))
@@ -236,8 +385,14 @@ class BillingStore:
             self._unbilled.pop(meter_id, None)
             payments.on_settled(self.db, self.config, {**entry, "key": key})
 
+        def also() -> None:
+            again()
+            if carry or carried:  # the credit carried on, in the same transaction
+                self.db.execute("INSERT OR REPLACE INTO export_carry VALUES (?, ?)",
+                                (meter_id, str(carry)))
+
         done = append(self.db, self.config, key, account_id, entry, -minor, also=also,
-                      again=also)
+                      again=again)
         if done is None:
             return None
         self.appended += 1
@@ -265,6 +420,39 @@ class BillingStore:
     def close(self) -> None:
         self._checkpoints.set()
         self.db.close()
+
+
+def _net(tariff: Tariff, tz: ZoneInfo, imports: list[tuple[int, int, int]],
+         exports: list[tuple[int, int, int]]
+         ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """Import and export intervals as billed: with net metering (the version valid at the
+    interval's start), an interval both registers cover is netted — what is left of import
+    is imported, a surplus exported; otherwise both as they are."""
+    if not exports:
+        return imports, exports
+    by_span = {(t0, t1): mwh for t0, t1, mwh in exports}
+    out_i, out_e = [], []
+    for t0, t1, mwh in imports:
+        version = tariffs.version_at(tariff, tz, t0)
+        x = by_span.get((t0, t1))
+        if x is None or version.export is None or version.export.mode != "net":
+            out_i.append((t0, t1, mwh))
+            continue
+        del by_span[(t0, t1)]
+        if mwh > x:
+            out_i.append((t0, t1, mwh - x))
+        elif x > mwh:
+            out_e.append((t0, t1, x - mwh))
+    out_e += [(t0, t1, mwh) for (t0, t1), mwh in by_span.items()]
+    return out_i, out_e
+
+
+def _unpriced(held: list[tariffs.Segment], spot: SpotPrices | None) -> tuple[str, str]:
+    kwh = sum(s.mwh for s in held) / 1_000_000
+    start, end = min(s.start_ms for s in held), max(s.end_ms for s in held)
+    where = spot.path if spot is not None else "the price file"
+    return ("unpriced", f"{kwh:.3f} kWh between {start} and {end} (ms) has no spot price in "
+                        f"{where}: held, not guessed, until a price file covers it")
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -15,6 +15,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from billing.config import Tariff
+from billing.tariffs import averaged
 
 MWH_PER_KWH = Decimal(1_000_000)
 
@@ -44,16 +45,64 @@ def dec(d: Decimal) -> str:
 
 
 def energy_lines(segs: list[tuple]) -> list[Line]:
-    """Unbilled rows (start, end, mWh, amount, period, kind, label, price) grouped into lines,
-    in the order their groups first appear."""
-    groups: dict[tuple[str, str, Decimal], list[int | Decimal]] = {}
+    """Unbilled rows (start, end, mWh, amount, period, kind, label, price) grouped into lines
+    (energy, grid and export), in the order their groups first appear. A spot line's price
+    changes every slot: it is one line at its average price (the amount stays exact)."""
+    groups: dict[tuple[str, str, Decimal | None], list[int | Decimal]] = {}
     for s in segs:
-        key = (s[5], s[6], Decimal(s[7]))
+        key = (s[5], s[6], None if averaged(s[6]) else Decimal(s[7]))
         g = groups.setdefault(key, [0, Decimal(0)])
         g[0] += s[2]
         g[1] += Decimal(s[3])
-    return [Line(kind, label, Decimal(mwh) / MWH_PER_KWH, "kWh", price, Decimal(amount))
-            for (kind, label, price), (mwh, amount) in groups.items()]
+    lines = []
+    for (kind, label, price), (mwh, amount) in groups.items():
+        kwh = Decimal(mwh) / MWH_PER_KWH
+        if price is None:
+            price = (Decimal(amount) / kwh).quantize(Decimal("0.000001")) if kwh else Decimal(0)
+            if kind == "export":  # a credit's amount is negative, its unit price positive
+                price = -price
+        lines.append(Line(kind, label, kwh, "kWh", price, Decimal(amount)))
+    return lines
+
+
+def demand_lines(tariff: Tariff, period: str, peak_mwh: int) -> list[Line]:
+    """An ended month's capacity charge: its highest quarter hour's average power (mWh in a
+    quarter × 4 = mW), at least the minimum, at the version valid on the month's first."""
+    year, month = (int(x) for x in period.split("-"))
+    demand = tariff.on(date(year, month, 1)).demand
+    if demand is None:
+        return []
+    peak_kw = Decimal(peak_mwh) * 4 / MWH_PER_KWH
+    kw = max(peak_kw, demand.minimum_kw)
+    label = ("Capacity charge (month's peak 15-minute power)" if kw == peak_kw else
+             f"Capacity charge (minimum {demand.minimum_kw} kW)")
+    return [Line("demand", label, kw, "kW", demand.price_per_kw, kw * demand.price_per_kw)]
+
+
+def apply_export_credit(lines: list[Line], carried_in: Decimal, *, offsets_fixed: bool
+                        ) -> tuple[list[Line], Decimal]:
+    """Export credit against the settlement's charges: ``(lines, credit carried out)``.
+
+    Unless the tariff's ``offsets_fixed`` says so, the credit (this settlement's export lines
+    and what an earlier one carried in) offsets only energy charges: whatever exceeds them
+    is carried forward to the meter's next settlement as a line of its own, so grid, fixed
+    and demand charges are always paid in full. The lines still add up to the net."""
+    credit = -sum((ln.amount for ln in lines if ln.kind == "export"), Decimal(0))
+    if not credit and not carried_in:
+        return lines, Decimal(0)
+    out = list(lines)
+    if carried_in:
+        out.append(Line("export", "Export credit brought forward", Decimal(1), "carry",
+                        -carried_in, -carried_in))
+    available = credit + carried_in
+    if offsets_fixed or available <= 0:
+        return out, Decimal(0)
+    energy = sum((ln.amount for ln in lines if ln.kind == "energy"), Decimal(0))
+    excess = available - min(available, max(energy, Decimal(0)))
+    if excess:
+        out.append(Line("export", "Export credit carried forward", Decimal(1), "carry",
+                        excess, excess))
+    return out, excess
 
 
 def fixed_lines(tariff: Tariff, period: str) -> list[Line]:

@@ -94,10 +94,11 @@ class Alerts:
     def billing(self, kind: str, device: FleetDevice, detail: str, now_ms: int) -> None:
         """An event of a meter's accounting; a spike that was dropped clears its alert."""
         key = f"billing-{kind}@{device.device_id}"
-        if kind == "spike_dropped":
-            self.clear(f"billing-spike@{device.device_id}", None, now_ms)
+        if kind.endswith("spike_dropped"):  # spike_dropped, export-spike_dropped
+            self.clear(f"billing-{kind.removesuffix('_dropped')}@{device.device_id}", None,
+                       now_ms)
             return
-        severity = "major" if kind in ("spike", "held") else "minor"
+        severity = "major" if kind.removeprefix("export-") in ("spike", "held") else "minor"
         self.raise_(key, f"billing-{kind}", severity, f"Meter {device.device_id}: {detail}",
                     device.device_id, now_ms)
 

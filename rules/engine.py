@@ -31,6 +31,7 @@ import logging
 from collections import defaultdict, deque
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Protocol
 
 from billing import BillingConfig, Settlement
@@ -85,8 +86,10 @@ class Billing(Protocol):
 
     config: BillingConfig
 
-    def on_reading(self, meter_id: str, ts_ms: int, energy_kwh: float
-                   ) -> list[tuple[str, str]]: ...
+    def on_reading(self, meter_id: str, ts_ms: int, energy_kwh: float,
+                   export_kwh: float | None = None) -> list[tuple[str, str]]: ...
+
+    def price_now(self, tariff: str, ts_ms: int) -> Decimal | None: ...
 
     def unbilled(self, meter_id: str) -> dict[str, Any]: ...
 
@@ -560,8 +563,10 @@ class RuleEngine:
                         lamp_reading(device, reading, ts)
                 elif program.bills and self.billing is not None and isinstance(
                         reading.get("energy_kwh"), _NUMBER):
-                    for kind, detail in self.billing.on_reading(device_id, ts,
-                                                                reading["energy_kwh"]):
+                    export = reading.get("energy_export_kwh")
+                    for kind, detail in self.billing.on_reading(
+                            device_id, ts, reading["energy_kwh"],
+                            export if isinstance(export, _NUMBER) else None):
                         self.alerting.billing(kind, device, detail, ts)
                 for rule, key in program.absent:  # a reading ends an absence
                     if key in instances:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from billing import price_now
-
 if TYPE_CHECKING:
     from rules.engine import RuleEngine
 
@@ -43,7 +41,9 @@ class SelfReport:
             "alerts_active": engine.alerting.active_count()}, ts))
         if engine.billing is not None:  # the price bands, for the energy dashboard
             config = engine.billing.config
-            points += [Point(TARIFF_MEASUREMENT, {"tariff": name}, {
-                "price": float(price_now(config, name, engine.city.tz, ts)),
-                "currency": config.currency}, ts) for name in sorted(config.tariffs)]
+            for name in sorted(config.tariffs):
+                now = engine.billing.price_now(name, ts)
+                if now is not None:  # at spot, a moment the price file does not cover
+                    points.append(Point(TARIFF_MEASUREMENT, {"tariff": name}, {
+                        "price": float(now), "currency": config.currency}, ts))
         engine.outbox.points(points)

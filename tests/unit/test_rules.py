@@ -388,12 +388,15 @@ rules:
             def __init__(self):
                 self.kwh, self.settled = 0.0, []
 
-            def on_reading(self, meter_id, ts_ms, energy_kwh):
+            def on_reading(self, meter_id, ts_ms, energy_kwh, export_kwh=None):
                 self.kwh = energy_kwh - 100
                 return [("spike", "jumped")] if energy_kwh > 150 else []
 
             def unbilled(self, meter_id):
                 return {"kwh": self.kwh, "amount": self.kwh * 2.5, "oldest_period": None}
+
+            def price_now(self, tariff, ts_ms):
+                return 2.5
 
             def settle(self, meter_id, now_ms, *, ended_periods_only=False):
                 self.settled.append((meter_id, now_ms, ended_periods_only))
