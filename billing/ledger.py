@@ -283,11 +283,11 @@ class BillingStore:
             self._unbilled.pop(meter_id, None)
         return len(priced)
 
-    def unpriced(self, meter_id: str) -> int:
-        """mWh held for want of a spot price."""
+    def unpriced(self, meter_id: str, kind: str = "energy") -> int:
+        """mWh imported (``energy``) or exported (``export``) held for want of a spot price."""
         with self._lock:
             return self.db.execute("SELECT coalesce(sum(mwh), 0) FROM unpriced WHERE "
-                                   "meter_id = ?", (meter_id,)).fetchone()[0]
+                                   "meter_id = ? AND kind = ?", (meter_id, kind)).fetchone()[0]
 
     def _binding(self, meter_id: str) -> MeterBinding | None:
         """``config.binding``, kept per meter while its fleet entry is the same object (a

@@ -203,11 +203,6 @@ def price(config: BillingConfig, tariff_name: str, tz: ZoneInfo, t0: int, t1: in
     for a, b, part in _pieces(tariff, tz, t0, t1, mwh):
         period = period_of(a, tz)
         prices = version_at(tariff, tz, a)
-        if prices.grid is not None:
-            g, glabel = _grid_at(prices, tz, a)
-            if g:
-                segments.append(Segment(a, b, part, g, g * part / Decimal(1_000_000), period,
-                                        "grid", glabel))
         if prices.tiers:
             used = used_in_period.get(period, 0)
             left = part
@@ -228,6 +223,11 @@ def price(config: BillingConfig, tariff_name: str, tz: ZoneInfo, t0: int, t1: in
             segments.append(Segment(a, b, part, p, None if p is None else
                                     p * part / Decimal(1_000_000), period, "energy", label))
             used_in_period[period] = used_in_period.get(period, 0) + part
+        if prices.grid is not None:
+            g, glabel = _grid_at(prices, tz, a)
+            if g:
+                segments.append(Segment(a, b, part, g, g * part / Decimal(1_000_000), period,
+                                        "grid", glabel))
     return segments
 
 
