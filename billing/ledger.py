@@ -265,7 +265,7 @@ class BillingStore:
         binding = self.config.binding(meter_id, self.fleet)
         if binding is None or self.prices is None:
             return 0
-        spot = self.spot()
+        spot = self.prices.current(now=True)
         with self._lock:
             rows = self.db.execute("SELECT rowid, start_ms, end_ms, mwh, kind FROM unpriced "
                                    "WHERE meter_id = ? ORDER BY start_ms", (meter_id,)).fetchall()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -170,6 +171,7 @@ class PriceFile:
         self.path, self.currency = Path(path), currency
         self._lock = threading.Lock()
         self._stamp = self._mtime()
+        self._checked = time.monotonic()
         self.prices = load(self.path, currency)  # at start-up a bad file is refused outright
         self.error: str | None = None
 
@@ -180,8 +182,12 @@ class PriceFile:
             return None
         return (st.st_mtime_ns, st.st_size)
 
-    def current(self) -> SpotPrices:
-        """The prices, read again first if the file changed since they were read."""
+    def current(self, *, now: bool = False) -> SpotPrices:
+        """The prices, read again first if the file changed since they were read (looked
+        at once a second at most, every time with ``now``)."""
+        if not now and time.monotonic() - self._checked < 1.0:
+            return self.prices
+        self._checked = time.monotonic()
         stamp = self._mtime()
         if stamp != self._stamp and stamp is not None:
             with self._lock:

@@ -336,20 +336,24 @@ class Settlement(BaseModel):
     period: Annotated[str, Field(description="YYYY-MM in the city's timezone.")]
     from_ms: int
     to_ms: int
-    kwh: Annotated[str, Field(description="Decimal kWh billed, e.g. 10.042000.")]
-    energy_amount: Annotated[str, Field(description="Exact price of the energy, currency units.")]
+    kwh: Annotated[str, Field(description="Decimal kWh imported and billed, e.g. 10.042000 "
+                                          "(under net metering, net of export).")]
+    energy_amount: Annotated[str, Field(description="Exact price of the energy (with grid "
+                                                    "charges and export credit), currency units.")]
     standing_charge: str
     amount_minor: Annotated[int, Field(description="Debited, in minor units (øre, cents).")]
     currency: str
     settled_at_ms: int
     lines: Annotated[list[dict[str, str]] | None, Field(
         description="The bill's parts (docs/tariffs.md): kind (energy|grid|export|fixed|"
-                    "demand), label, quantity, unit (kWh|day|month|kW), unit_price and "
-                    "amount (decimal, excluding VAT; export negative).")] = None
+                    "demand), label, quantity, unit (kWh|day|month|kW|carry), unit_price and "
+                    "amount (decimal, excluding VAT; export credit negative, credit carried "
+                    "forward positive).")] = None
     net_amount: Annotated[str | None, Field(description="Sum of the lines, excl. VAT.")] = None
     vat_rate: Annotated[str | None, Field(description="The tariff's VAT rate, e.g. 0.25.")] = None
     vat_amount: Annotated[str | None, Field(description="net_amount × vat_rate.")] = None
-    export_kwh: Annotated[str | None, Field(description="Decimal kWh exported.")] = None
+    export_kwh: Annotated[str | None, Field(description="Decimal kWh exported and credited "
+                                                        "(or netted).")] = None
     balance_after_minor: int
     prev_hash: Annotated[str, Field(description="SHA-256 of the previous entry.")]
     hash: Annotated[str, Field(description="SHA-256 of this entry's canonical encoding "

@@ -305,3 +305,50 @@ def test_parts_add_up_at_spot_across_the_repeated_hour(tmp_path_factory, start, 
         total = (Decimal(e["net_amount"]) * Decimal("1.25") * 100).quantize(
             Decimal(1), rounding=ROUND_HALF_UP)
         assert e["amount_minor"] == int(total)
+
+
+def test_an_invoice_shows_energy_by_band_grid_demand_export_and_vat(tmp_path):
+    """A spot household's October, settled twice, on its monthly invoice: spot energy at its
+    average price, grid by band, the capacity charge once, the export credit, VAT."""
+    from billing import invoices, render
+
+    shutil.copy(DAYAHEAD, tmp_path / "p.json")
+    (tmp_path / "billing.yaml").write_text(VERSIONED % (
+        "p.json", "spot: {area: DK1}", "{mode: separate, spot: true}", "2027-01-01",
+        "spot: {area: DK1}", "{mode: separate, spot: true}"))
+    cfg = billing_config.load(tmp_path / "billing.yaml")
+    s = BillingStore(tmp_path / "b.sqlite", cfg, FLEET, TZ)
+    t, imp, exp = ms(2026, 10, 24, 10), 0.0, 0.0
+    s.on_reading("m-1", t, imp, exp)
+    for hour in range(48):
+        t += 3_600_000
+        imp += 1.0 if hour % 24 not in (17, 18) else 3.0
+        exp += 2.0 if hour % 24 in (11, 12, 13) else 0.0
+        assert s.on_reading("m-1", t, imp, exp) == []
+        if hour == 20:
+            s.settle("m-1", t)
+    s.settle("m-1", ms(2026, 11, 1, 1), ended_periods_only=True)
+    settled = [e for _, e, _ in s.entries()]
+    [inv] = invoices.issue_due(s.db, cfg, TZ, ms(2026, 11, 1, 2))
+    doc = inv.document
+    assert inv.total_minor == sum(e["amount_minor"] for e in settled)
+    kinds = {}
+    for li in doc["lines"]:
+        kinds.setdefault(li["kind"], []).append(li)
+    [spot] = kinds["energy"]
+    assert spot["label"] == "Spot DK1" and spot["average_price"]
+    assert Decimal(spot["quantity"]) == Decimal(imp) == 56  # 44 hours at 1 kWh, 4 at 3
+    by_band = {}
+    for e in settled:
+        for ln in e["lines"]:
+            if ln["kind"] == "grid":
+                by_band[ln["label"]] = by_band.get(ln["label"], 0) + Decimal(ln["quantity"])
+    assert sorted(by_band) == ["Grid", "Grid Peak"]
+    assert [(g["label"], Decimal(g["quantity"])) for g in kinds["grid"]] == sorted(
+        by_band.items())
+    [demand] = kinds["demand"]
+    assert demand["quantity"] == "3" and demand["unit"] == "kW"  # 3 kWh in an hour: 3 kW
+    assert kinds["export"][0]["label"] == "Export at spot DK1"
+    assert doc["vat"][0]["rate"] == "0.25"
+    html = render.render_html(doc)
+    assert "Spot DK1" in html and "Capacity charge" in html and "Export at spot DK1" in html

@@ -139,10 +139,10 @@ class TestPriceFile:
         del data["records"][3]
         path.write_text(json.dumps(data))
         os.utime(path, ns=(1, 1))  # a different stamp whatever the clock's resolution
-        assert live.current().per_mwh("DK1", t) == before
+        assert live.current(now=True).per_mwh("DK1", t) == before
         assert live.error is not None and "a gap" in live.error
         shutil.copy(DAYAHEAD, path)  # a good file: read, the error gone
-        assert live.current().per_mwh("DK1", ms(2026, 10, 25, 2, 15)) is not None
+        assert live.current(now=True).per_mwh("DK1", ms(2026, 10, 25, 2, 15)) is not None
         assert live.error is None
 
 

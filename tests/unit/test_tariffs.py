@@ -123,4 +123,6 @@ def test_the_utility_example_loads():
     household = cfg.tariffs["household"]
     assert household.vat_rate == Decimal("0.25")
     assert household.on(datetime(2027, 1, 1).date()).price == Decimal("2.20")
+    assert cfg.tariffs["solar-household"].uses_spot()
+    assert cfg.price_file.endswith("billing/examples/dayaheadprices-sample.json")
     assert household.on(datetime(2026, 12, 31).date()).price == Decimal("2.00")
