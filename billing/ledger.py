@@ -118,6 +118,7 @@ class BillingStore:
         # Per meter and month: [peak mWh in a quarter hour, its start, the current quarter's
         # start, its mWh so far] — for capacity charges (billing/config.py Demand).
         self._demand: dict[str, dict[str, list]] = {}
+        self._demand_tariffs: dict[int, tuple[Tariff, bool]] = {}
         # Spot prices (billing/prices.py), read again when the file changes.
         self.prices = (PriceFile(config.price_file, config.currency)
                        if config.price_file else None)
@@ -232,7 +233,13 @@ class BillingStore:
     def _track_demand(self, meter_id: str, tariff: Tariff, imports: list[tuple[int, int, int]]
                       ) -> dict[str, list]:
         """Add imported energy to its quarter hours; returns the months whose row changed."""
-        if not imports or not any(p.demand is not None for p in (tariff, *tariff.versions)):
+        if not imports:
+            return {}
+        has = self._demand_tariffs.get(id(tariff))
+        if has is None or has[0] is not tariff:
+            has = self._demand_tariffs[id(tariff)] = (tariff, any(
+                p.demand is not None for p in (tariff, *tariff.versions)))
+        if not has[1]:
             return {}
         months = self._demand.get(meter_id)
         if months is None:
