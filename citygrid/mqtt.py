@@ -26,6 +26,14 @@ def make_client(url: MqttUrl, client_id: str = "", *, manual_ack: bool = False,
         if url.cert_file:
             context.load_cert_chain(url.cert_file, url.key_file)
         client.tls_set_context(context)
+    if len(url.nodes) > 1:  # a cluster: every reconnect goes to the next node, in turn
+        tries = iter(range(1 << 62))
+
+        def next_node(c: paho.Client, _userdata) -> None:
+            # paho connects to _host (its TLS checks that name): the node this try is for.
+            c._host, c._port = url.nodes[next(tries) % len(url.nodes)]  # noqa: SLF001
+
+        client.on_pre_connect = next_node
     return client
 
 
@@ -35,8 +43,21 @@ def connect(client: paho.Client, url: MqttUrl, *, clean_start: bool = True,
     """Connect; CONNACK comes via the loop.
 
     ``wait=False`` returns at once and lets paho's loop keep trying (a service that
-    starts before its broker); ``wait=True`` raises if the broker is not there.
+    starts before its broker); ``wait=True`` raises if the broker is not there — with a
+    cluster's nodes (``make_client`` made the client for them), if none of them is.
     """
+    tries = len(url.nodes) if wait else 1
+    for i in range(tries):
+        try:
+            return _connect_once(client, url, clean_start, session_expiry_s, receive_maximum,
+                                 keepalive, wait)
+        except OSError:
+            if i == tries - 1:
+                raise
+
+
+def _connect_once(client: paho.Client, url: MqttUrl, clean_start: bool, session_expiry_s: int,
+                  receive_maximum: int | None, keepalive: int, wait: bool) -> None:
     if client.protocol != paho.MQTTv5:  # 3.1.1: no properties, clean session by flag
         # paho takes clean_session in the constructor for 3.1.1; a persistent session
         # (ingest) is one that is not clean. Session expiry does not exist in 3.1.1.

@@ -20,6 +20,10 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class MqttUrl:
+    """The broker's address — or a cluster's: ``mqtt://user:pass@h1:p1,h2:p2,h3:p3`` lists its
+    nodes, each tried in turn with the same TLS and credentials (``host``/``port``: the
+    first)."""
+
     host: str
     port: int
     tls: bool = False
@@ -29,25 +33,51 @@ class MqttUrl:
     ca_file: str | None = None  # mqtts://: the CA that signed the broker's certificate
     cert_file: str | None = None  # client-certificate authentication (optional)
     key_file: str | None = None
+    others: tuple[tuple[str, int], ...] = ()  # the cluster's other nodes, in order
+
+    @property
+    def nodes(self) -> tuple[tuple[str, int], ...]:
+        """Every node, the first first."""
+        return ((self.host, self.port), *self.others)
 
     @classmethod
     def parse(cls, url: str, variable: str = "CITYGRID_MQTT_URL") -> MqttUrl:
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts"):
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("mqtt", "mqtts"):
             raise SettingsError(variable, f"{url!r} must start with mqtt:// or mqtts://")
-        if not parts.hostname:
-            raise SettingsError(variable, f"{url!r} has no host")
-        try:
-            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-        except ValueError:
-            raise SettingsError(variable, f"{url!r} has an invalid port") from None
-        return cls(parts.hostname, port, parts.scheme == "mqtts",
-                   unquote(parts.username) if parts.username else None,
-                   unquote(parts.password) if parts.password else None)
+        default = 8883 if scheme == "mqtts" else 1883
+        netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+        userinfo, at, hosts = netloc.rpartition("@")
+        username = password = None
+        if at:
+            user, colon, pw = userinfo.partition(":")
+            username, password = unquote(user), (unquote(pw) if colon else None)
+        nodes = []
+        for n, node in enumerate(hosts.split(","), start=1):
+            where = f"node {n} of {url!r}" if "," in hosts else repr(url)
+            parts = urlsplit(f"{scheme}://{node}")
+            if not parts.hostname:
+                raise SettingsError(variable, f"{where} has no host")
+            try:
+                port = parts.port or default
+            except ValueError:
+                raise SettingsError(variable, f"{where} has an invalid port") from None
+            if (parts.hostname, port) in nodes:
+                raise SettingsError(variable, f"{where}: {parts.hostname}:{port} is listed "
+                                              "twice")
+            nodes.append((parts.hostname, port))
+        (host, port), *others = nodes
+        return cls(host, port, scheme == "mqtts", username, password, others=tuple(others))
+
+    def node(self, i: int) -> MqttUrl:
+        """This address with node ``i`` (of ``nodes``) as its host and port."""
+        host, port = self.nodes[i % len(self.nodes)]
+        return replace(self, host=host, port=port, others=())
 
     def __str__(self) -> str:
         auth = f"{self.username}:***@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}"
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.nodes)
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{hosts}"
 
 
 # CITYGRID_UNKNOWN_DEVICES: a reading from a device the registry does not know is stored

@@ -258,7 +258,11 @@ class Client:
         self._last_sent = self._last_recv = time.monotonic()
         self._ping_out = False
         self._delay = reconnect_min_s
-        self.stats = {"received": 0, "published": 0, "reads": 0, "connects": 0}
+        # The node of the cluster (url.nodes) tried next, and failed tries since the last
+        # connection: the backoff doubles once every node has been tried.
+        self._node, self._failed = 0, 0
+        self.stats = {"received": 0, "published": 0, "reads": 0, "connects": 0,
+                      "failovers": 0}
 
     # -- the service's side --
 
@@ -387,10 +391,15 @@ class Client:
                 self._connect()
             except (OSError, MqttError) as e:
                 self.last_error = str(e)
+                tried = self.node
                 delay = random.uniform(self._delay / 2, self._delay)  # jitter: no herd
-                log.warning("MQTT %s at %s: %s; again in %.1f s", self.client_id or "client",
-                            self.url, e, delay)
-                self._delay = min(self._delay * 2, self.reconnect_max_s)
+                self._failed += 1
+                self._node = (self._node + 1) % len(self.url.nodes)  # the next node, if any
+                if self._failed % len(self.url.nodes) == 0:
+                    self._delay = min(self._delay * 2, self.reconnect_max_s)
+                log.warning("MQTT %s at %s: %s; %s in %.1f s", self.client_id or "client",
+                            tried, e, f"next {self.node}" if tried != self.node else "again",
+                            delay)
                 self._stopping.wait(delay)
                 return False
         try:
@@ -438,8 +447,14 @@ class Client:
                 return self._next_id
         raise MqttError("65,535 publishes unacknowledged")
 
+    @property
+    def node(self) -> str:
+        """The broker node connected to (or tried next): ``host:port``."""
+        host, port = self.url.nodes[self._node % len(self.url.nodes)]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     def _connect(self) -> None:
-        url = self.url
+        url = self.url.node(self._node)  # its host is checked against the node's certificate
         raw = socket.create_connection((url.host, url.port), timeout=self.connect_timeout_s)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock: socket.socket | ssl.SSLSocket = raw
@@ -479,6 +494,7 @@ class Client:
             self._last_sent = self._last_recv = time.monotonic()
             self._ping_out = False
             self._delay = self.reconnect_min_s
+            self._failed = 0
             self._requests.clear()
             if self.subscriptions:
                 self._out += self._subscribe_packet(self.subscriptions)
@@ -492,6 +508,9 @@ class Client:
         self.last_error = None
         log.info("MQTT %s connected to %s (session present: %s)", self.client_id or "client",
                  url, session_present)
+        if self.stats["connects"] > 1 and len(self.url.nodes) > 1:
+            log.info("MQTT %s is on node %s of %s", self.client_id or "client", self.node,
+                     self.url)
         if self.on_connect is not None:
             self.on_connect(session_present)
         with self._lock:
@@ -764,8 +783,13 @@ class Client:
         with self._lock:
             self._close()
         self.last_error = why
+        lost = self.node
+        if len(self.url.nodes) > 1:  # a node that dropped us is likely gone: the next one
+            self._node = (self._node + 1) % len(self.url.nodes)
+            self.stats["failovers"] += 1
         if not self._stopping.is_set():
-            log.warning("MQTT %s lost %s: %s", self.client_id or "client", self.url, why)
+            log.warning("MQTT %s lost %s: %s%s", self.client_id or "client", lost, why,
+                        f"; next {self.node}" if lost != self.node else "")
         if self.on_disconnect is not None:
             self.on_disconnect(why)
 

@@ -169,6 +169,10 @@ class Health(BaseModel):
     ok: bool
     broker: bool
     store: bool
+    broker_node: str | None = Field(None, description="The broker node that answers first "
+                                                      "(host:port), None if none does.")
+    broker_nodes: dict[str, bool] = Field({}, description="Each node of CITYGRID_MQTT_URL: "
+                                                         "whether it answers.")
 
 
 class LedgerStatus(BaseModel):

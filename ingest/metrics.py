@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, Histogram, Info, start_http_server
 from prometheus_client import Counter as PromCounter
 
 from citygrid.clock import SYSTEM_CLOCK, Clock
@@ -33,6 +33,8 @@ class IngestMetrics:
         self.spool_drained = 0
         self.store_auth_failures = 0  # store requests refused for our credentials
         self.store_auth_failed = False  # the store refuses them now (we spool)
+        self.mqtt_node = ""  # the broker node connected to (host:port; a cluster has several)
+        self.mqtt_failovers = 0  # connections lost and taken up on the next node
         self._lock = threading.Lock()
         self._lags_ms: list[int] = []
         self._latencies_s: list[float] = []
@@ -59,6 +61,17 @@ class IngestMetrics:
             "1 while the store refuses ingest's credentials (readings are spooled), else 0",
             registry=self.registry)
         self._p_auth_failed.set_function(lambda: int(self.store_auth_failed))
+        self._p_node = Info("citygrid_ingest_mqtt", "The broker node ingest is connected to",
+                            registry=self.registry)
+        self._p_failovers = Gauge("citygrid_ingest_mqtt_failovers",
+                                  "Broker connections lost and taken up on the next node",
+                                  registry=self.registry)
+        self._p_failovers.set_function(lambda: self.mqtt_failovers)
+
+    def connected(self, node: str, failovers: int) -> None:
+        """On every connection: the node it is to, and the failovers so far."""
+        self.mqtt_node, self.mqtt_failovers = node, failovers
+        self._p_node.info({"node": node})
 
     def auth_failure(self) -> None:
         with self._lock:
@@ -119,6 +132,8 @@ class IngestMetrics:
             "dead_letters_total": sum(dead.values()),
             "store_auth_failed": int(self.store_auth_failed),
             "store_auth_failures_total": auth_failures,
+            "mqtt_node": self.mqtt_node,
+            "mqtt_failovers_total": self.mqtt_failovers,
         }
         points = [Point(measurement, tags, fields, ts)]
         points += [Point(measurement, {**tags, "reason": reason}, {"dead_letters_total": n}, ts)

@@ -228,8 +228,10 @@ class IngestService:
     # ------------------------------------------------------------------ MQTT callbacks
 
     def _on_connect(self, session_present: bool) -> None:
-        log.info("connected to %s as %s (session present: %s), subscribing to %s",
-                 self.settings.mqtt, self.config.client_id, session_present,
+        node = getattr(self._client, "node", str(self.settings.mqtt))
+        self.metrics.connected(node, getattr(self._client, "stats", {}).get("failovers", 0))
+        log.info("connected to %s (node %s) as %s (session present: %s), subscribing to %s",
+                 self.settings.mqtt, node, self.config.client_id, session_present,
                  self.config.subscription)
 
     def _on_disconnect(self, why: str) -> None:

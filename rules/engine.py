@@ -235,6 +235,8 @@ class RuleEngine:
         self.energy = LightingEnergy(self)
         self.lamps = LampMonitor(self, lamp_types if lamp_types is not None else
                                  load_lamp_types())
+        # The broker node the runner is connected to and its failovers (the self-report).
+        self.mqtt_node, self.mqtt_failovers = "", 0
         self._lamp_reading = None  # the monitor's on_reading while a rule file turns it on
         self.reporter = SelfReport(self)
         self.lights: dict[str, LightState] = {}

@@ -38,7 +38,9 @@ class SelfReport:
             "lights_off": sum(1 for v in levels if v == 0),
             "commands_total": engine.commands_sent,
             "acks_pending": len(engine.pending_acks),
-            "alerts_active": engine.alerting.active_count()}, ts))
+            "alerts_active": engine.alerting.active_count(),
+            **({"mqtt_node": engine.mqtt_node, "mqtt_failovers_total": engine.mqtt_failovers}
+               if engine.mqtt_node else {})}, ts))
         if engine.billing is not None:  # the price bands, for the energy dashboard
             config = engine.billing.config
             for name in sorted(config.tariffs):

@@ -320,6 +320,10 @@ class RuleRunner:
     def _on_connect(self, session_present: bool) -> None:
         """On the engine thread. The session may still hold filters an earlier run (another
         partition) subscribed to: they go, so no worker receives what it no longer owns."""
+        self.engine.mqtt_node = getattr(self.client, "node", "")
+        self.engine.mqtt_failovers = getattr(self.client, "stats", {}).get("failovers", 0)
+        if self.engine.mqtt_node:
+            self.state.set_meta(f"mqtt_node:{self.config.client_id}", self.engine.mqtt_node)
         current = [t for t, _ in self._subscriptions]
         try:
             before = orjson.loads(self.state.meta(self._session_key) or "[]")

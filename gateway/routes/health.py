@@ -14,20 +14,27 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health", response_model=Health)
 def health(settings: SettingsDep, store: StoreDep, metrics: MetricsDep) -> Health:
-    """Whether the broker and the store answer (no token needed)."""
-    broker = False
-    try:
-        with socket.create_connection((settings.mqtt.host, settings.mqtt.port), timeout=1):
-            broker = True
-    except OSError:
-        pass
+    """Whether the broker and the store answer (no token needed). With a broker cluster
+    (several nodes in CITYGRID_MQTT_URL), each node's answer, and the node a connection
+    would take (the first that answers)."""
+    nodes: dict[str, bool] = {}
+    for host, port in settings.mqtt.nodes:
+        name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                nodes[name] = True
+        except OSError:
+            nodes[name] = False
+    broker = any(nodes.values())
+    node = next((n for n, up in nodes.items() if up), None)
     try:
         store.count("streetlight")
         store_ok = True
     except StoreError:
         metrics.store_error("count")
         store_ok = False
-    return Health(ok=broker and store_ok, broker=broker, store=store_ok)
+    return Health(ok=broker and store_ok, broker=broker, store=store_ok, broker_node=node,
+                  broker_nodes=nodes)
 
 
 @router.get("/metrics", response_class=PlainTextResponse,

@@ -478,3 +478,87 @@ def test_a_refused_publish_is_reported_with_its_reason(tmp_path, uid):
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+# ------------------------------------------------------------------ several broker nodes
+
+def test_a_cluster_url_connects_to_the_first_node_that_answers_and_fails_over(tmp_path, uid):
+    """Two brokers as the nodes of ``mqtt://a,b``: the first is down at the start, so the
+    client takes the second; the second killed, it goes back to the first (restarted), its
+    subscriptions and what it published meanwhile with it."""
+    a, b = Mosquitto(tmp_path / "a", free_port()), Mosquitto(tmp_path / "b", free_port())
+    b.start()
+    url = f"mqtt://127.0.0.1:{a.port},127.0.0.1:{b.port}"
+    inbox = Inbox()
+    sub = client(url, f"sub-{uid}", MQTT311, inbox, subscriptions=[(f"{uid}/f", 1)],
+                 reconnect_min_s=0.05, reconnect_max_s=0.2).start()
+    pub = client(url, f"pub-{uid}", MQTT311, reconnect_min_s=0.05,
+                 reconnect_max_s=0.2).start()
+    try:
+        assert sub.subscribed.wait(10) and pub.wait_connected(10)
+        assert sub.node == pub.node == f"127.0.0.1:{b.port}"
+        pub.publish(f"{uid}/f", b"on b", qos=1)
+        wait_until(lambda: b"on b" in inbox.payloads(), 5)
+        a.start()
+        b.kill()
+        wait_until(lambda: not pub.connected.is_set(), 10)
+        # Retained: the two brokers share nothing, so the subscriber may subscribe on the
+        # new node after the publish arrives there; it gets the message either way.
+        pub.publish(f"{uid}/f", b"while failing over", qos=1, retain=True)
+        assert sub.subscribed.wait(10) and pub.wait_connected(10)
+        assert sub.node == pub.node == f"127.0.0.1:{a.port}"
+        assert pub.flush(10)
+        wait_until(lambda: b"while failing over" in inbox.payloads(), 10)
+        assert pub.stats["failovers"] >= 1 and sub.stats["failovers"] >= 1
+    finally:
+        sub.stop()
+        pub.stop()
+        a.stop()
+        b.stop()
+
+
+def test_every_node_down_backs_off_once_per_round(uid):
+    ports = [free_port(), free_port(), free_port()]  # nothing listens on any
+    c = Client(MqttUrl.parse(",".join(f"mqtt://127.0.0.1:{p}" if i == 0 else f"127.0.0.1:{p}"
+                                      for i, p in enumerate(ports))),
+               f"none-{uid}", reconnect_min_s=0.05, reconnect_max_s=0.4)
+    tried = []
+    for _ in range(6):
+        tried.append(c.node)
+        assert c.loop(0.1) is False
+    assert tried == [f"127.0.0.1:{p}" for p in ports] * 2  # each node in turn
+    assert c._delay == 0.2  # doubled after each round of three, not after every try
+
+
+def test_tls_checks_the_host_of_the_node_that_answers(tls_broker, uid):  # noqa: F811
+    d, tls, _ = tls_broker
+    dead = free_port()
+    url = Settings(mqtt_url=f"mqtts://127.0.0.1:{dead},localhost:{tls}",
+                   mqtt_ca=str(d / "ca.pem")).mqtt
+    c = Client(url, f"tls-fo-{uid}", reconnect_min_s=0.01).start()
+    try:
+        assert c.wait_connected(10) and c.node == f"localhost:{tls}"
+    finally:
+        c.stop()
+
+
+def test_paho_clients_go_to_the_next_node_too(tmp_path, uid):
+    from citygrid import mqtt
+
+    a, b = Mosquitto(tmp_path / "a", free_port()), Mosquitto(tmp_path / "b", free_port())
+    b.start()
+    url = MqttUrl.parse(f"mqtt://127.0.0.1:{a.port},127.0.0.1:{b.port}")
+    c = mqtt.make_client(url, f"paho-{uid}")
+    c.reconnect_delay_set(0, 1)
+    try:
+        mqtt.connect(c, url)  # a is down: b answers
+        c.loop_start()
+        wait_until(c.is_connected, 5)
+        assert c.port == b.port
+        a.start()
+        b.kill()
+        wait_until(lambda: c.is_connected() and c.port == a.port, 15)
+    finally:
+        c.loop_stop()
+        a.stop()
+        b.stop()

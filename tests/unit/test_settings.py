@@ -56,3 +56,30 @@ def test_as_env_round_trips():
     s = Settings(influx_url="http://127.0.0.1:8086", data_dir="/d", ledger_anchor_every=7,
                  payment_callback_url="http://gw:8000/api/v1/billing/payments/callback")
     assert Settings.from_env(s.as_env()) == s
+
+
+def test_a_broker_cluster_is_several_nodes_with_one_tls_and_one_account():
+    from citygrid.settings import MqttUrl
+
+    url = MqttUrl.parse("mqtts://ingest:p%40ss@h1:8883,h2,[::1]:9883/")
+    assert url.nodes == (("h1", 8883), ("h2", 8883), ("::1", 9883))
+    assert (url.host, url.port, url.tls, url.username, url.password) == (
+        "h1", 8883, True, "ingest", "p@ss")
+    second = url.node(1)
+    assert (second.host, second.port, second.tls, second.username) == ("h2", 8883, True,
+                                                                        "ingest")
+    assert str(second) == "mqtts://ingest:***@h2:8883"
+    assert str(url) == "mqtts://ingest:***@h1:8883,h2:8883,[::1]:9883"
+    assert MqttUrl.parse("mqtt://127.0.0.1:1883").nodes == (("127.0.0.1", 1883),)
+
+
+@pytest.mark.parametrize("url, says", [
+    ("mqtt://h1:1883,h2:x", "node 2 of 'mqtt://h1:1883,h2:x' has an invalid port"),
+    ("mqtt://h1,,h3", "node 2 of 'mqtt://h1,,h3' has no host"),
+    ("mqtt://h1:1883,h1:1883", "h1:1883 is listed twice"),
+    ("mqtt://h1:99999", "'mqtt://h1:99999' has an invalid port"),
+])
+def test_a_bad_node_is_named(url, says):
+    with pytest.raises(SettingsError, match="CITYGRID_MQTT_URL") as e:
+        Settings(mqtt_url=url)
+    assert says in str(e.value)
