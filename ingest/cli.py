@@ -17,8 +17,12 @@ from citygrid.settings import UNKNOWN_DEVICES, Settings
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("ingest", parents=[common], help="MQTT → store pipeline")
     p.add_argument("--group", help="shared-subscription group: workers in one group split load")
-    p.add_argument("--client-id", default="citygrid-ingest",
-                   help="MQTT client id; the persistent session is keyed by it")
+    p.add_argument("--partition", metavar="I/N",
+                   help="store only partition I of N of the districts (0/3, 1/3, 2/3: three "
+                        "workers), for brokers without shared subscriptions (docs/scale-out.md)")
+    p.add_argument("--client-id", default=None,
+                   help="MQTT client id; the persistent session is keyed by it (default "
+                        "citygrid-ingest, with --partition citygrid-ingest-p<I>of<N>)")
     p.add_argument("--topic", help="topic filter (default city/v1/+/+/+/telemetry)")
     p.add_argument("--batch-size", type=int, default=5000, help="lines per write (5000)")
     p.add_argument("--flush-interval", type=float, default=0.2,
@@ -49,12 +53,20 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM; exit 2 at once if the store refuses the credentials or has
     no database for us (spooling would only hide it)."""
+    from citygrid.partition import Partition
     from citygrid.store import DatabaseNotFound, StoreAuthError, open_store
     from ingest.service import IngestConfig, IngestService
 
     settings = _settings(args)
+    try:
+        partition = Partition.parse(args.partition) if args.partition else None
+    except ValueError as e:
+        print(f"citygrid ingest: {e}", file=sys.stderr)
+        return 2
+    client_id = args.client_id or ("citygrid-ingest" if partition is None else
+                                   f"citygrid-ingest-p{partition.index}of{partition.count}")
     config = IngestConfig(
-        client_id=args.client_id, group=args.group, batch_size=args.batch_size,
+        client_id=client_id, group=args.group, partition=partition, batch_size=args.batch_size,
         flush_interval_s=args.flush_interval, receive_maximum=args.receive_maximum,
         report_interval_s=args.report_interval, metrics_port=args.metrics_port,
         **({"topic": args.topic} if args.topic else {}),
@@ -74,8 +86,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     gc.set_threshold(50_000, 20, 20)
     logging.getLogger("citygrid.ingest").info(
         "ingest running: %s → %s (batch %d, flush %.2fs, receive maximum %d, unknown devices: "
-        "%s)", settings.mqtt, service.store, config.batch_size, config.flush_interval_s,
-        config.receive_maximum, settings.unknown_devices)
+        "%s%s)", settings.mqtt, service.store, config.batch_size, config.flush_interval_s,
+        config.receive_maximum, settings.unknown_devices,
+        f", partition {partition} of the districts" if partition else "")
     try:
         stop.wait()
     finally:

@@ -40,6 +40,7 @@ from citygrid.contract import (
     decode_readings,
     topic_filter,
 )
+from citygrid.partition import Partition
 from citygrid.registry import Follower, Registry
 from citygrid.settings import Settings
 from citygrid.store import (
@@ -62,6 +63,7 @@ SELF_MEASUREMENT = "citygrid_ingest"
 ROUTE_CACHE_MAX = 200_000  # topics (devices) remembered; a city of 100,000 devices fits
 
 ClientFactory = Callable[..., wire.Client]  # called as citygrid.wire.Client is
+NOT_MINE: tuple[str, dict[str, str], str] = ("", {}, "")  # a route to another partition
 
 
 @dataclass
@@ -78,6 +80,9 @@ class IngestConfig:
     dead_letter_max: int = 10_000
     metrics_port: int | None = None
     registry_poll_s: float = 1.0  # how often the registry's version is checked
+    # This worker's share of the districts (--partition i/N): it takes every reading and
+    # stores its districts' (brokers without $share; citygrid/partition.py).
+    partition: Partition | None = None
 
     @property
     def subscription(self) -> str:
@@ -266,6 +271,8 @@ class IngestService:
             acks.append((message.epoch, message.mid, message.qos))
             try:
                 kind, tags, key = routes.get(topic) or self._route(topic)
+                if not kind:
+                    continue  # another partition's district: acknowledged, stored there
                 device_id = tags["device_id"]
                 if device_id not in known:
                     self.unregistered.seen(device_id, kind, tags["district"], now_ms,
@@ -291,8 +298,20 @@ class IngestService:
                 self._cond.notify_all()
 
     def _route(self, topic: str) -> tuple[str, dict[str, str], str]:
-        """Parse a topic once: kind, tags and the encoded series key, remembered per topic."""
-        t = Topic.parse(topic)
+        """Parse a topic once: kind, tags and the encoded series key, remembered per topic
+        (``NOT_MINE`` for another partition's district)."""
+        partition = self.config.partition
+        try:
+            t = Topic.parse(topic)
+        except ContractError:
+            if partition is not None and partition.index != 0:
+                return NOT_MINE  # a bad topic is dead-lettered once: by partition 0
+            raise
+        if partition is not None and not partition.owns(t.district):
+            if len(self._routes) >= ROUTE_CACHE_MAX:
+                self._routes.clear()
+            self._routes[topic] = NOT_MINE
+            return NOT_MINE
         if t.channel != "telemetry":
             raise ContractError(BAD_TOPIC, f"ingest takes telemetry, not {t.channel}", topic)
         tags = {"device_id": t.device_id, "district": t.district}

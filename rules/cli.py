@@ -42,9 +42,14 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     run.add_argument("--fleet", help="fleet GeoJSON (CITYGRID_FLEET): where the lights stand")
     run.add_argument("--group", help="shared-subscription group for several rule workers")
     run.add_argument("--topic", help="telemetry filter, e.g. city/v1/norrebro/+/+/telemetry")
-    run.add_argument("--client-id", default="citygrid-rules")
+    run.add_argument("--client-id", default=None,
+                     help="MQTT client id (default citygrid-rules; with --partition "
+                          "citygrid-rules-p<I>of<N>)")
     run.add_argument("--workers", type=_positive, default=1,
                      help="engine processes, each owning a share of the districts (default 1)")
+    run.add_argument("--partition", metavar="I/N",
+                     help="run the districts of partition I of N only (0/3, 1/3, 2/3: three "
+                          "engines, on one host or several; docs/scale-out.md)")
     # A worker of `--workers N`, started by its supervisor: which one, and its districts.
     run.add_argument("--worker", help=argparse.SUPPRESS)
     run.add_argument("--districts", help=argparse.SUPPRESS)
@@ -277,6 +282,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "partition", None):
+        from citygrid.partition import Partition
+
+        try:
+            args.partition = Partition.parse(args.partition)
+        except ValueError as e:
+            raise SystemExit(f"citygrid rules run: {e}") from None
+        if args.workers > 1 or args.topic:
+            raise SystemExit("citygrid rules run: --partition goes with neither --workers nor "
+                             "--topic (a partition subscribes to its own districts)")
+    if getattr(args, "client_id", None) is None and not getattr(args, "partition", None):
+        args.client_id = "citygrid-rules"
     if getattr(args, "workers", 1) > 1 and not getattr(args, "worker", None):
         if args.topic:
             raise SystemExit("citygrid rules run: --topic and --workers do not go together "
@@ -295,12 +312,16 @@ def _run_one(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     worker = getattr(args, "worker", None)
+    partition = getattr(args, "partition", None)
     districts = None
     if worker and args.districts is not None:
         districts = frozenset(d for d in args.districts.split(",") if d)
+    name = (f"w{worker.split('/')[0]}" if worker else
+            f"p{partition.index}of{partition.count}" if partition else None)
+    client_id = args.client_id or ("citygrid-rules" if partition is None else
+                                   f"citygrid-rules-{name}")
     config = RunnerConfig(_rules_path(settings), args.topic or topic_filter(), args.group,
-                          args.client_id, districts=districts,
-                          worker=f"w{worker.split('/')[0]}" if worker else None)
+                          client_id, districts=districts, worker=name, partition=partition)
     store = open_store(settings)
     try:
         store.ensure_ready()
@@ -313,6 +334,9 @@ def _run_one(args: argparse.Namespace) -> int:
         log.warning("the registry in %s has no devices yet: the engine takes them as they are "
                     "added (citygrid devices add|import)", settings.data_dir)
     runner = RuleRunner(settings, fleet, city(settings.city), store, config, inventory=inventory)
+    if partition is not None:
+        log.info("partition %s: districts %s", partition,
+                 ", ".join(sorted(runner.owned or ())) or "none yet (taken as they are added)")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -338,6 +362,11 @@ def _run_one(args: argparse.Namespace) -> int:
             if worker and os.getppid() != parent:  # the supervisor is gone: so are we
                 log.warning("the rules supervisor is gone; stopping")
                 break
+            if runner.repartition.is_set():  # districts joined or left this partition
+                runner.stop()  # its state saved, its session kept
+                runner = RuleRunner(settings, inventory.fleet(), city(settings.city), store,
+                                    config, inventory=inventory)
+                runner.start(timeout_s=None)
     finally:
         runner.stop()
     return 0

@@ -42,6 +42,7 @@ from citygrid.clock import SYSTEM_CLOCK, Clock
 from citygrid.contract import ContractError, Topic, decode_readings, topic_filter
 from citygrid.fleet import Fleet, FleetDevice
 from citygrid.maintenance import WorkOrders
+from citygrid.partition import Partition
 from citygrid.registry import Follower, Registry
 from citygrid.settings import Settings
 from citygrid.store import Point, StoreError, TelemetryStore
@@ -162,6 +163,9 @@ class RunnerConfig:
     # its name among the workers (its health rows in the shared state).
     districts: frozenset[str] | None = None
     worker: str | None = None
+    # ``--partition i/N`` (citygrid/partition.py): the districts are those of the registry
+    # that fall in the partition, now and as districts are added.
+    partition: Partition | None = None
 
 
 class RuleRunner:
@@ -175,6 +179,11 @@ class RuleRunner:
         self.settings, self.fleet, self.config = settings, fleet, config
         self.owned = config.districts
         self._districts = {d.district for d in fleet}
+        if config.partition is not None:
+            self.owned = frozenset(d for d in self._districts if config.partition.owns(d))
+        # Set when the registry's districts change this partition's share: the engine is to
+        # be started again with it (rules/cli.py does).
+        self.repartition = threading.Event()
         # The registry, when the fleet comes from it: re-read whenever it changes.
         self.inventory = inventory
         self._follower = Follower(settings.data_dir, inventory) if inventory else None
@@ -517,6 +526,13 @@ class RuleRunner:
             {"lat": d.lat, "lon": d.lon}, now) for d in self._mine(changed)])
         log.info("inventory changed: %d devices (%d added or edited, %d gone)",
                  len(fleet), len(changed), len(gone))
+        if self.config.partition is not None:
+            owned = frozenset(d for d in self._districts if self.config.partition.owns(d))
+            if owned != self.owned:
+                log.info("partition %s: its districts are now %s (were %s): starting again "
+                         "with them", self.config.partition, ", ".join(sorted(owned)) or "none",
+                         ", ".join(sorted(self.owned or ())) or "none")
+                self.repartition.set()
         if self.owned is not None:
             self._resubscribe()  # border devices added, moved or gone
         return True

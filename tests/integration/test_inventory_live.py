@@ -159,3 +159,46 @@ def test_the_simulator_simulates_the_registrys_contract_devices(mosquitto, uid, 
     finally:
         telemetry.close()
     assert not any("plug-1" in t for t, _, _ in telemetry.messages)
+
+
+def test_partitions_share_the_districts_and_see_one_join(mosquitto, uid, tmp_path):
+    """`rules run --partition i/2` twice: each light commanded by one engine only; a
+    district added to the registry that falls in a partition makes that engine start again
+    with it (rules/cli.py does the restart)."""
+    from citygrid.partition import Partition
+
+    names = iter(f"{uid}{n}" for n in range(100))
+    d0 = next(d for d in names if Partition(0, 2).owns(d))
+    d1 = next(d for d in names if Partition(1, 2).owns(d))
+    d0_later = next(d for d in names if Partition(0, 2).owns(d))
+    data = tmp_path / "data"
+    registry = Registry(data, Catalogue(tariffs=frozenset(load_config().tariffs)))
+    registry.upsert(FleetDevice("sl-a", "streetlight", d0, 55.696, 12.544, rated_w=50))
+    registry.upsert(FleetDevice("sl-b", "streetlight", d1, 55.796, 12.644, rated_w=50))
+    runners = [RuleRunner(Settings(mqtt_url=mosquitto.url, data_dir=str(data)),
+                          registry.fleet(), COPENHAGEN, None,
+                          RunnerConfig(DEFAULT_RULES, client_id=f"rules-{uid}-p{i}",
+                                       worker=f"p{i}of2", partition=Partition(i, 2)),
+                          inventory=Registry(data)) for i in range(2)]
+    assert [r.owned for r in runners] == [frozenset({d0}), frozenset({d1})]
+    commands = Collector(mosquitto.url, "city/v1/+/streetlight/+/cmd")
+    pub = Publisher(mosquitto.url, f"pub-{uid}")
+    for r in runners:
+        r.start()
+    try:
+        pub.send(str(Topic(d0, "streetlight", "sl-a")), light_reading(1, NIGHT))
+        pub.send(str(Topic(d1, "streetlight", "sl-b")), light_reading(1, NIGHT))
+        wait_until(lambda: to(commands, "sl-a") and to(commands, "sl-b"))
+        time.sleep(0.5)
+        assert len(to(commands, "sl-a")) == len(to(commands, "sl-b")) == 1  # one engine each
+        registry.upsert(FleetDevice("sl-c", "streetlight", d0_later, 55.6, 12.5, rated_w=50))
+        wait_until(runners[0].repartition.is_set, FOLLOWS_WITHIN_S + 1,
+                   message="partition 0 sees its new district")
+        wait_until(lambda: "sl-c" in runners[1].fleet.by_id, FOLLOWS_WITHIN_S + 1)
+        assert not runners[1].repartition.is_set()  # not its district
+    finally:
+        pub.close()
+        commands.close()
+        for r in runners:
+            r.stop()
+        registry.close()

@@ -26,6 +26,7 @@ import pytest
 from billing import BillingStore, load_config
 from citygrid.city import COPENHAGEN
 from citygrid.fleet import Fleet, FleetDevice
+from citygrid.partition import Partition
 from rules.engine import RuleEngine, crossing_rules, foreign_inputs, partition_caveats
 from rules.loader import DEFAULT_RULES, load, parse_text
 from rules.snapshot import Snapshot
@@ -183,11 +184,15 @@ DEAF = {"sl-0202", "sl-0707"}  # lights that never acknowledge: missing-ack aler
 class City:
     """One engine, or N owning the districts round robin (as `rules run --workers N`)."""
 
-    def __init__(self, ruleset, fleet: Fleet, workers: int, tmp_path, name: str):
+    def __init__(self, ruleset, fleet: Fleet, workers: int, tmp_path, name: str,
+                 hashed: bool = False):
         self.fleet = fleet
         districts = sorted({d.district for d in fleet})
         self.owned = [None] if workers == 0 else [frozenset(districts[i::workers])
                                                   for i in range(workers)]
+        if hashed:  # `rules run --partition i/N`: by the districts' stable hash
+            self.owned = [frozenset(d for d in districts if Partition(i, workers).owns(d))
+                          for i in range(workers)]
         self.billing = BillingStore(tmp_path / f"{name}-billing.sqlite", load_config(None),
                                     fleet, TZ)  # shared by the workers, as in data_dir
         self.boxes = [Recorder() for _ in self.owned]
@@ -298,13 +303,16 @@ def _same(one: City, many: City) -> None:
 
 
 @pytest.mark.parametrize("rules", sorted(RULESETS))
-@pytest.mark.parametrize("workers, time", [(2, "ticks"), (3, "ticks"), (3, "all")])
-def test_partitioned_engines_act_as_one(tmp_path, rules, workers, time):
+@pytest.mark.parametrize("workers, time, hashed", [(2, "ticks", False), (3, "ticks", False),
+                                                   (3, "all", False), (3, "ticks", True)])
+def test_partitioned_engines_act_as_one(tmp_path, rules, workers, time, hashed):
     ruleset = RULESETS[rules]()
     fleet = grid_fleet()
     readings = stream(fleet)
     one = City(ruleset, fleet, 0, tmp_path, "one")
-    many = City(ruleset, fleet, workers, tmp_path, "many")
+    many = City(ruleset, fleet, workers, tmp_path, "many", hashed=hashed)
+    if hashed:  # every district owned once
+        assert sorted(d for o in many.owned for d in o) == sorted({d.district for d in fleet})
     for city in (one, many):
         city.run(readings, time)
         city.finish(readings[-1][2] + 300_000)
@@ -317,7 +325,7 @@ def test_partitioned_engines_act_as_one(tmp_path, rules, workers, time):
             "sustained", "silent", "smog", "evening", "lamp", "missing-ack"}
     assert any('"meter": "m-' in p[1] for p in one.published())  # meters settled
     # Border lights across districts took part (the fleet is built for it).
-    assert all(inputs for inputs in many.inputs)
+    assert all(inputs for inputs, owned in zip(many.inputs, many.owned, strict=True) if owned)
     _same(one, many)
 
 
