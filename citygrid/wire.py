@@ -808,3 +808,47 @@ class Client:
 
 def _vbi_len(n: int) -> int:
     return 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4
+
+
+PROBE_TOPIC = "citygrid/probe"  # services may read and write below it (the broker's ACL)
+
+
+class SharedSubscriptionsUnsupported(MqttError):
+    """The broker grants ``$share/…`` subscriptions and delivers nothing through them."""
+
+
+def probe_shared(url: MqttUrl, group: str, client_id: str, *, protocol: int | None = None,
+                 timeout_s: float = 5.0) -> None:
+    """Send one message through the shared-subscription group and wait for it: a broker
+    that grants ``$share/<group>/…`` but never delivers through it (NATS, RabbitMQ) would
+    make a worker of that group lose every reading without an error. Raises
+    ``SharedSubscriptionsUnsupported`` then, ``MqttError`` if the broker is not there."""
+    import uuid
+
+    topic = f"{PROBE_TOPIC}/{client_id}/{uuid.uuid4().hex[:12]}"
+    got = threading.Event()
+    probe = Client(url, f"{client_id}-probe", protocol=protocol,
+                   subscriptions=[(f"$share/{group}/{topic}", 1)],
+                   on_messages=lambda messages: got.set(), reconnect_min_s=0.2,
+                   reconnect_max_s=1.0, connect_timeout_s=timeout_s)
+    probe.start()
+    try:
+        if not probe.subscribed.wait(timeout_s):
+            raise MqttError(f"no broker answered at {url} within {timeout_s:.0f} s to probe "
+                            f"the shared-subscription group {group!r}"
+                            + (f" ({probe.last_error})" if probe.last_error else ""))
+        if probe.refused:
+            raise SharedSubscriptionsUnsupported(
+                f"the broker at {probe.node} refused the shared subscription "
+                f"$share/{group}/…: run the workers with --partition i/N instead of --group")
+        probe.publish(topic, b"probe", qos=1)
+        if not got.wait(timeout_s):
+            raise SharedSubscriptionsUnsupported(
+                f"the broker at {probe.node} granted the shared subscription $share/{group}/… "
+                f"but delivered nothing through it within {timeout_s:.0f} s: it does not do "
+                "shared subscriptions (NATS and RabbitMQ do not). Every reading for this "
+                "group would be lost. Run the workers with --partition i/N instead of --group "
+                f"(docs/scale-out.md) — or, if the broker's ACL denies {PROBE_TOPIC}/#, allow "
+                "this account to read and write there")
+    finally:
+        probe.stop()

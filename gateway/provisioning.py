@@ -40,8 +40,10 @@ log = logging.getLogger("citygrid.gateway")
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes
 SERVICES = {
     # account: ACL lines (topic filters are the contract's)
-    "citygrid-ingest": ["topic read city/v1/+/+/+/telemetry"],
+    # citygrid/probe/#: the start-up check of a shared-subscription group (wire.probe_shared)
+    "citygrid-ingest": ["topic read city/v1/+/+/+/telemetry", "topic readwrite citygrid/probe/#"],
     "citygrid-rules": ["topic read city/v1/+/+/+/telemetry", "topic read city/v1/+/+/+/ack",
+                       "topic readwrite citygrid/probe/#",
                        "topic read city/v1/+/+/+/override",
                        # what the rules may publish is theirs to say (`rules check` holds
                        # every publish action to it), and the ledger head they anchor

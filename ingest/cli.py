@@ -71,6 +71,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         report_interval_s=args.report_interval, metrics_port=args.metrics_port,
         **({"topic": args.topic} if args.topic else {}),
     )
+    if args.group:  # a broker that drops $share subscriptions would lose every reading
+        from citygrid import wire
+
+        try:
+            wire.probe_shared(settings.mqtt, args.group, client_id)
+        except wire.MqttError as e:
+            print(f"citygrid ingest: --group {args.group}: {e}", file=sys.stderr)
+            return 2
     service = IngestService(settings, open_store(settings), config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -322,6 +322,13 @@ def _run_one(args: argparse.Namespace) -> int:
                                    f"citygrid-rules-{name}")
     config = RunnerConfig(_rules_path(settings), args.topic or topic_filter(), args.group,
                           client_id, districts=districts, worker=name, partition=partition)
+    if args.group and not worker:  # a broker that drops $share would lose every reading
+        from citygrid import wire
+
+        try:
+            wire.probe_shared(settings.mqtt, args.group, client_id)
+        except wire.MqttError as e:
+            raise SystemExit(f"citygrid rules run: --group {args.group}: {e}") from None
     store = open_store(settings)
     try:
         store.ensure_ready()
@@ -612,6 +619,13 @@ def _supervise(args: argparse.Namespace, settings: Settings, wanted: int) -> int
     from rules.loader import load
 
     settings = settings.with_(data_dir=str(Path(settings.data_dir).resolve()))
+    if args.group:  # checked once here: its workers inherit the group
+        from citygrid import wire
+
+        try:
+            wire.probe_shared(settings.mqtt, args.group, args.client_id)
+        except wire.MqttError as e:
+            raise SystemExit(f"citygrid rules run: --group {args.group}: {e}") from None
     ruleset = load(_rules_path(settings))  # a broken rule file: refused here, not N times
     inventory = _inventory(settings)
     follower = Follower(settings.data_dir, inventory)

@@ -562,3 +562,11 @@ def test_paho_clients_go_to_the_next_node_too(tmp_path, uid):
         c.loop_stop()
         a.stop()
         b.stop()
+
+
+def test_the_shared_subscription_probe_passes_on_a_broker_that_shares(mosquitto, uid):
+    from citygrid.wire import probe_shared
+
+    for protocol in (MQTT5, MQTT311):
+        probe_shared(MqttUrl.parse(mosquitto.url), f"g-{uid}", f"probe-{uid}",
+                     protocol=protocol, timeout_s=5)  # raises if nothing came through
