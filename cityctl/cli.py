@@ -24,7 +24,8 @@ from simulators import add_parsers as simulator_parsers
 def _settings_flags() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("settings (flags win over CITYGRID_* environment variables)")
-    g.add_argument("--mqtt-url", help="CITYGRID_MQTT_URL, mqtt://[user:pass@]host:port")
+    g.add_argument("--mqtt-url", help="CITYGRID_MQTT_URL, mqtt://[user:pass@]host:port"
+                   "[,host:port…] (a cluster: every node, tried in turn)")
     g.add_argument("--influx-url", help="CITYGRID_INFLUX_URL; empty = embedded SQLite store")
     g.add_argument("--influx-db", help="CITYGRID_INFLUX_DB (default citygrid)")
     g.add_argument("--data-dir", help="CITYGRID_DATA_DIR (default ./.citygrid)")

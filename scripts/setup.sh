@@ -46,6 +46,8 @@ citygrid_setup() {
         citygrid_has chromium || missing+=(chromium)
         # the alert-routing tests run a real Alertmanager (README: Alerts through Alertmanager)
         citygrid_has prometheus-alertmanager || missing+=(prometheus-alertmanager)
+        # the broker-cluster tests run a 3-node NATS cluster (docs/scale-out.md)
+        citygrid_has nats-server || missing+=(nats-server)
       fi
       citygrid_apt_install "${missing[@]}" || [ "${CI:-}" != true ] || return 1
       ;;
