@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from cityctl.localservices import Influxd, Mosquitto
+from cityctl.natscluster import NatsCluster
 from citygrid.settings import Settings
 from citygrid.store.influx import InfluxStore
 from citygrid.store.sqlite import SqliteStore
@@ -35,6 +36,26 @@ def influxd(tmp_path_factory) -> Iterator[Influxd]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(tmp_path_factory) -> Iterator[NatsCluster]:
+    """A 3-node NATS cluster (JetStream, an MQTT listener per node), shared by the tests
+    that need a broker cluster; ``cluster`` below hands it over with every node running."""
+    need("nats-server")
+    nats = NatsCluster(tmp_path_factory.mktemp("natscluster"))
+    nats.start()
+    yield nats
+    nats.stop()
+
+
+@pytest.fixture
+def cluster(nats_cluster) -> NatsCluster:
+    """The NATS cluster with every node running again (a test before may have killed one)."""
+    for i in range(len(nats_cluster.nodes)):
+        if not nats_cluster.running(i):
+            nats_cluster.restart(i)
+    return nats_cluster
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import paho.mqtt.client as paho
 import pytest
 
 from billing import load_config
-from cityctl.natscluster import NatsCluster
 from citygrid import contract, mqtt, wire
 from citygrid.city import COPENHAGEN
 from citygrid.fleet import FleetDevice
@@ -24,26 +23,14 @@ from citygrid.settings import MqttUrl, Settings
 from ingest.service import IngestConfig, IngestService
 from rules.loader import DEFAULT_RULES
 from rules.runner import RuleRunner, RunnerConfig
-from tests.helpers import NIGHT, REPO, light_reading, meter, need, wait_until
+from tests.helpers import NIGHT, REPO, light_reading, meter, wait_until
 
 FAILOVER_S = 45.0  # kill → working through another node, at most (NATS: 0–25 s seen)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    need("nats-server")
-    c = NatsCluster(tmp_path_factory.mktemp("nats"))
-    c.start()
-    yield c
-    c.stop()
-
-
 @pytest.fixture
 def nodes(cluster):
-    """Every node running again before each test (a test kills one)."""
-    for i in range(3):
-        if not cluster.running(i):
-            cluster.restart(i)
+    """The NATS cluster (tests/conftest.py), every node running."""
     return cluster
 
 
@@ -187,42 +174,6 @@ def test_the_rule_engine_resumes_commands_on_another_node_and_keeps_its_holds(
         devices.close()
         commands.close()
         registry.close()
-
-
-def test_retained_status_and_last_will_cross_nodes(nodes, uid):
-    """A device's retained status published on node 0 is what a new subscriber on node 2
-    gets; the device vanishing without a goodbye makes its Will appear on node 1."""
-    status = str(contract.Topic(uid, "streetlight", "sl-9", "status"))
-    script = (
-        "import sys, time, paho.mqtt.client as paho\n"
-        f"c = paho.Client(paho.CallbackAPIVersion.VERSION2, 'dev-{uid}', "
-        "protocol=paho.MQTTv311)\n"
-        f"c.will_set({status!r}, b'{{\"online\": false}}', qos=1, retain=True)\n"
-        f"c.connect('127.0.0.1', {nodes.mqtt_port(0)})\n"
-        "c.loop_start()\n"
-        f"c.publish({status!r}, b'{{\"online\": true}}', qos=1, retain=True).wait_for_publish()\n"
-        "print('up', flush=True)\n"
-        "time.sleep(60)\n")
-    device = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                              text=True, cwd=REPO)
-    try:
-        assert device.stdout.readline().strip() == "up"
-        late = Watcher(nodes.url(2), f"city/v1/{uid}/+/+/status", f"late-{uid}")
-        # After another test's kill, the retained messages' stream may still be choosing
-        # its leader (NATS: up to ~25 s).
-        wait_until(lambda: late.messages, FAILOVER_S, message="the retained status on node 2")
-        assert [(orjson.loads(p), r) for _, _, p, r in late.messages] == [({"online": True},
-                                                                           True)]
-        will = Watcher(nodes.url(1), f"city/v1/{uid}/+/+/status", f"will-{uid}")
-        device.kill()  # no DISCONNECT: the broker publishes the Will
-        wait_until(lambda: any(orjson.loads(p) == {"online": False}
-                               for _, _, p, _ in will.messages), FAILOVER_S,
-                   message="the Will")
-        late.close()
-        will.close()
-    finally:
-        device.kill()
-        device.wait()
 
 
 def test_a_shared_subscription_group_is_refused_where_it_would_lose_everything(nodes, uid,

@@ -10,14 +10,10 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import paho.mqtt.client as paho
 import pytest
-
-from cityctl.natscluster import NatsCluster
-from tests.helpers import need
 
 pytestmark = pytest.mark.integration
 
@@ -28,20 +24,6 @@ RECEIVE_TIMEOUT_S = 10.0
 # round on a split vote); until then nats-server fails a CONNECT after 4 s (its JetStream API
 # timeout) and the client tries again. Measured here: the session is back in 6-25 s.
 FAILOVER_TIMEOUT_S = 45.0
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[NatsCluster]:
-    need("nats-server")
-    nats = NatsCluster(tmp_path_factory.mktemp("natscluster"))
-    nats.start()
-    yield nats
-    nats.stop()
-
-
-@pytest.fixture
-def uid() -> str:
-    return "t" + uuid.uuid4().hex[:10]
 
 
 class Client:
