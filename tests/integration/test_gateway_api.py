@@ -7,6 +7,7 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
+from cityctl.localservices import free_port
 from citygrid.city import COPENHAGEN
 from citygrid.registry import Registry
 from citygrid.settings import Settings
@@ -45,7 +46,23 @@ def auth(token: str) -> dict[str, str]:
 def test_health_needs_no_token(api):
     client, _ = api
     r = client.get("/health")
-    assert r.status_code == 200 and r.json() == {"ok": True, "broker": True, "store": True}
+    body = r.json()
+    node = body.get("broker_node")
+    assert r.status_code == 200 and body == {"ok": True, "broker": True, "store": True,
+                                             "broker_node": node, "broker_nodes": {node: True}}
+    assert node is not None and node.startswith("127.0.0.1:")
+
+
+def test_health_names_each_node_of_a_cluster(tmp_path, mosquitto):
+    down = free_port()
+    settings = Settings(mqtt_url=f"mqtt://127.0.0.1:{down},127.0.0.1:{mosquitto.port}",
+                        data_dir=str(tmp_path))
+    SqliteStore(tmp_path / "telemetry.sqlite").ensure_ready()
+    with TestClient(create_app(settings)) as client:
+        body = client.get("/health").json()
+    assert body["broker"] and body["broker_node"] == f"127.0.0.1:{mosquitto.port}"
+    assert body["broker_nodes"] == {f"127.0.0.1:{down}": False,
+                                    f"127.0.0.1:{mosquitto.port}": True}
 
 
 @pytest.mark.parametrize("method, path, minimum", [

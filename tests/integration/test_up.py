@@ -45,7 +45,9 @@ def test_up_runs_the_city_stops_on_ctrl_c_and_resumes(tmp_path):
         # The gateway answers with the token `up` printed in the status page's address.
         printed = re.search(r"#token=(\S+)", up.text())[1]
         health = httpx.get(f"{up.url}/health", timeout=5).json()
-        assert health == {"ok": True, "broker": True, "store": True}
+        node = up.mqtt_url.removeprefix("mqtt://")
+        assert health == {"ok": True, "broker": True, "store": True, "broker_node": node,
+                          "broker_nodes": {node: True}}
         status = httpx.get(f"{up.url}/api/v1/status", timeout=10,
                            headers={"Authorization": f"Bearer {printed}"})
         assert status.status_code == 200 and status.json()["devices"] == {
