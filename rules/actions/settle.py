@@ -44,3 +44,9 @@ class SettleAction(ActionType):
                 "kwh": float(s.entry["kwh"]), "amount_minor": s.entry["amount_minor"],
                 "balance_minor": s.entry["balance_after_minor"]}, now_ms)])
             engine.alerting.settled(s, now_ms)
+        # Consumption held for want of a spot price, all billed now: its alert clears.
+        unpriced = engine.alerting.by_key.get(f"billing-unpriced@{device.device_id}")
+        if unpriced is not None and unpriced.active and not (
+                engine.billing.unpriced(device.device_id)
+                or engine.billing.unpriced(device.device_id, "export")):
+            engine.alerting.clear(unpriced.key, None, now_ms)

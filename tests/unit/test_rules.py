@@ -398,6 +398,9 @@ rules:
             def price_now(self, tariff, ts_ms):
                 return 2.5
 
+            def unpriced(self, meter_id, kind="energy"):
+                return 0
+
             def settle(self, meter_id, now_ms, *, ended_periods_only=False):
                 self.settled.append((meter_id, now_ms, ended_periods_only))
                 entry = {"account": "acc-1", "tariff": "business-flat", "kwh": f"{self.kwh}",

@@ -215,3 +215,28 @@ class TestSpotBilling:
         # 1 kWh at 2200 DKK/MWh (00:00 local = 22:00 UTC), 1 kWh at 2300.
         assert Decimal(later["net_amount"]) == Decimal("4.5")
         assert s.settle("m-1", ms(2025, 4, 1, 5)) == []
+
+
+def test_the_unpriced_alert_clears_once_the_held_consumption_is_billed(tmp_path):
+    from rules.engine import RuleEngine
+    from rules.loader import load
+    from tests.unit.test_billing import Box
+
+    cfg = config(tmp_path, ELSPOT, "spot: {area: DK1}")
+    s = BillingStore(tmp_path / "b.sqlite", cfg, FLEET, TZ)
+    engine = RuleEngine(load(), FLEET, COPENHAGEN, Box(), billing=s)
+    key = "billing-unpriced@m-1"
+    for seq, (ts, kwh) in enumerate([(ms(2025, 3, 31, 23), 0.0), (ms(2025, 4, 1, 1), 2.0)]):
+        engine.on_reading("m-1", {"seq": seq + 1, "energy_kwh": kwh, "power_w": 500.0}, ts)
+    assert engine.alerting.by_key[key].active
+    settle = engine.actions["settle"]
+    settle.settle(FLEET.by_id["m-1"], False, ms(2025, 4, 1, 2))
+    assert engine.alerting.by_key[key].active  # still held: the file ends on March 31st
+    data = json.loads(ELSPOT.read_text(), parse_float=Decimal)
+    data["records"] += [{"HourUTC": f"2025-03-31T{h:02d}:00:00", "HourDK": "",
+                         "PriceArea": a, "SpotPriceDKK": 500, "SpotPriceEUR": 67}
+                        for h in (22, 23) for a in ("DK1", "DK2")]
+    Path(cfg.price_file).write_text(json.dumps(data, default=float))
+    os.utime(cfg.price_file, ns=(3, 3))
+    settle.settle(FLEET.by_id["m-1"], False, ms(2025, 4, 1, 3))
+    assert not engine.alerting.by_key[key].active and s.unpriced("m-1") == 0
