@@ -151,3 +151,17 @@ def test_devices_cli_prints_credentials_once_and_refuses_bad_ids(tmp_path):
     assert run("devices", "revoke", "sl-x").returncode == 0
     assert "sl-x" not in (tmp_path / "mosquitto" / "passwords").read_text()
     assert run("devices", "revoke", "nobody").returncode == 2
+
+
+def test_the_service_accounts_may_probe_their_shared_subscription_group(secured):
+    """`--group` sends a probe through the group at start-up: the generated ACL lets the
+    ingest and rules accounts do it, and a device's account is refused it."""
+    from citygrid import wire
+
+    registry, port, creds = secured
+    for name in ("ingest", "rules"):
+        wire.probe_shared(MqttUrl.parse(creds[name].url("127.0.0.1", port)), "g",
+                          f"{name}-probe-test", timeout_s=5)  # raises if nothing came through
+    with pytest.raises(wire.MqttError):  # a device may not: no message comes through
+        wire.probe_shared(MqttUrl.parse(creds["a"].url("127.0.0.1", port)), "g", "sl-a",
+                          timeout_s=2)
