@@ -32,11 +32,14 @@ from citygrid.fleet import Fleet
 
 GENESIS = "0" * 64
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meters (
+# A register's accounting state (billing/accounting.py MeterState): the import register's in
+# `meters`, the export register's in `export_meters`.
+_REGISTER = """(
     meter_id TEXT PRIMARY KEY, last_ts INTEGER, last_register INTEGER NOT NULL,
     spike_ts INTEGER, spike_register INTEGER NOT NULL, held_mwh INTEGER NOT NULL,
-    resets INTEGER NOT NULL, ignored INTEGER NOT NULL);
+    resets INTEGER NOT NULL, ignored INTEGER NOT NULL);"""
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meters {_REGISTER}
 CREATE TABLE IF NOT EXISTS unbilled (
     meter_id TEXT NOT NULL, start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
     mwh INTEGER NOT NULL, price TEXT NOT NULL, amount TEXT NOT NULL, period TEXT NOT NULL,
@@ -50,10 +53,7 @@ CREATE TABLE IF NOT EXISTS accounts (
     low_balance_minor INTEGER NOT NULL, currency TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS standing_charged (
     meter_id TEXT NOT NULL, period TEXT NOT NULL, PRIMARY KEY (meter_id, period));
-CREATE TABLE IF NOT EXISTS export_meters (
-    meter_id TEXT PRIMARY KEY, last_ts INTEGER, last_register INTEGER NOT NULL,
-    spike_ts INTEGER, spike_register INTEGER NOT NULL, held_mwh INTEGER NOT NULL,
-    resets INTEGER NOT NULL, ignored INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS export_meters {_REGISTER}
 CREATE TABLE IF NOT EXISTS unpriced (
     meter_id TEXT NOT NULL, start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
     mwh INTEGER NOT NULL, period TEXT NOT NULL, kind TEXT NOT NULL, label TEXT NOT NULL);
@@ -126,23 +126,21 @@ class BillingStore:
 
     # ------------------------------------------------------------------ readings
 
-    def _state(self, meter_id: str) -> MeterState:
-        state = self._states.get(meter_id)
+    def _state(self, meter_id: str, table: str = "meters") -> MeterState:
+        """A register's state (``meters``: import, ``export_meters``: export), read once."""
+        states = self._states if table == "meters" else self._export_states
+        state = states.get(meter_id)
         if state is None:
             row = self.db.execute("SELECT last_ts, last_register, spike_ts, spike_register, "
-                                  "held_mwh, resets, ignored FROM meters WHERE meter_id = ?",
+                                  f"held_mwh, resets, ignored FROM {table} WHERE meter_id = ?",
                                   (meter_id,)).fetchone()
-            state = self._states[meter_id] = MeterState(*row) if row else MeterState()
+            state = states[meter_id] = MeterState(*row) if row else MeterState()
         return state
 
-    def _export_state(self, meter_id: str) -> MeterState:
-        state = self._export_states.get(meter_id)
-        if state is None:
-            row = self.db.execute("SELECT last_ts, last_register, spike_ts, spike_register, "
-                                  "held_mwh, resets, ignored FROM export_meters WHERE "
-                                  "meter_id = ?", (meter_id,)).fetchone()
-            state = self._export_states[meter_id] = MeterState(*row) if row else MeterState()
-        return state
+    def _save_state(self, meter_id: str, state: MeterState, table: str = "meters") -> None:
+        self.db.execute(f"INSERT OR REPLACE INTO {table} VALUES (?,?,?,?,?,?,?,?)",
+                        (meter_id, state.last_ts, state.last_register, state.spike_ts,
+                         state.spike_register, state.held_mwh, state.resets, state.ignored))
 
     def spot(self) -> SpotPrices | None:
         return self.prices.current() if self.prices is not None else None
@@ -172,7 +170,7 @@ class BillingStore:
             imports, exports = outcome.intervals, []
             xstate = None
             if export_kwh is not None:
-                xstate = self._export_state(meter_id)
+                xstate = self._state(meter_id, "export_meters")
                 x: Outcome = account(xstate, ts_ms, to_mwh(export_kwh), max_w)
                 events = events + [(f"export-{k}", f"export register: {d}") for k, d in x.events]
                 imports, exports = _net(tariff, self.tz, imports, x.intervals)
@@ -181,7 +179,7 @@ class BillingStore:
                 before = {p: m for p, m in self.db.execute(
                     "SELECT period, mwh FROM period_usage WHERE meter_id = ?", (meter_id,))}
             used = dict(before)
-            spot = self.spot() if self.prices is not None else None
+            spot = self.spot()
             segments = [s for t0, t1, mwh in imports
                         for s in tariffs.price(self.config, binding.tariff, self.tz, t0, t1, mwh,
                                                used, spot)]
@@ -194,16 +192,9 @@ class BillingStore:
                 events = events + [_unpriced(held, spot)]
             demand = self._track_demand(meter_id, tariff, imports)
             with self.db:
-                self.db.execute("INSERT OR REPLACE INTO meters VALUES (?,?,?,?,?,?,?,?)",
-                                (meter_id, state.last_ts, state.last_register, state.spike_ts,
-                                 state.spike_register, state.held_mwh, state.resets,
-                                 state.ignored))
+                self._save_state(meter_id, state)
                 if xstate is not None:
-                    self.db.execute("INSERT OR REPLACE INTO export_meters VALUES "
-                                    "(?,?,?,?,?,?,?,?)", (
-                                        meter_id, xstate.last_ts, xstate.last_register,
-                                        xstate.spike_ts, xstate.spike_register, xstate.held_mwh,
-                                        xstate.resets, xstate.ignored))
+                    self._save_state(meter_id, xstate, "export_meters")
                 self.db.executemany("INSERT INTO unbilled VALUES (?,?,?,?,?,?,?,?,?)", [
                     (meter_id, s.start_ms, s.end_ms, s.mwh, str(s.price), str(s.amount),
                      s.period, s.kind, s.label) for s in segments])

@@ -49,10 +49,6 @@ class Area:
     slot_ms: int
     prices: tuple[Decimal, ...]  # per MWh, one per slot from first_ms
 
-    @property
-    def end_ms(self) -> int:
-        return self.first_ms + self.slot_ms * len(self.prices)
-
     def at(self, ts_ms: int) -> Decimal | None:
         i = (ts_ms - self.first_ms) // self.slot_ms
         return self.prices[i] if 0 <= i < len(self.prices) else None
@@ -72,12 +68,6 @@ class SpotPrices:
     def slot_ms(self, area: str) -> int:
         a = self.areas.get(area)
         return a.slot_ms if a is not None else HOUR_MS
-
-    def covers(self, area: str) -> str:
-        a = self.areas.get(area)
-        if a is None:
-            return "no prices"
-        return f"{_iso(a.first_ms)} to {_iso(a.end_ms)} UTC"
 
 
 def _iso(ms: int) -> str:

@@ -3,6 +3,7 @@ the view-only city watch. The services' hot paths use citygrid.wire."""
 
 from __future__ import annotations
 
+import itertools
 import ssl
 import time
 
@@ -27,7 +28,7 @@ def make_client(url: MqttUrl, client_id: str = "", *, manual_ack: bool = False,
             context.load_cert_chain(url.cert_file, url.key_file)
         client.tls_set_context(context)
     if len(url.nodes) > 1:  # a cluster: every reconnect goes to the next node, in turn
-        tries = iter(range(1 << 62))
+        tries = itertools.count()
 
         def next_node(c: paho.Client, _userdata) -> None:
             # paho connects to _host (its TLS checks that name): the node this try is for.

@@ -42,6 +42,7 @@ import ssl
 import struct
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -823,8 +824,6 @@ def probe_shared(url: MqttUrl, group: str, client_id: str, *, protocol: int | No
     that grants ``$share/<group>/…`` but never delivers through it (NATS, RabbitMQ) would
     make a worker of that group lose every reading without an error. Raises
     ``SharedSubscriptionsUnsupported`` then, ``MqttError`` if the broker is not there."""
-    import uuid
-
     topic = f"{PROBE_TOPIC}/{client_id}/{uuid.uuid4().hex[:12]}"
     got = threading.Event()
     probe = Client(url, f"{client_id}-probe", protocol=protocol,
