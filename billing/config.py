@@ -219,8 +219,20 @@ class TopUp(BaseModel):
     amount: Annotated[Decimal, Field(gt=0, max_digits=12, decimal_places=4)]
 
 
+class Seller(BaseModel):
+    """Who issues the invoices: the utility's name, postal address and VAT number (EU VAT
+    rules ask for all three on an invoice), and the days an invoice is payable in."""
+
+    model_config = _STRICT
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    address: Annotated[str, Field(max_length=500)] | None = None
+    vat_id: Annotated[str, Field(pattern=r"^[A-Z]{2}[A-Z0-9+*.]{2,13}$")] | None = None
+    payment_terms_days: Annotated[int, Field(ge=0, le=365)] = 14
+
+
 class Account(AccountDefaults):
     name: Annotated[str, Field(max_length=200)] | None = None
+    address: Annotated[str, Field(max_length=500)] | None = None
     payment_agent: PaymentAgent | None = None
     top_up: TopUp | None = None
 
@@ -243,6 +255,7 @@ class BillingConfig(BaseModel):
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
     minor_units: Annotated[int, Field(ge=1, le=1000)] = 100
     price_file: str | None = None  # spot prices (billing/prices.py), relative to this file
+    seller: Seller | None = None
     tariffs: dict[str, Tariff]
     account_defaults: AccountDefaults = AccountDefaults()
     accounts: dict[str, Account] = {}

@@ -26,7 +26,7 @@ import re
 import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ NUMBER = re.compile(r"^(INV|CN)-(\d{4})-(\d{6})$")
 PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 LINE_KINDS = ("energy", "grid", "export", "fixed", "demand", "credit", "rounding")
 DEFAULT_SELLER = "CityGrid utility"
+PAYMENT_TERMS_DAYS = 14
 _ATTEMPTS = 8  # builds of one document raced by other writers before giving up
 
 _SCHEMA = """
@@ -462,19 +463,25 @@ def check_period(period: str) -> str:
 
 
 def _seller(config: BillingConfig) -> dict[str, str | None]:
-    """The utility's name and address, from the billing config when it has them (a
-    ``seller:`` block, or ``name``/``address``), else a plain default."""
-    seller = getattr(config, "seller", None)
-    name = getattr(seller, "name", None) or getattr(config, "name", None) or DEFAULT_SELLER
-    address = getattr(seller, "address", None) or getattr(config, "address", None)
-    vat_id = getattr(seller, "vat_id", None)
-    return {"name": str(name), "address": str(address) if address else None,
-            "vat_id": str(vat_id) if vat_id else None}
+    """The utility's name, address and VAT number: the billing file's ``seller:``, else a
+    plain default name."""
+    seller = config.seller
+    return {"name": seller.name if seller else DEFAULT_SELLER,
+            "address": seller.address if seller else None,
+            "vat_id": seller.vat_id if seller else None}
 
 
 def _account_block(config: BillingConfig, account_id: str) -> dict[str, str | None]:
     a = config.accounts.get(account_id)
-    return {"id": account_id, "name": getattr(a, "name", None)}
+    return {"id": account_id, "name": a.name if a else None,
+            "address": a.address if a else None}
+
+
+def _due(config: BillingConfig, now_ms: int, tz: ZoneInfo) -> str:
+    """The day an invoice issued at ``now_ms`` is payable by (city date): the seller's
+    payment terms after the day of issue (14 days without a ``seller:``)."""
+    days = config.seller.payment_terms_days if config.seller else PAYMENT_TERMS_DAYS
+    return (datetime.fromtimestamp(now_ms / 1000, tz).date() + timedelta(days=days)).isoformat()
 
 
 def _local(ms: int, tz: ZoneInfo) -> str:
@@ -513,6 +520,8 @@ def invoice_document(config: BillingConfig, tz: ZoneInfo, number: str, account_i
         "to_ms": max(e.get("to_ms", now_ms) for _, e, _ in entries),
         "lines": lines, "vat": vat, "net_minor": net, "vat_minor": vat_minor,
         "total_minor": total, "payments": payments,
+        # Payable by: only when the account owes (a prepaid balance left has nothing due).
+        "due_date": _due(config, now_ms, tz) if snap.balance_minor < 0 else None,
         "payments_minor": sum(p["amount_minor"] for p in payments),
         "balance_minor": snap.balance_minor, "outstanding_minor": max(0, -snap.balance_minor),
         "entries": [{"seq": seq, "hash": h, "key": e.get("key"), "meter": e.get("meter"),

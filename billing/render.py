@@ -131,6 +131,8 @@ def render_pdf(doc: dict[str, Any], *, compress: bool = True, unicode_font: bool
         line(f"Covers {doc['from']} - {doc['to']}")
     name = doc["account"].get("name")
     line(f"Account {doc['account']['id']}" + (f" - {name}" if name else ""), 11, "B", 7)
+    if doc["account"].get("address"):
+        line(doc["account"]["address"])
     if doc.get("reason"):
         line(f"Reason: {doc['reason']}")
     pdf.ln(2)
@@ -172,7 +174,8 @@ def render_pdf(doc: dict[str, Any], *, compress: bool = True, unicode_font: bool
         line(f"Received {m(doc['payments_minor'])} {doc['currency']}", 9, "B")
     pdf.ln(3)
     line(f"Account balance {m(doc['balance_minor'])} {doc['currency']}. Outstanding: "
-         f"{m(doc['outstanding_minor'])} {doc['currency']}", 10, "B")
+         f"{m(doc['outstanding_minor'])} {doc['currency']}"
+         + (f", due {doc['due_date']}" if doc.get("due_date") else ""), 10, "B")
     pdf.ln(4)
     pdf.set_font(font, "", 6)
     small = ["Ledger entries:"] + [f"#{e['seq']} {e.get('meter') or ''} {e.get('period') or ''} "

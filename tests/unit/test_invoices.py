@@ -113,8 +113,10 @@ def test_settlements_give_an_energy_and_a_standing_line_and_the_total_they_debit
     assert doc["vat"] == [{"rate": "0", "base": "125", "base_minor": 12_500, "amount": "0",
                            "amount_minor": 0}]
     assert doc["net_minor"] + doc["vat_minor"] == doc["total_minor"]
-    assert doc["account"] == {"id": "acc-1", "name": CONFIG.accounts["acc-1"].name}
-    assert doc["seller"]["name"] == "CityGrid utility"
+    assert doc["account"] == {"id": "acc-1", "name": CONFIG.accounts["acc-1"].name,
+                              "address": None}
+    assert doc["seller"] == {"name": "CityGrid utility", "address": None, "vat_id": None}
+    assert doc["due_date"] is None  # prepaid: 1,000 DKK less 125 left, nothing to pay
     assert doc["period"] == "2026-03" and doc["from_ms"] == ms(2026, 3, 2)
 
 
@@ -461,6 +463,51 @@ def test_the_pdf_holds_the_total_and_the_hashes(store):
     assert "S\xf8ren" in text  # ø is Latin-1: kept by the core font
     pretty = render.render_pdf({**inv.document, "account": {"id": "acc-1", "name": "Łódź ✓"}})
     assert pretty.startswith(b"%PDF") and pretty.rstrip().endswith(b"%%EOF")
+
+
+SELLER_TEXT = CONFIG_TEXT.replace("accounts:", """seller:
+  name: Københavns Forsyning
+  address: Eksempelvej 1, 2300 København S
+  vat_id: DK12345678
+  payment_terms_days: 10
+accounts:
+  acc-9: {name: Post-paid ApS, address: "Vesterbrogade 2, 1620 København V"}""")
+
+
+def test_the_seller_block_its_vat_number_and_the_due_date_are_on_the_invoice(tmp_path):
+    config = billing_config.parse_text(SELLER_TEXT)
+    fleet = Fleet([FleetDevice("m-9", "meter", "valby", 55.66, 12.5, account_id="acc-9",
+                               tariff="flat", max_power_w=17250.0)])
+    store = BillingStore(tmp_path / "billing.sqlite", config, fleet, TZ)
+    try:
+        read(store, "m-9", ms(2026, 3, 2), 20)
+        store.settle("m-9", ms(2026, 4, 1, 0, 30))
+        # Issued on the 30th at 23:30 city time (21:30 UTC): due 10 days after the city's day.
+        inv = invoices.issue(store.db, config, TZ, "acc-9", ms(2026, 4, 30, 23, 30))
+    finally:
+        store.close()
+    doc = inv.document
+    assert doc["seller"] == {"name": "Københavns Forsyning", "vat_id": "DK12345678",
+                             "address": "Eksempelvej 1, 2300 København S"}
+    assert doc["account"]["address"] == "Vesterbrogade 2, 1620 København V"
+    assert doc["outstanding_minor"] == 20 * 200 + 2500 and doc["due_date"] == "2026-05-10"
+    html = render.render_html(doc)
+    assert "VAT DK12345678" in html and "due\n<strong>2026-05-10</strong>" in html
+    assert "Vesterbrogade 2" in html
+    text = render.render_pdf(doc, compress=False, unicode_font=False).decode("latin-1")
+    assert "VAT DK12345678" in text and "due 2026-05-10" in text and "Vesterbrogade 2" in text
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ("vat_id: DK12345678", "vat_id: 12345678"),
+    ("payment_terms_days: 10", "payment_terms_days: -1"),
+    ("payment_terms_days: 10", "payment_terms: 10"),
+])
+def test_a_bad_seller_block_is_refused_with_its_line(change, words):
+    with pytest.raises(billing_config.ConfigError) as e:
+        billing_config.parse_text(SELLER_TEXT.replace(change, words), "utility.yaml")
+    line = SELLER_TEXT.splitlines().index("  " + change) + 1
+    assert f"utility.yaml:{line}:" in str(e.value), str(e.value)
 
 
 # ------------------------------------------------------------------ the runner's hook, the CLI
