@@ -62,6 +62,9 @@ CREATE TABLE IF NOT EXISTS demand (
     peak_start_ms INTEGER, q_start_ms INTEGER, q_mwh INTEGER NOT NULL,
     PRIMARY KEY (meter_id, period));
 CREATE TABLE IF NOT EXISTS export_carry (meter_id TEXT PRIMARY KEY, amount TEXT NOT NULL);
+-- The month of a meter's first reading: its fixed charges run from there (billing/ledger.py
+-- BillingStore.settle), a month it sent nothing in included.
+CREATE TABLE IF NOT EXISTS meter_since (meter_id TEXT PRIMARY KEY, period TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger (
     seq INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, entry TEXT NOT NULL,
     hash TEXT NOT NULL);
@@ -111,6 +114,7 @@ class BillingStore:
         # then kept up to date, so the rules' `meter.unbilled_kwh` does not re-read every
         # unbilled row on every reading (bench/pipeline.py's profile); settling drops it.
         self._unbilled: dict[str, tuple[int, int, str | None, Decimal]] = {}
+        self._uncharged_from: dict[str, str | None] = {}  # unbilled()'s uncharged_period
         # Per meter: mWh priced per period so far (tiers count per month), as the table has
         # it after the last commit — read once, like the meter state, not on every reading.
         self._usage: dict[str, dict[str, int]] = {}
@@ -164,6 +168,7 @@ class BillingStore:
         tariff = self.config.tariffs[binding.tariff]
         with self._lock:
             state = self._state(meter_id)
+            first = state.last_ts is None
             max_w = self.max_power_w(meter_id)
             outcome = account(state, ts_ms, to_mwh(energy_kwh), max_w)
             events = outcome.events
@@ -193,6 +198,9 @@ class BillingStore:
             demand = self._track_demand(meter_id, tariff, imports)
             with self.db:
                 self._save_state(meter_id, state)
+                if first:
+                    self.db.execute("INSERT OR IGNORE INTO meter_since VALUES (?, ?)",
+                                    (meter_id, tariffs.period_of(ts_ms, self.tz)))
                 if xstate is not None:
                     self._save_state(meter_id, xstate, "export_meters")
                 self.db.executemany("INSERT INTO unbilled VALUES (?,?,?,?,?,?,?,?,?)", [
@@ -301,6 +309,9 @@ class BillingStore:
         return binding
 
     def unbilled(self, meter_id: str) -> dict[str, Any]:
+        """What the meter has not been billed for: kWh, amount, the oldest month it is from,
+        and the first month whose fixed charges are not charged yet (None for a meter never
+        read) — a month that ended with nothing unbilled still owes its fixed charges."""
         with self._lock:
             cached = self._unbilled.get(meter_id)
             if cached is None:
@@ -310,8 +321,44 @@ class BillingStore:
                 amount = sum((Decimal(a) for (a,) in self.db.execute(
                     "SELECT amount FROM unbilled WHERE meter_id = ?", (meter_id,))), Decimal(0))
                 cached = self._unbilled[meter_id] = (row[0], row[1], row[2], amount)
+            uncharged = self._uncharged_from.get(meter_id, "")
+            if uncharged == "":
+                uncharged = self._uncharged_from[meter_id] = self._first_uncharged(meter_id)
         mwh, _, oldest, amount = cached
-        return {"kwh": mwh / 1_000_000, "amount": float(amount), "oldest_period": oldest}
+        return {"kwh": mwh / 1_000_000, "amount": float(amount), "oldest_period": oldest,
+                "uncharged_period": uncharged}
+
+    def _since(self, meter_id: str) -> str | None:
+        """The month of the meter's first reading (for a store from before ``meter_since``:
+        the oldest month it has anything of)."""
+        row = self.db.execute("SELECT period FROM meter_since WHERE meter_id = ?",
+                              (meter_id,)).fetchone()
+        if row:
+            return row[0]
+        return self.db.execute(
+            "SELECT min(p) FROM (SELECT min(period) AS p FROM standing_charged WHERE "
+            "meter_id = ?1 UNION ALL SELECT min(period) FROM period_usage WHERE meter_id = ?1 "
+            "UNION ALL SELECT min(period) FROM unbilled WHERE meter_id = ?1)",
+            (meter_id,)).fetchone()[0]
+
+    def _first_uncharged(self, meter_id: str) -> str | None:
+        """The month after the newest whose fixed charges were charged, else the first."""
+        last = self.db.execute("SELECT max(period) FROM standing_charged WHERE meter_id = ?",
+                               (meter_id,)).fetchone()[0]
+        return tariffs.next_period(last) if last else self._since(meter_id)
+
+    def _uncharged(self, meter_id: str, current: str) -> list[str]:
+        """Ended months, from the meter's first up to its last reading's, whose fixed and
+        capacity charges were not charged."""
+        since = self._since(meter_id)
+        last_ts = self._state(meter_id).last_ts
+        if since is None or last_ts is None:
+            return []
+        end = min(current, tariffs.next_period(tariffs.period_of(last_ts, self.tz)))
+        charged = {p for (p,) in self.db.execute(
+            "SELECT period FROM standing_charged WHERE meter_id = ? AND period >= ?",
+            (meter_id, since))}
+        return [p for p in tariffs.periods_between(since, end) if p not in charged]
 
     # ------------------------------------------------------------------ settlement
 
@@ -333,17 +380,24 @@ class BillingStore:
             for r in rows:
                 if not (ended_periods_only and r[4] >= current):
                     periods.setdefault(r[4], []).append(r)
+            for period in self._uncharged(meter_id, current):  # nothing unbilled in them
+                periods.setdefault(period, [])
             for period, segs in sorted(periods.items()):
                 s = self._settle_period(meter_id, binding.account, binding.tariff, period, segs,
                                         now_ms, ended=period < current)
                 if s is not None:
                     done.append(s)
+            self._uncharged_from.pop(meter_id, None)
         return done
 
     def _settle_period(self, meter_id: str, account_id: str, tariff_name: str, period: str,
                        segs: list[tuple], now_ms: int, ended: bool) -> Settlement | None:
-        first, last = segs[0][0], max(s[1] for s in segs)
-        key = f"{meter_id}:{first}:{last}"
+        if segs:
+            first, last = segs[0][0], max(s[1] for s in segs)
+            key = f"{meter_id}:{first}:{last}"
+        else:  # an ended month with nothing unbilled: its fixed and capacity charges only
+            first, last = tariffs.period_bounds(period, self.tz)
+            key = f"{meter_id}:fixed:{period}"
         tariff = self.config.tariffs[tariff_name]
         imported = sum(s[2] for s in segs if s[5] == "energy")
         exported = sum(s[2] for s in segs if s[5] == "export")
@@ -355,6 +409,12 @@ class BillingStore:
             peak = self.db.execute("SELECT peak_mwh FROM demand WHERE meter_id = ? AND "
                                    "period = ?", (meter_id, period)).fetchone()
             lines += settlement.demand_lines(tariff, period, peak[0] if peak else 0)
+        if not segs and not lines:  # no charge at all: the month is done, no empty entry
+            if ended:
+                with self.db:
+                    self.db.execute("INSERT OR IGNORE INTO standing_charged VALUES (?, ?)",
+                                    (meter_id, period))
+            return None
         carried = self.db.execute("SELECT amount FROM export_carry WHERE meter_id = ?",
                                   (meter_id,)).fetchone()
         export = tariffs.version_at(tariff, self.tz, first).export

@@ -39,6 +39,27 @@ def period_of(ts_ms: int, tz: ZoneInfo) -> str:
     return f"{local.year}-{local.month:02d}"  # = strftime("%Y-%m"), without its cost
 
 
+def next_period(period: str) -> str:
+    year, month = int(period[:4]), int(period[5:7])
+    return f"{year + month // 12:04d}-{month % 12 + 1:02d}"
+
+
+def periods_between(first: str, end: str) -> list[str]:
+    """The months from ``first`` up to, not including, ``end`` (both YYYY-MM)."""
+    out = []
+    while first < end:
+        out.append(first)
+        first = next_period(first)
+    return out
+
+
+def period_bounds(period: str, tz: ZoneInfo) -> tuple[int, int]:
+    """The month's first and next month's first local midnight, in epoch ms."""
+    def start(p: str) -> int:
+        return int(datetime(int(p[:4]), int(p[5:7]), 1, tzinfo=tz).timestamp() * 1000)
+    return start(period), start(next_period(period))
+
+
 def _instant(day: date, hhmm: str, tz: ZoneInfo) -> int:
     m = minutes(hhmm)
     if m == 24 * 60:

@@ -89,8 +89,10 @@ def meter_value(billing: Billing | None, device: FleetDevice | None, attr: str, 
         return info["kwh"]
     if attr == "unbilled_amount":
         return info["amount"]
-    if attr == "period_ended":
-        return info["oldest_period"] is not None and info["oldest_period"] < period_of(ts_ms, tz)
+    if attr == "period_ended":  # a month ended with something unbilled, or fixed charges
+        current = period_of(ts_ms, tz)
+        return any(p is not None and p < current
+                   for p in (info["oldest_period"], info.get("uncharged_period")))
     raise EvalError(f"meter has unbilled_kwh, unbilled_amount, period_ended — not {attr!r}")
 
 

@@ -379,6 +379,52 @@ tariffs: {business-flat: {price: 2.50, standing_charge_per_month: 30.00}}
     assert third.entry["amount_minor"] == 250  # charged once for November
 
 
+def test_a_month_the_meter_sent_nothing_in_still_gets_its_fixed_charges_once(tmp_path):
+    """Settled mid-March, then silent until May with the register where it was: March and
+    April owe their standing charge all the same; months before the meter's first reading
+    and after its last owe nothing; settling again charges none twice."""
+    cfg = billing_config.parse_text("""
+currency: DKK
+tariffs: {business-flat: {price: 2.50, standing_charge_per_month: 30.00}}
+""")
+    s = store(tmp_path, cfg)
+    s.on_reading("m-2", ms(2026, 3, 10, 9), 100.0)
+    s.on_reading("m-2", ms(2026, 3, 10, 10), 101.0)
+    assert [x.entry["amount_minor"] for x in s.settle("m-2", ms(2026, 3, 10, 10))] == [250]
+    assert s.unbilled("m-2")["uncharged_period"] == "2026-03"
+    s.on_reading("m-2", ms(2026, 5, 2, 9), 101.0)  # nothing used since
+    assert s.unbilled("m-2")["oldest_period"] is None  # nothing unbilled: yet a month ended
+    from rules.context import meter_value
+    device = FLEET.by_id["m-2"]
+    assert meter_value(s, device, "period_ended", ms(2026, 5, 2, 9), TZ) is True
+    done = s.settle("m-2", ms(2026, 5, 2, 9))
+    assert [(x.entry["period"], x.entry["amount_minor"], x.entry["kwh"]) for x in done] == [
+        ("2026-03", 3000, "0.000000"), ("2026-04", 3000, "0.000000")]
+    assert (done[1].entry["from_ms"], done[1].entry["to_ms"]) == (ms(2026, 4, 1), ms(2026, 5, 1))
+    assert s.settle("m-2", ms(2026, 5, 2, 10)) == []  # once
+    assert meter_value(s, device, "period_ended", ms(2026, 5, 2, 10), TZ) is False
+    assert store(tmp_path, cfg).unbilled("m-2")["uncharged_period"] == "2026-05"  # re-read
+    # The meter's last reading in May: June, July… owe nothing until it is heard of again.
+    [may] = s.settle("m-2", ms(2026, 8, 1))
+    assert (may.entry["period"], may.entry["amount_minor"]) == ("2026-05", 3000)
+    assert s.settle("m-2", ms(2026, 8, 2)) == [] and len(s.entries()) == 4
+    assert not any(e["period"] < "2026-03" for _, e, _ in s.entries())
+
+
+def test_a_tariff_without_fixed_charges_writes_no_empty_entries_for_a_silent_month(tmp_path):
+    cfg = billing_config.parse_text("""
+currency: DKK
+tariffs: {business-flat: {price: 2.50}}
+""")
+    s = store(tmp_path, cfg)
+    s.on_reading("m-2", ms(2026, 3, 10, 9), 100.0)
+    s.on_reading("m-2", ms(2026, 3, 10, 10), 101.0)
+    s.settle("m-2", ms(2026, 3, 10, 10))
+    s.on_reading("m-2", ms(2026, 6, 2, 9), 101.0)
+    assert s.settle("m-2", ms(2026, 6, 2, 9)) == [] and len(s.entries()) == 1
+    assert s.unbilled("m-2")["uncharged_period"] == "2026-06"  # done with: no trigger again
+
+
 def test_ledger_cli_verify_head_list(tmp_path):
     import subprocess
     import sys
@@ -421,4 +467,4 @@ def test_the_running_unbilled_total_equals_the_unbilled_rows(tmp_path):
     assert fresh["kwh"] == pytest.approx(0.7 * 39)
     s.settle("m-1", t + 40 * 900_000)
     assert s.unbilled("m-1") == store(tmp_path).unbilled("m-1") == {
-        "kwh": 0, "amount": 0.0, "oldest_period": None}
+        "kwh": 0, "amount": 0.0, "oldest_period": None, "uncharged_period": "2026-03"}
