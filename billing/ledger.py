@@ -216,6 +216,8 @@ class BillingStore:
                     self.db.executemany("INSERT OR REPLACE INTO demand VALUES (?,?,?,?,?,?)", [
                         (meter_id, p, *row) for p, row in demand.items()])
             self._usage[meter_id] = used  # committed
+            if first:
+                self._uncharged_from.pop(meter_id, None)
             self._cache_unbilled(meter_id, segments)
         return events
 
