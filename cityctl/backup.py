@@ -6,6 +6,11 @@ the rule engine is settling bills: a settlement's debit and ledger entry are one
 transaction, so a copy has both or neither), never with a file copy, which can tear a WAL
 database. `MANIFEST.json` records, per file, its SHA-256, and the ledger's entry count and
 head hash; `restore` checks those, puts the files in place and verifies the ledger again.
+
+The ledger's anchor file (`ledger-head.json`, billing/anchor.py) is copied too — before the
+databases, so the head it names is one the copied ledger already holds — and the backup's
+ledger must contain that head (`ledger verify --head`): a ledger rewritten under its anchor
+is refused, not backed up.
 Telemetry history lives in InfluxDB: back it up with `influxd backup -portable` (README).
 """
 
@@ -19,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from billing import LedgerError, check_balances
+from billing import LedgerError, check_balances, read_anchor, verify
 
 # registry (devices, credentials hashes, tokens), rule state (holds, timers, alerts),
 # billing (meters, unbilled, accounts, ledger), ingest (spool, dead letters), maintenance
@@ -27,6 +32,7 @@ from billing import LedgerError, check_balances
 DATABASES = ("registry.sqlite", "rules.sqlite", "billing.sqlite", "ingest.sqlite",
              "maintenance.sqlite")
 MANIFEST = "MANIFEST.json"
+ANCHOR = "ledger-head.json"  # billing's anchor file (billing.anchor_path)
 
 
 class BackupError(RuntimeError):
@@ -62,6 +68,20 @@ def ledger_check(data_dir: Path) -> dict[str, Any]:
     return {"entries": entries, "head": head}
 
 
+def anchor_check(directory: Path) -> dict[str, Any]:
+    """The anchor file in ``directory`` names a head its ledger holds."""
+    anchor = read_anchor(directory / ANCHOR)
+    if anchor is None:
+        raise BackupError(f"{directory / ANCHOR} is not a ledger anchor")
+    try:
+        verify(directory / "billing.sqlite", head=anchor["head"])
+    except LedgerError as e:
+        raise BackupError(f"the ledger does not hold its anchored head (entry "
+                          f"{anchor['entries']}): {e}") from None
+    return {"entries": anchor["entries"], "head": anchor["head"],
+            "sha256": _sha256(directory / ANCHOR)}
+
+
 def create(data_dir: str | Path, target: str | Path) -> dict[str, Any]:
     data, out = Path(data_dir), Path(target)
     if out.exists() and any(out.iterdir()):
@@ -72,10 +92,16 @@ def create(data_dir: str | Path, target: str | Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"created_ms": int(time.time() * 1000), "from": str(data),
                                 "files": {}}
+    # The anchor first: the ledger only grows, so the copy taken next holds its head.
+    anchored = (data / ANCHOR).exists() and "billing.sqlite" in present
+    if anchored:
+        shutil.copyfile(data / ANCHOR, out / ANCHOR)
     for name in present:
         _copy(data / name, out / name)
     if "billing.sqlite" in present:
         manifest["ledger"] = ledger_check(out)
+    if anchored:
+        manifest["anchor"] = anchor_check(out)
     for name in present:
         manifest["files"][name] = {"sha256": _sha256(out / name),
                                    "bytes": (out / name).stat().st_size}
@@ -100,6 +126,10 @@ def check(source: str | Path) -> dict[str, Any]:
         if found["head"] != manifest["ledger"]["head"]:
             raise BackupError(f"ledger head {found['head']} is not the recorded "
                               f"{manifest['ledger']['head']}")
+    if "anchor" in manifest:
+        if not (src / ANCHOR).exists() or _sha256(src / ANCHOR) != manifest["anchor"]["sha256"]:
+            raise BackupError(f"{ANCHOR} is missing or differs from the manifest")
+        anchor_check(src)
     return manifest
 
 
@@ -108,7 +138,7 @@ def restore(source: str | Path, data_dir: str | Path, *, force: bool = False
     """Check the backup, put its databases in ``data_dir``, verify the ledger there."""
     src, data = Path(source), Path(data_dir)
     manifest = check(src)
-    clash = [n for n in manifest["files"] if (data / n).exists()]
+    clash = [n for n in [*manifest["files"], ANCHOR] if (data / n).exists()]
     if clash and not force:
         raise BackupError(f"{data} already has {', '.join(clash)}: stop the services and "
                           "restore with --force to replace them")
@@ -119,6 +149,12 @@ def restore(source: str | Path, data_dir: str | Path, *, force: bool = False
         tmp = data / (name + ".restoring")
         shutil.copyfile(src / name, tmp)
         tmp.replace(data / name)
+    if "anchor" in manifest:  # the anchor that goes with the restored ledger
+        tmp = data / (ANCHOR + ".restoring")
+        shutil.copyfile(src / ANCHOR, tmp)
+        tmp.replace(data / ANCHOR)
+    elif (data / ANCHOR).exists():  # newer than the backup: kept aside, never deleted
+        (data / ANCHOR).replace(data / (ANCHOR + ".before-restore"))
     if "ledger" in manifest:
         found = ledger_check(data)
         if found["head"] != manifest["ledger"]["head"]:

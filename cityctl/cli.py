@@ -63,10 +63,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
     except backup.BackupError as e:
         print(f"citygrid backup {args.backup_command}: {e}", file=sys.stderr)
         return 1
-    ledger = m.get("ledger")
+    ledger, anchor = m.get("ledger"), m.get("anchor")
     verb = "backed up" if args.backup_command == "create" else "restored"
     print(f"{verb} {', '.join(m['files'])}"
           + (f"; ledger ok: {ledger['entries']} entries, head {ledger['head']}" if ledger
+             else "")
+          + (f"; anchor ok: entry {anchor['entries']}, head {anchor['head']}" if anchor
              else ""))
     return 0
 

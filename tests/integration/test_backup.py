@@ -112,3 +112,68 @@ def test_a_damaged_backup_is_refused_and_restore_does_not_overwrite_by_accident(
                           str(tmp_path / "c"), "--data-dir", str(data)],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "ledger ok: 1 entries, head" in out.stdout
+
+
+def test_the_ledger_anchor_is_backed_up_with_the_ledger_that_holds_its_head(tmp_path):
+    """The anchor file travels with the ledger; a ledger rewritten under its anchor is not
+    backed up; restoring an older backup keeps a newer anchor aside, never deletes it."""
+    from billing import config as billing_config
+    from billing.anchor import Anchor
+    from billing.ledger import BillingStore
+    from citygrid.city import COPENHAGEN
+
+    data = tmp_path / "data"
+    fleet = Fleet([FleetDevice("m-1", "meter", "valby", 55.66, 12.5, account_id="acc-1",
+                               tariff="business-flat", max_power_w=17250.0)])
+    store = BillingStore(data / "billing.sqlite", billing_config.load(None), fleet,
+                         COPENHAGEN.tz)
+    published = []
+    anchor = Anchor(store.head, data / "ledger-head.json", 2,
+                    lambda topic, payload: published.append(payload))
+    t = int(time.time() * 1000) - 10 * 3_600_000
+    store.on_reading("m-1", t, 100.0)
+    for h in range(1, 4):  # three settlements: anchored at the second
+        store.on_reading("m-1", t + h * 3_600_000, 100.0 + 12 * h)
+        store.settle("m-1", t + h * 3_600_000)
+        anchor.check()
+    assert len(published) == 1
+    manifest = backup.create(data, tmp_path / "b")
+    held = json.loads(published[0])
+    assert manifest["ledger"]["entries"] == 3
+    assert (manifest["anchor"]["entries"], manifest["anchor"]["head"]) == (2, held["head"])
+    assert (tmp_path / "b" / "ledger-head.json").read_bytes() == \
+        (data / "ledger-head.json").read_bytes()
+    out = subprocess.run([sys.executable, "-m", "cityctl", "backup", "restore",
+                          str(tmp_path / "b"), "--data-dir", str(tmp_path / "r")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert f"anchor ok: entry 2, head {held['head']}" in out.stdout
+    assert json.loads((tmp_path / "r" / "ledger-head.json").read_text())["head"] == held["head"]
+
+    # An edited anchor file in the backup: refused.
+    (tmp_path / "b" / "ledger-head.json").write_text(
+        json.dumps({**held, "head": "0" * 64}) + "\n")
+    with pytest.raises(backup.BackupError, match="ledger-head.json is missing or differs"):
+        backup.restore(tmp_path / "b", tmp_path / "r2")
+
+    # The ledger cut short under its anchor: the anchored head is no longer in it, and the
+    # backup says so.
+    with sqlite3.connect(data / "billing.sqlite") as db:
+        db.execute("DELETE FROM ledger WHERE seq >= 2")
+        db.execute("UPDATE accounts SET balance_minor = (SELECT json_extract(entry, "
+                   "'$.balance_after_minor') FROM ledger WHERE seq = 1)")  # consistent
+    with pytest.raises(backup.BackupError, match="does not hold its anchored head"):
+        backup.create(data, tmp_path / "c")
+
+    # An older backup, taken before any anchor, restored over the data: the anchor kept aside.
+    old = tmp_path / "old"
+    old_data = tmp_path / "old-data"
+    old_data.mkdir()
+    backup._copy(tmp_path / "b" / "billing.sqlite", old_data / "billing.sqlite")
+    backup.create(old_data, old)
+    assert "anchor" not in json.loads((old / "MANIFEST.json").read_text())
+    with pytest.raises(backup.BackupError, match="ledger-head.json"):
+        backup.restore(old, tmp_path / "r")  # without --force: it has an anchor there
+    backup.restore(old, tmp_path / "r", force=True)
+    assert not (tmp_path / "r" / "ledger-head.json").exists()
+    assert (tmp_path / "r" / "ledger-head.json.before-restore").exists()
