@@ -78,7 +78,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     acc = bs.add_parser("account", parents=[common],
                         help="(re)create a platform service account; prints it once")
     acc.add_argument("name", help="citygrid-ingest, citygrid-rules, citygrid-gateway, "
-                     "citygrid-simulator")
+                     "citygrid-adapters, citygrid-simulator, citygrid-auditor (reads the "
+                     "ledger head only)")
     acc.add_argument("--host", default="HOST", help="the broker host for the URL")
     acc.add_argument("--port", default="PORT", help="the broker port for the URL")
     acc.add_argument("--write", help="write the URL to this file (mode 600) instead of printing")

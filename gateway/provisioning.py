@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from billing import HEAD_TOPIC
 from citygrid import statedb
 from citygrid.contract import Topic
 from citygrid.fleet import FleetDevice
@@ -53,6 +54,9 @@ SERVICES = {
     "citygrid-adapters": ["topic write city/v1/+/+/+/telemetry",
                           "topic write city/v1/+/+/+/ack", "topic write city/v1/+/+/+/status",
                           "topic read city/v1/+/+/+/cmd"],
+    # an outside party holding the ledger's head (docs/ledger-anchoring.md): that one
+    # retained topic, read only
+    "citygrid-auditor": [f"topic read {HEAD_TOPIC}"],
     "citygrid-simulator": ["topic write city/v1/+/+/+/telemetry",
                            "topic write city/v1/+/+/+/ack", "topic write city/v1/+/+/+/status",
                            "topic read city/v1/+/+/+/cmd"],

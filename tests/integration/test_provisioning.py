@@ -109,6 +109,32 @@ def test_the_rules_service_publishes_the_ledger_anchor_and_a_device_cannot_forge
         c.close()
 
 
+def test_the_auditor_account_reads_the_ledger_head_and_nothing_else(secured):
+    registry, port, creds = secured
+    auditor_creds = registry.service_account("citygrid-auditor")
+    rules = Client(port, creds["rules"], "rules")
+    rules.client.publish(HEAD_TOPIC, b'{"head":"real"}', qos=1, retain=True).wait_for_publish(5)
+    auditor = Client(port, auditor_creds, "auditor")
+    auditor.subscribe(HEAD_TOPIC)
+    auditor.subscribe("city/v1/#")  # granted or not, the ACL lets nothing else through
+    wait_until(lambda: auditor.messages, message="the retained anchor")
+    a = Client(port, creds["a"], "a")
+    a.client.publish("city/v1/norrebro/streetlight/sl-a/telemetry", b"{}", qos=1
+                     ).wait_for_publish(5)
+    # It cannot write the head either: a forgery through its account replaces nothing.
+    auditor.client.publish(HEAD_TOPIC, b'{"head":"forged"}', qos=1, retain=True
+                           ).wait_for_publish(5)
+    time.sleep(0.5)
+    # (the retained head once per matching subscription; never the reading, never a forgery)
+    assert set(auditor.messages) == {(HEAD_TOPIC, b'{"head":"real"}')}
+    later = Client(port, registry.service_account("citygrid-gateway"), "gateway")
+    later.subscribe(HEAD_TOPIC)
+    wait_until(lambda: later.messages, message="the retained anchor, again")
+    assert later.messages == [(HEAD_TOPIC, b'{"head":"real"}')]
+    for c in (rules, auditor, a, later):
+        c.close()
+
+
 def test_revoked_and_anonymous_clients_cannot_connect_and_new_devices_need_no_restart(secured):
     registry, port, creds = secured
     anonymous = Client(port, None, "anon")
