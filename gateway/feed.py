@@ -37,6 +37,10 @@ class Feed(Protocol):
 
     def newest_ts(self) -> int | None: ...
 
+    def node(self) -> str | None:
+        """The broker node the live feed is connected to (host:port), None while it is not."""
+        ...
+
 
 class CityFeed:
     def __init__(self, settings: Settings, store: Any, kinds: dict[str, str] | None = None):
@@ -69,6 +73,10 @@ class CityFeed:
                 for device_id, p in self.store.latest(kind).items():
                     self._reading(device_id, p.ts_ms, p.fields)
         self._load_commanded()
+
+    def node(self) -> str | None:
+        c = self._client
+        return c.node if c is not None and c.connected.is_set() else None
 
     def _load_commanded(self) -> None:
         """Each light's commanded level and reason as the rule engine last saved them."""

@@ -173,6 +173,10 @@ class Health(BaseModel):
                                                       "(host:port), None if none does.")
     broker_nodes: dict[str, bool] = Field({}, description="Each node of CITYGRID_MQTT_URL: "
                                                          "whether it answers.")
+    feed_node: str | None = Field(None, description="The node the gateway's live feed (the "
+                                                    "status page's readings, commands and "
+                                                    "settlements) is connected to; None while "
+                                                    "it is not.")
 
 
 class LedgerStatus(BaseModel):

@@ -49,8 +49,12 @@ def test_health_needs_no_token(api):
     body = r.json()
     node = body.get("broker_node")
     assert r.status_code == 200 and body == {"ok": True, "broker": True, "store": True,
-                                             "broker_node": node, "broker_nodes": {node: True}}
+                                             "broker_node": node, "broker_nodes": {node: True},
+                                             "feed_node": body["feed_node"]}
     assert node is not None and node.startswith("127.0.0.1:")
+    # The live feed connects in the background: on that node once it has.
+    wait_until(lambda: client.get("/health").json()["feed_node"] == node, 10,
+               message="the feed's node in health")
 
 
 def test_health_names_each_node_of_a_cluster(tmp_path, mosquitto):
@@ -60,6 +64,9 @@ def test_health_names_each_node_of_a_cluster(tmp_path, mosquitto):
     SqliteStore(tmp_path / "telemetry.sqlite").ensure_ready()
     with TestClient(create_app(settings)) as client:
         body = client.get("/health").json()
+        # The gateway's own feed, given the dead node first, is on the one that answers.
+        wait_until(lambda: client.get("/health").json()["feed_node"]
+                   == f"127.0.0.1:{mosquitto.port}", 10, message="the feed on the live node")
     assert body["broker"] and body["broker_node"] == f"127.0.0.1:{mosquitto.port}"
     assert body["broker_nodes"] == {f"127.0.0.1:{down}": False,
                                     f"127.0.0.1:{mosquitto.port}": True}

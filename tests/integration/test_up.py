@@ -44,10 +44,11 @@ def test_up_runs_the_city_stops_on_ctrl_c_and_resumes(tmp_path):
 
         # The gateway answers with the token `up` printed in the status page's address.
         printed = re.search(r"#token=(\S+)", up.text())[1]
-        health = httpx.get(f"{up.url}/health", timeout=5).json()
         node = up.mqtt_url.removeprefix("mqtt://")
+        health = wait_until(lambda: (h := httpx.get(f"{up.url}/health", timeout=5).json())
+                            ["feed_node"] == node and h, 10, message="the feed's node")
         assert health == {"ok": True, "broker": True, "store": True, "broker_node": node,
-                          "broker_nodes": {node: True}}
+                          "broker_nodes": {node: True}, "feed_node": node}
         status = httpx.get(f"{up.url}/api/v1/status", timeout=10,
                            headers={"Authorization": f"Bearer {printed}"})
         assert status.status_code == 200 and status.json()["devices"] == {

@@ -57,6 +57,9 @@ class FakeFeed:
     def start(self) -> None:
         self.started += 1
 
+    def node(self) -> str | None:
+        return "127.0.0.1:1883" if self.started else None
+
     def close(self) -> None:
         self.closed += 1
 
