@@ -361,12 +361,14 @@ account_defaults: {opening_balance: 30.00, low_balance: 10.00}
         assert billing.unbilled("m-2")["kwh"] == pytest.approx(0.3)
 
 
-def test_standing_charge_once_per_ended_month(tmp_path):
-    cfg = billing_config.parse_text("""
+STANDING = billing_config.parse_text("""
 currency: DKK
 tariffs: {business-flat: {price: 2.50, standing_charge_per_month: 30.00}}
 """)
-    s = store(tmp_path, cfg)
+
+
+def test_standing_charge_once_per_ended_month(tmp_path):
+    s = store(tmp_path, STANDING)
     s.on_reading("m-2", ms(2026, 11, 29, 9), 100.0)
     s.on_reading("m-2", ms(2026, 11, 29, 10), 101.0)
     [first] = s.settle("m-2", ms(2026, 11, 29, 10))
@@ -383,10 +385,7 @@ def test_a_month_the_meter_sent_nothing_in_still_gets_its_fixed_charges_once(tmp
     """Settled mid-March, then silent until May with the register where it was: March and
     April owe their standing charge all the same; months before the meter's first reading
     and after its last owe nothing; settling again charges none twice."""
-    cfg = billing_config.parse_text("""
-currency: DKK
-tariffs: {business-flat: {price: 2.50, standing_charge_per_month: 30.00}}
-""")
+    cfg = STANDING
     s = store(tmp_path, cfg)
     s.on_reading("m-2", ms(2026, 3, 10, 9), 100.0)
     s.on_reading("m-2", ms(2026, 3, 10, 10), 101.0)
