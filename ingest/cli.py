@@ -20,6 +20,10 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--partition", metavar="I/N",
                    help="store only partition I of N of the districts (0/3, 1/3, 2/3: three "
                         "workers), for brokers without shared subscriptions (docs/scale-out.md)")
+    p.add_argument("--partition-by", choices=("district", "device"), default=None,
+                   help="what --partition splits: districts (default), or devices — even "
+                        "shares however few the districts are (ingest keeps nothing per "
+                        "district)")
     p.add_argument("--client-id", default=None,
                    help="MQTT client id; the persistent session is keyed by it (default "
                         "citygrid-ingest, with --partition citygrid-ingest-p<I>of<N>)")
@@ -59,7 +63,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     try:
-        partition = Partition.parse(args.partition) if args.partition else None
+        if args.partition_by and not args.partition:
+            raise ValueError(f"--partition-by {args.partition_by} splits a --partition i/N: "
+                             "give one")
+        partition = (Partition.parse(args.partition, by=args.partition_by or "district")
+                     if args.partition else None)
     except ValueError as e:
         print(f"citygrid ingest: {e}", file=sys.stderr)
         return 2
@@ -96,7 +104,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         "ingest running: %s → %s (batch %d, flush %.2fs, receive maximum %d, unknown devices: "
         "%s%s)", settings.mqtt, service.store, config.batch_size, config.flush_interval_s,
         config.receive_maximum, settings.unknown_devices,
-        f", partition {partition} of the districts" if partition else "")
+        f", partition {partition.index}/{partition.count} of the {partition.by}s" if partition
+        else "")
     try:
         stop.wait()
     finally:

@@ -307,7 +307,7 @@ class IngestService:
             if partition is not None and partition.index != 0:
                 return NOT_MINE  # a bad topic is dead-lettered once: by partition 0
             raise
-        if partition is not None and not partition.owns(t.district):
+        if partition is not None and not partition.owns_topic(t.district, t.device_id):
             if len(self._routes) >= ROUTE_CACHE_MAX:
                 self._routes.clear()
             self._routes[topic] = NOT_MINE

@@ -81,3 +81,48 @@ def test_three_ingest_partitions_store_every_reading_once(rig):  # noqa: F811
     assert all(len(o) == 1 for o in owners.values())
     assert len({o[0] for o in owners.values()}) == 3  # all three have a share
     assert [sum(read_dead_letter_counts(r.data_dir).values()) for r in rigs] == [1, 0, 0]
+
+
+def test_by_device_a_city_of_two_districts_splits_evenly_over_three_ingest_workers(rig):  # noqa: F811
+    """Two districts on three partitions by district: one worker has nothing (at best). By
+    device, each has about a third of the readings, and every reading is stored once."""
+    assert len({bucket(d, 3) for d in ("valby", "norrebro")}) <= 2
+    store = CountingStore()
+    rigs = [rig(store, partition=Partition.parse(f"{i}/3", by="device")) for i in range(3)]
+    devices = [(d, f"m-{d}-{n}") for d in ("valby", "norrebro") for n in range(150)]
+    expected = set()
+    for r in rigs:
+        for n, (district, device) in enumerate(devices):
+            ts = T0 - 60_000 + n
+            r.client.publish(str(contract.Topic(district, "meter", device)), meter(ts, n),
+                             key=("meter", device, ts))
+            expected.add(("meter", device, ts))
+    for r in rigs:
+        r.wait_acked()
+        assert r.client.problems == []
+    assert sorted(store.every) == sorted(expected)  # each once, none twice
+    shares = Counter(bucket(device, 3) for _, device in devices)
+    assert sorted(shares) == [0, 1, 2] and min(shares.values()) > 70  # 100 each, ± noise
+
+
+def test_partition_by_is_checked():
+    with pytest.raises(ValueError, match="--partition-by: 'cabinet'"):
+        Partition.parse("0/3", by="cabinet")
+    assert str(Partition.parse("1/3", by="device")) == "1/3 by device"
+    assert Partition.parse("1/3").owns_topic("valby", "m-1") == (bucket("valby", 3) == 1)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--partition-by", "device"], "--partition-by device splits a --partition i/N"),
+    (["--partition", "3/3", "--partition-by", "device"], "0 … N−1"),
+])
+def test_ingest_refuses_a_bad_partition_before_it_connects(tmp_path, args, says):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    out = subprocess.run([sys.executable, "-m", "cityctl", "ingest", *args, "--mqtt-url",
+                          "mqtt://127.0.0.1:1", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 2 and says in out.stderr, out.stderr
