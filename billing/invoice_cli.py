@@ -86,8 +86,9 @@ def _print_one(inv: invoices.Invoice, as_json: bool) -> None:
         print(json.dumps(inv.document, indent=2, ensure_ascii=False))
         return
     d = inv.document
+    due = f" due {d['due_date']}" if d.get("due_date") else ""
     print(f"{inv.number} {inv.kind} account {inv.account} period {inv.period or '-'} total "
-          f"{_money(d, inv.total_minor)} ledger #{inv.ledger_seq} sha256 {inv.sha256}")
+          f"{_money(d, inv.total_minor)}{due} ledger #{inv.ledger_seq} sha256 {inv.sha256}")
 
 
 def cmd_issue(args: argparse.Namespace) -> int:

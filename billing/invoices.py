@@ -131,7 +131,7 @@ class Invoice:
                 "period": self.period, "issued_at_ms": self.issued_at_ms,
                 "total_minor": self.total_minor, "currency": self.currency,
                 "refers_to": self.refers_to, "ledger_seq": self.ledger_seq,
-                "sha256": self.sha256}
+                "sha256": self.sha256, "due_date": self.document.get("due_date")}
 
 
 def canonical(doc: dict[str, Any]) -> bytes:

@@ -198,6 +198,9 @@ class InvoiceSummary(BaseModel):
                              "minor units, VAT included")
     currency: str
     refers_to: str | None = Field(None, description="a credit note's invoice")
+    due_date: str | None = Field(None, examples=["2026-04-16"], description="the city date "
+                                 "the outstanding amount is payable by; null when the account "
+                                 "owed nothing at issue (and on credit notes)")
     ledger_seq: int = Field(description="the ledger entry that issued it")
     sha256: str = Field(description="SHA-256 of the document's canonical JSON, also in its "
                         "ledger entry")

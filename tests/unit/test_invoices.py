@@ -491,6 +491,7 @@ def test_the_seller_block_its_vat_number_and_the_due_date_are_on_the_invoice(tmp
                              "address": "Eksempelvej 1, 2300 København S"}
     assert doc["account"]["address"] == "Vesterbrogade 2, 1620 København V"
     assert doc["outstanding_minor"] == 20 * 200 + 2500 and doc["due_date"] == "2026-05-10"
+    assert inv.summary()["due_date"] == "2026-05-10"  # in the API's and the CLI's lists
     html = render.render_html(doc)
     assert "VAT DK12345678" in html and "due\n<strong>2026-05-10</strong>" in html
     assert "Vesterbrogade 2" in html
