@@ -331,15 +331,20 @@ class BillingStore:
                 "uncharged_period": uncharged}
 
     def _since(self, meter_id: str) -> str | None:
-        """The month of the meter's first reading (for a store from before ``meter_since``:
-        the oldest month it has anything of)."""
+        """The month of the meter's first reading. A meter first read by a store from before
+        ``meter_since`` has none: its months count from the one after the newest already
+        charged (an upgrade never bills months long past), else from the oldest it has
+        consumption in."""
         row = self.db.execute("SELECT period FROM meter_since WHERE meter_id = ?",
                               (meter_id,)).fetchone()
         if row:
             return row[0]
+        last = self.db.execute("SELECT max(period) FROM standing_charged WHERE meter_id = ?",
+                               (meter_id,)).fetchone()[0]
+        if last:
+            return tariffs.next_period(last)
         return self.db.execute(
-            "SELECT min(p) FROM (SELECT min(period) AS p FROM standing_charged WHERE "
-            "meter_id = ?1 UNION ALL SELECT min(period) FROM period_usage WHERE meter_id = ?1 "
+            "SELECT min(p) FROM (SELECT min(period) AS p FROM period_usage WHERE meter_id = ?1 "
             "UNION ALL SELECT min(period) FROM unbilled WHERE meter_id = ?1)",
             (meter_id,)).fetchone()[0]
 

@@ -467,3 +467,23 @@ def test_the_running_unbilled_total_equals_the_unbilled_rows(tmp_path):
     s.settle("m-1", t + 40 * 900_000)
     assert s.unbilled("m-1") == store(tmp_path).unbilled("m-1") == {
         "kwh": 0, "amount": 0.0, "oldest_period": None, "uncharged_period": "2026-03"}
+
+
+def test_a_store_from_before_meter_since_never_bills_months_long_past(tmp_path):
+    """A meter the store knew before it kept the month of a meter's first reading: months
+    before the newest already charged stay as they were (an upgrade never bills January
+    in May); from there on it is charged like any other."""
+    s = store(tmp_path, STANDING)
+    s.on_reading("m-2", ms(2026, 1, 10, 9), 100.0)
+    s.on_reading("m-2", ms(2026, 1, 10, 10), 101.0)
+    s.settle("m-2", ms(2026, 1, 10, 10))  # mid-January: no standing charge yet
+    s.close()
+    # As an older store left it: no meter_since; March charged, January and February not
+    # (they had nothing unbilled when they ended).
+    with sqlite3.connect(tmp_path / "billing.sqlite") as db:
+        db.execute("DELETE FROM meter_since")
+        db.execute("INSERT INTO standing_charged VALUES ('m-2', '2026-03')")
+    s = store(tmp_path, STANDING)
+    s.on_reading("m-2", ms(2026, 5, 2, 9), 101.0)  # nothing used since
+    assert [(x.entry["period"], x.entry["amount_minor"])
+            for x in s.settle("m-2", ms(2026, 5, 2, 10))] == [("2026-04", 3000)]
