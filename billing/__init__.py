@@ -20,6 +20,7 @@ from billing.invoices import (
     InvoiceError,
     NoSuchInvoice,
     NothingToInvoice,
+    Overdue,
     UnknownAccount,
     get_invoice,
     issue_due,
@@ -29,6 +30,7 @@ from billing.invoices import (
 )
 from billing.invoices import credit as credit_note
 from billing.invoices import issue as issue_invoice
+from billing.invoices import overdue as overdue_invoices
 from billing.ledger import BillingStore, LedgerError, Settlement, verify
 from billing.meterdata import MAX_GAP_MS, Interval, intervals
 from billing.payments import CallbackError as PaymentCallbackError
@@ -59,11 +61,11 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
 
 __all__ = ["Account", "Anchor", "BadCredit", "BadPeriod", "BillingConfig", "BillingStore",
            "CreditTooLarge", "HEAD_TOPIC", "Interval", "Invoice", "InvoiceError", "LedgerError",
-           "LedgerStatus", "MAX_GAP_MS", "NoSuchInvoice", "NothingToInvoice",
+           "LedgerStatus", "MAX_GAP_MS", "NoSuchInvoice", "NothingToInvoice", "Overdue",
            "PaymentCallbackError", "PaymentOutcome", "PaymentRequest", "Settlement",
            "UnknownAccount", "accounts", "add_parsers", "anchor_path", "check_balances",
            "credit_note", "entries_after", "entry_time", "get_invoice", "handle_payment_callback",
            "intervals", "issue_due", "issue_invoice", "last_seq", "ledger_status", "list_invoices",
-           "load_config", "open_db", "payment_dispatcher", "payment_entries", "payment_requests",
-           "period_of", "price_now", "read_anchor", "render_html", "render_pdf", "settlements",
-           "verify", "verify_invoice"]
+           "load_config", "open_db", "overdue_invoices", "payment_dispatcher", "payment_entries",
+           "payment_requests", "period_of", "price_now", "read_anchor", "render_html",
+           "render_pdf", "settlements", "verify", "verify_invoice"]

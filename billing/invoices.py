@@ -67,7 +67,16 @@ CREATE TABLE IF NOT EXISTS payments_seen (
     seq INTEGER PRIMARY KEY, account_id TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS payments_by_account ON payments_seen (account_id, seq);
 CREATE TABLE IF NOT EXISTS invoice_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- Invoices with an amount due by a date, until the credits after them (payments, credit
+-- notes) have covered it (paid = 1): what `overdue` looks at.
+CREATE TABLE IF NOT EXISTS invoice_due (
+    number TEXT PRIMARY KEY, account_id TEXT NOT NULL, due_date TEXT NOT NULL,
+    outstanding_minor INTEGER NOT NULL, ledger_seq INTEGER NOT NULL,
+    paid INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS invoice_due_open ON invoice_due (paid, due_date);
+CREATE INDEX IF NOT EXISTS invoice_due_by_account ON invoice_due (account_id, ledger_seq);
 """
+_TABLES = ("ledger", "invoices", "invoice_meta", "invoice_due")
 
 
 # ------------------------------------------------------------------ errors
@@ -171,7 +180,7 @@ def open_db(data_dir: str | Path) -> sqlite3.Connection:
 def ensure_schema(db: sqlite3.Connection) -> None:
     """The ledger's and the invoices' tables (one look at the schema when they exist)."""
     if db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
-                  "('ledger', 'invoices', 'invoice_meta')").fetchone()[0] < 3:
+                  f"({', '.join('?' * len(_TABLES))})", _TABLES).fetchone()[0] < len(_TABLES):
         db.executescript(ledger._SCHEMA + _SCHEMA)
 
 
@@ -441,6 +450,53 @@ def _payments(db: sqlite3.Connection, account_id: str, after_seq: int, upto_seq:
     return out
 
 
+@dataclass(frozen=True)
+class Overdue:
+    """An account's newest invoice past its due date with some of its outstanding amount
+    still not covered by the payments and credit notes after it."""
+
+    account: str
+    number: str
+    due_date: str
+    outstanding_minor: int  # owed when it was issued
+    owed_minor: int  # still owed of that
+    currency: str
+
+
+def overdue(db: sqlite3.Connection, tz: ZoneInfo, now_ms: int) -> list[Overdue]:
+    """Invoices past due (the city's date at ``now_ms`` after their due date) and not paid:
+    one per account, its newest such invoice, oldest debt paid first. An invoice found paid
+    is marked so and never looked at again, nor any older one of its account."""
+    ensure_schema(db)
+    catch_up(db)  # every payment in the ledger is in payments_seen
+    today = datetime.fromtimestamp(now_ms / 1000, tz).date().isoformat()
+    newest: dict[str, tuple] = {}
+    for row in db.execute("SELECT d.account_id, d.number, d.due_date, d.outstanding_minor, "
+                          "d.ledger_seq, i.currency FROM invoice_due d JOIN invoices i "
+                          "USING (number) WHERE d.paid = 0 AND d.due_date < ? "
+                          "ORDER BY d.ledger_seq", (today,)):
+        newest[row[0]] = row
+    out, paid = [], []
+    for account, number, due, outstanding, seq, currency in newest.values():
+        payments_after = db.execute(
+            "SELECT coalesce(sum(json_extract(l.entry, '$.amount_minor')), 0) FROM "
+            "payments_seen p JOIN ledger l ON l.seq = p.seq WHERE p.account_id = ? AND "
+            "p.seq > ?", (account, seq)).fetchone()[0]
+        credited_after = db.execute(
+            "SELECT coalesce(sum(total_minor), 0) FROM invoices WHERE account_id = ? AND "
+            "kind = 'credit_note' AND ledger_seq > ?", (account, seq)).fetchone()[0]
+        owed = outstanding - int(payments_after) - int(credited_after)
+        if owed > 0:
+            out.append(Overdue(account, number, due, outstanding, owed, currency))
+        else:
+            paid.append((account, seq))
+    if paid:
+        with db:
+            db.executemany("UPDATE invoice_due SET paid = 1 WHERE account_id = ? AND "
+                           "ledger_seq <= ?", paid)
+    return out
+
+
 def known_account(db: sqlite3.Connection, config: BillingConfig, account_id: str) -> bool:
     """An account the billing file names, or one the ledger has opened."""
     return account_id in config.accounts or db.execute(
@@ -582,6 +638,10 @@ def _append(db: sqlite3.Connection, config: BillingConfig, tz: ZoneInfo, kind: s
             except sqlite3.IntegrityError:
                 raise _Stale from None
             db.executemany("DELETE FROM uninvoiced WHERE seq = ?", [(q,) for q in covered])
+            if kind == INVOICE and doc.get("due_date"):
+                db.execute("INSERT INTO invoice_due VALUES (?, ?, ?, ?, ?, 0)", (
+                    number, account_id, doc["due_date"], doc["outstanding_minor"],
+                    snap.head_seq + 1))
             if kind == INVOICE:  # an agent that pays invoices is asked, in this transaction
                 payments.on_invoiced(db, config, account_id, number, total, config.currency,
                                      now_ms)
@@ -791,7 +851,7 @@ def credit(db: sqlite3.Connection, config: BillingConfig, tz: ZoneInfo, number: 
 
 
 __all__ = ["CREDIT_NOTE", "INVOICE", "BadCredit", "BadPeriod", "CreditTooLarge", "Invoice",
-           "InvoiceError", "NoSuchInvoice", "NothingToInvoice", "UnknownAccount",
+           "InvoiceError", "NoSuchInvoice", "NothingToInvoice", "Overdue", "UnknownAccount",
            "build_lines", "catch_up", "check_period", "credit", "credit_notes_of", "document_hash",
            "entry_lines", "get_invoice", "issue", "issue_due", "known_account",
-           "list_invoices", "money", "open_db", "verify_invoice"]
+           "list_invoices", "money", "open_db", "overdue", "verify_invoice"]

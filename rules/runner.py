@@ -34,6 +34,7 @@ from billing import (
     anchor_path,
     issue_due,
     load_config,
+    overdue_invoices,
     payment_dispatcher,
 )
 from citygrid import lamps, wire
@@ -58,6 +59,7 @@ from rules.workorders import AlertOrders
 
 log = logging.getLogger("citygrid.rules")
 IDLE_S = 5.0  # no reading for this long: the watermark follows the wall clock
+OVERDUE = "billing-overdue"  # an account's invoice past its due date, unpaid
 INVOICES_EVERY_S = 60.0  # how often the monthly invoices due are looked for (a month ends once)
 INVOICES_PER_LOOK = 100  # issued per look at most (~1.5 ms each); more due: look again in 1 s
 SESSION_EXPIRY_S = wire.SESSION_EXPIRY_S  # rules/cli.py and the tests name it here
@@ -178,6 +180,10 @@ class RuleRunner:
                  inventory: Registry | None = None):
         self.settings, self.fleet, self.config = settings, fleet, config
         self.owned = config.districts
+        # The one worker of several that looks after what is the whole city's, not a
+        # district's (overdue invoices): the first, or the only one.
+        self.leads = (config.worker in (None, "w0") and
+                      (config.partition is None or config.partition.index == 0))
         self._districts = {d.district for d in fleet}
         if config.partition is not None:
             self.owned = frozenset(d for d in self._districts if config.partition.owns(d))
@@ -451,7 +457,31 @@ class RuleRunner:
             self.billing.appended += len(done)  # ledger entries too: the anchor looks
             log.info("issued %d monthly invoices: %s … %s", len(done), done[0].number,
                      done[-1].number)
+        if self.leads:
+            self._follow_overdue(now)
         return len(done) >= INVOICES_PER_LOOK
+
+    def _follow_overdue(self, now_ms: int) -> None:
+        """``billing-overdue@<account>`` while an account's invoice is past its due date
+        and not paid (billing.overdue_invoices); cleared once payments or credit notes have
+        covered it."""
+        try:
+            found = overdue_invoices(self.billing.db, self.billing.tz, now_ms)
+        except Exception:  # an alert not raised never stops the rules; the next look comes
+            log.exception("could not look for overdue invoices")
+            return
+        alerting, minor = self.engine.alerting, self.billing.config.minor_units
+        keys = set()
+        for o in found:
+            key = f"{OVERDUE}@{o.account}"
+            keys.add(key)
+            alerting.raise_(key, OVERDUE, "major",
+                            f"Account {o.account}: invoice {o.number} was due {o.due_date}; "
+                            f"{o.owed_minor / minor:.2f} {o.currency} of it is unpaid",
+                            o.account, now_ms)
+        for key, alert in list(alerting.by_key.items()):
+            if alert.rule_id == OVERDUE and alert.active and key not in keys:
+                alerting.clear(key, None, now_ms)
 
     def _readings(self, batch: list[Reading]) -> None:
         try:

@@ -499,6 +499,101 @@ def test_the_seller_block_its_vat_number_and_the_due_date_are_on_the_invoice(tmp
     assert "VAT DK12345678" in text and "due 2026-05-10" in text and "Vesterbrogade 2" in text
 
 
+def postpaid(tmp_path):
+    config = billing_config.parse_text(SELLER_TEXT)
+    fleet = Fleet([FleetDevice("m-9", "meter", "valby", 55.66, 12.5, account_id="acc-9",
+                               tariff="flat", max_power_w=17250.0)])
+    return config, BillingStore(tmp_path / "billing.sqlite", config, fleet, TZ)
+
+
+def pay(store: BillingStore, config, key: str, minor: int, at_ms: int) -> None:
+    ledger.append(store.db, config, key, "acc-9", {
+        "kind": "payment", "amount_minor": minor, "currency": "DKK", "paid_at_ms": at_ms,
+        "reference": key}, minor)
+
+
+def test_an_invoice_past_its_due_date_is_overdue_until_payments_and_credits_cover_it(tmp_path):
+    config, store = postpaid(tmp_path)
+    try:
+        read(store, "m-9", ms(2026, 3, 2), 20)  # 20 kWh at 2.00 and March's 25.00: 65.00
+        store.settle("m-9", ms(2026, 4, 1, 0, 30))
+        inv = invoices.issue(store.db, config, TZ, "acc-9", ms(2026, 4, 1, 1), period="2026-03")
+        assert inv.document["due_date"] == "2026-04-11"
+        assert invoices.overdue(store.db, TZ, ms(2026, 4, 11, 23, 59)) == []  # its last day
+        [o] = invoices.overdue(store.db, TZ, ms(2026, 4, 12))
+        assert (o.account, o.number, o.due_date, o.outstanding_minor, o.owed_minor,
+                o.currency) == ("acc-9", inv.number, "2026-04-11", 6500, 6500, "DKK")
+        pay(store, config, "pay-1", 4000, ms(2026, 4, 13))
+        assert [o.owed_minor for o in invoices.overdue(store.db, TZ, ms(2026, 4, 14))] == [2500]
+        # April's consumption, invoiced in May, is not yet due: it does not make March's
+        # invoice any more overdue, and March's is what the alert names.
+        read(store, "m-9", ms(2026, 4, 20), 10, 20)
+        store.settle("m-9", ms(2026, 5, 1, 0, 30))
+        may = invoices.issue(store.db, config, TZ, "acc-9", ms(2026, 5, 1, 1), period="2026-04")
+        assert may.document["outstanding_minor"] == 2500 + 10 * 200 + 2500
+        [o] = invoices.overdue(store.db, TZ, ms(2026, 5, 2))
+        assert (o.number, o.owed_minor) == (inv.number, 2500)
+        invoices.credit(store.db, config, TZ, inv.number, "goodwill", ms(2026, 5, 3),
+                        amount=Decimal("25.00"))
+        assert invoices.overdue(store.db, TZ, ms(2026, 5, 4)) == []  # March's: covered
+        [o] = invoices.overdue(store.db, TZ, ms(2026, 5, 12))  # then May's falls due
+        assert (o.number, o.owed_minor) == (may.number, 2000 + 2500)
+        pay(store, config, "pay-2", 4500, ms(2026, 5, 13))
+        assert invoices.overdue(store.db, TZ, ms(2026, 5, 14)) == []
+        assert store.db.execute("SELECT count(*) FROM invoice_due WHERE paid = 0"
+                                ).fetchone()[0] == 0  # never looked at again
+    finally:
+        store.close()
+
+
+def test_a_prepaid_account_is_never_overdue(store):
+    march(store)  # acc-1 and acc-2 have 1,000 DKK each and owe nothing
+    invoices.issue_due(store.db, CONFIG, TZ, ms(2026, 4, 1, 1))
+    assert invoices.overdue(store.db, TZ, ms(2026, 12, 1)) == []
+
+
+def test_the_leading_rule_worker_raises_and_clears_the_overdue_alert(tmp_path):
+    from rules.alerts import Alerts
+    from rules.runner import OVERDUE, RuleRunner
+
+    class Outbox:
+        def __init__(self):
+            self.told: list[tuple[str, bool, str]] = []
+
+        def alert(self, alert, raised):
+            self.told.append((alert.key, raised, alert.message))
+
+    config, store = postpaid(tmp_path)
+    try:
+        read(store, "m-9", ms(2026, 3, 2), 20)
+        store.settle("m-9", ms(2026, 4, 1, 0, 30))
+        outbox = Outbox()
+        runner = SimpleNamespace(billing=store, leads=True, clock=None,
+                                 engine=SimpleNamespace(watermark=ms(2026, 4, 1, 1),
+                                                        alerting=Alerts(outbox)))
+        runner._follow_overdue = lambda now: RuleRunner._follow_overdue(runner, now)
+        RuleRunner._issue_invoices(runner)  # issues March's, due 2026-04-11
+        assert outbox.told == []
+        runner.engine.watermark = ms(2026, 4, 12, 9)
+        RuleRunner._issue_invoices(runner)
+        RuleRunner._issue_invoices(runner)  # raised once
+        [(key, raised, message)] = outbox.told
+        number = invoices.list_invoices(store.db)[0].number
+        assert (key, raised) == (f"{OVERDUE}@acc-9", True)
+        assert message == f"Account acc-9: invoice {number} was due 2026-04-11; 65.00 DKK of " \
+            "it is unpaid"
+        pay(store, config, "pay-1", 6500, ms(2026, 4, 12, 10))
+        runner.engine.watermark = ms(2026, 4, 12, 11)
+        RuleRunner._issue_invoices(runner)
+        assert outbox.told[1][:2] == (f"{OVERDUE}@acc-9", False)
+        runner.leads = False  # another worker: never looks
+        runner.engine.watermark = ms(2026, 9, 1)
+        RuleRunner._issue_invoices(runner)
+        assert len(outbox.told) == 2
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize(("change", "words"), [
     ("vat_id: DK12345678", "vat_id: 12345678"),
     ("payment_terms_days: 10", "payment_terms_days: -1"),
@@ -520,7 +615,7 @@ def test_the_rule_runner_issues_what_is_due_in_event_time(store):
     march(store)
     appended = store.appended
     runner = SimpleNamespace(billing=store, engine=SimpleNamespace(watermark=ms(2026, 4, 1, 1)),
-                             clock=SimpleNamespace(now_ms=lambda: ms(2026, 3, 5)))
+                             clock=SimpleNamespace(now_ms=lambda: ms(2026, 3, 5)), leads=False)
     assert RuleRunner._issue_invoices(runner) is False  # two issued, fewer than a look's
     assert len(invoices.list_invoices(store.db)) == 2 and store.appended == appended + 2
     read(store, "m-1", ms(2026, 4, 2), 10, 50)
