@@ -205,3 +205,74 @@ def test_alertmanager_away_loses_nothing(alerting, uid):
         assert f"gone-{uid}" not in names or names[f"gone-{uid}"]["status"]["state"] != "active"
     finally:
         notifier.close()
+
+
+def test_an_unpaid_invoice_past_its_due_date_pages_and_resolves_once_paid(
+        alerting, settings, uid, publisher, tmp_path, monkeypatch):
+    """A post-paid account's March invoice, issued by the rule engine when April's first
+    reading ends March (event time), due 14 days later: a reading after that raises
+    `billing-overdue` at Alertmanager with the account's label; once a payment lands in the
+    ledger (another writer, as the gateway's payment callback is) it resolves."""
+    from billing import config as billing_config
+    from billing import list_invoices, open_db
+    from billing.ledger import append
+    from citygrid.fleet import Fleet, FleetDevice
+    from rules import runner as runner_module
+
+    am, hook, _ = alerting
+    monkeypatch.setattr(runner_module, "INVOICES_EVERY_S", 0.5)  # a look each half second
+    account = f"acc-{uid}"
+    (tmp_path / "billing.yaml").write_text(f"""
+currency: DKK
+seller: {{name: Test Forsyning, vat_id: DK12345678, payment_terms_days: 14}}
+tariffs: {{flat: {{price: 2.00, standing_charge_per_month: 25.00}}}}
+accounts: {{{account}: {{name: Post-paid ApS}}}}
+""")
+    fleet = Fleet([FleetDevice("m-1", "meter", uid, 55.66, 12.5, account_id=account,
+                               tariff="flat", max_power_w=17250.0)])
+    settings = settings.with_(alertmanager_url=am.url, billing=str(tmp_path / "billing.yaml"))
+    runner = RuleRunner(settings, fleet, COPENHAGEN, None, RunnerConfig(
+        DEFAULT_RULES, f"city/v1/{uid}/+/+/telemetry", client_id=f"rules-{uid}"))
+    runner.start()
+    topic = str(Topic(uid, "meter", "m-1"))
+
+    def at(*args: int) -> int:
+        return int(datetime(*args, tzinfo=COPENHAGEN.tz).timestamp() * 1000)
+
+    def overdue(status: str) -> list[dict]:  # (a post-paid account is also low-balance)
+        return [a for a in hook.alerts(status) if a["labels"].get("account") == account
+                and a["labels"]["alertname"] == "billing-overdue"]
+
+    def firing() -> list[dict]:
+        return overdue("firing")
+
+    try:
+        for seq, (ts, kwh) in enumerate([(at(2026, 3, 2), 100.0), (at(2026, 3, 20), 120.0),
+                                         (at(2026, 4, 2), 121.0)], start=1):
+            publisher.send(topic, {"ts": ts, "seq": seq, "energy_kwh": kwh, "power_w": 50.0})
+        [inv] = wait_until(lambda: list_invoices(settings.data_dir), 20,
+                           message="March's invoice")
+        assert inv.document["due_date"] == "2026-04-16" and firing() == []
+        publisher.send(topic, {"ts": at(2026, 4, 16, 12), "seq": 4, "energy_kwh": 121.5,
+                               "power_w": 50.0})
+        time.sleep(2)  # its last day: not overdue yet
+        assert firing() == []
+        publisher.send(topic, {"ts": at(2026, 4, 17, 9), "seq": 5, "energy_kwh": 122.0,
+                               "power_w": 50.0})
+        [alert] = wait_until(firing, 30, message="the overdue alert at the webhook")
+        assert alert["labels"] == {"alertname": "billing-overdue", "severity": "major",
+                                   "account": account}
+        owed = inv.document["outstanding_minor"]
+        assert alert["annotations"]["summary"] == (
+            f"Account {account}: invoice {inv.number} was due 2026-04-16; "
+            f"{owed / 100:.2f} DKK of it is unpaid")
+        payer = open_db(settings.data_dir)
+        try:
+            append(payer, billing_config.load(settings.billing), f"pay-{uid}", account, {
+                "kind": "payment", "amount_minor": owed, "currency": "DKK",
+                "paid_at_ms": at(2026, 4, 17, 10)}, owed)
+        finally:
+            payer.close()
+        wait_until(lambda: overdue("resolved"), 30, message="the overdue alert resolved")
+    finally:
+        runner.stop()
