@@ -139,17 +139,31 @@ def parse(data: Any, path: str, currency: str) -> SpotPrices:
     return SpotPrices(path, currency, areas)
 
 
+# The last file read, by (path, device, inode, size, mtime) and currency: the billing file's
+# check at start-up and the store's PriceFile then read and parse it once, not twice.
+_last: tuple[tuple, SpotPrices] | None = None
+
+
 def load(path: str | Path, currency: str) -> SpotPrices:
+    global _last
     try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise PriceFileError(str(path), [f"cannot read: {e.strerror or e}"]) from None
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, currency)
+            if _last is not None and _last[0] == key:
+                return _last[1]
+            text = f.read().decode()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise PriceFileError(str(path), [f"cannot read: {why}"]) from None
     try:
         data = json.loads(text, parse_float=Decimal)
     except json.JSONDecodeError as e:
         raise PriceFileError(str(path), [f"line {e.lineno}, column {e.colno}: not JSON: "
                                          f"{e.msg}"]) from None
-    return parse(data, str(path), currency)
+    prices = parse(data, str(path), currency)
+    _last = (key, prices)
+    return prices
 
 
 class PriceFile:

@@ -240,3 +240,20 @@ def test_the_unpriced_alert_clears_once_the_held_consumption_is_billed(tmp_path)
     os.utime(cfg.price_file, ns=(3, 3))
     settle.settle(FLEET.by_id["m-1"], False, ms(2025, 4, 1, 3))
     assert not engine.alerting.by_key[key].active and s.unpriced("m-1") == 0
+
+
+def test_a_price_file_is_parsed_once_until_it_changes(tmp_path):
+    """The billing file's check and the store's PriceFile read the same file at start-up:
+    parsed once. A new file in its place (written beside and renamed, as documented) is
+    read again."""
+    path = tmp_path / "prices.json"
+    shutil.copy(DAYAHEAD, path)
+    first = prices.load(path, "DKK")
+    assert prices.load(path, "DKK") is first
+    assert prices.load(path, "EUR") is not first  # another currency: another parse
+    data = json.loads(DAYAHEAD.read_text())
+    data["records"][0]["DayAheadPriceDKK"] = 1234.5
+    (tmp_path / "new.json").write_text(json.dumps(data))
+    os.replace(tmp_path / "new.json", path)
+    again = prices.load(path, "DKK")
+    assert again is not first and again.areas != first.areas
