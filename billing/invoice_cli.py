@@ -5,6 +5,7 @@ the gateway and the rule runner call)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -35,6 +36,10 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     li.add_argument("--account")
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=_guarded(cmd_list))
+    o = s.add_parser("overdue", parents=[common], help="invoices past their due date and "
+                     "not paid, one per account (wall-clock date)")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=_guarded(cmd_overdue))
     sh = s.add_parser("show", parents=[common], help="one invoice or credit note")
     sh.add_argument("number")
     sh.add_argument("--html", metavar="FILE", help="write it as HTML")
@@ -111,6 +116,23 @@ def cmd_due(args: argparse.Namespace) -> int:
     for inv in done:
         _print_one(inv, False)
     print(f"{len(done)} invoices issued", file=sys.stderr)
+    return 0
+
+
+def cmd_overdue(args: argparse.Namespace) -> int:
+    _, db, config, tz = _writing(args)
+    try:
+        found = invoices.overdue(db, tz, SYSTEM_CLOCK.now_ms())
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(o) for o in found], indent=2))
+        return 0
+    for o in found:
+        print(f"{o.account} {o.number} due {o.due_date} owes "
+              f"{o.owed_minor / config.minor_units:.2f} {o.currency} "
+              f"(of {o.outstanding_minor / config.minor_units:.2f})")
+    print(f"{len(found)} accounts overdue", file=sys.stderr)
     return 0
 
 

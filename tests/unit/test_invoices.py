@@ -546,6 +546,30 @@ def test_an_invoice_past_its_due_date_is_overdue_until_payments_and_credits_cove
         store.close()
 
 
+def test_the_command_line_lists_what_is_overdue(tmp_path, capsys, monkeypatch):
+    from cityctl.cli import main
+
+    config, store = postpaid(tmp_path)
+    try:
+        read(store, "m-9", ms(2026, 3, 2), 20)
+        store.settle("m-9", ms(2026, 4, 1, 0, 30))
+        inv = invoices.issue(store.db, config, TZ, "acc-9", ms(2026, 4, 1, 1), period="2026-03")
+        pay(store, config, "pay-1", 1500, ms(2026, 4, 13))
+    finally:
+        store.close()
+    (tmp_path / "billing.yaml").write_text(SELLER_TEXT)
+    monkeypatch.setenv("CITYGRID_BILLING", str(tmp_path / "billing.yaml"))
+    d = ["--data-dir", str(tmp_path)]
+    assert main(["invoice", "overdue", *d]) == 0  # today, long after 2026-04-11
+    out = capsys.readouterr()
+    assert out.out == f"acc-9 {inv.number} due 2026-04-11 owes 50.00 DKK (of 65.00)\n"
+    assert "1 accounts overdue" in out.err
+    assert main(["invoice", "overdue", "--json", *d]) == 0
+    assert json.loads(capsys.readouterr().out) == [{
+        "account": "acc-9", "number": inv.number, "due_date": "2026-04-11",
+        "outstanding_minor": 6500, "owed_minor": 5000, "currency": "DKK"}]
+
+
 def test_a_prepaid_account_is_never_overdue(store):
     march(store)  # acc-1 and acc-2 have 1,000 DKK each and owe nothing
     invoices.issue_due(store.db, CONFIG, TZ, ms(2026, 4, 1, 1))
