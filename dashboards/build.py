@@ -239,6 +239,12 @@ def energy_and_billing() -> dashboard.Dashboard:
         width=6))
     d = d.with_panel(_stat("Payments confirmed (DKK)", (
         f'SELECT sum("amount_minor") / 100 {ledger.format("payment")}'), width=6))
+    # The leading rule worker's look for invoices past their due date (docs/invoices.md).
+    d = d.with_panel(_stat("Accounts overdue", (
+        'SELECT last("overdue_accounts") FROM "citygrid_rules" WHERE $timeFilter'), width=6))
+    d = d.with_panel(_stat("Owed past due (DKK)", (
+        'SELECT last("overdue_minor") / 100 FROM "citygrid_rules" WHERE $timeFilter'),
+        width=6))
     d = d.with_panel(_ts("Time-of-use price bands (per kWh)", (
         'SELECT last("price") FROM "citygrid_tariff" WHERE $timeFilter '
         'GROUP BY time($__interval), "tariff" fill(previous)', "$tag_tariff")))

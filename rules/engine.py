@@ -239,6 +239,9 @@ class RuleEngine:
                                  load_lamp_types())
         # The broker node the runner is connected to and its failovers (the self-report).
         self.mqtt_node, self.mqtt_failovers = "", 0
+        # Set by the leading runner's look for overdue invoices: (accounts, minor units owed
+        # past due); None elsewhere, and then not in the self-report.
+        self.overdue: tuple[int, int] | None = None
         self._lamp_reading = None  # the monitor's on_reading while a rule file turns it on
         self.reporter = SelfReport(self)
         self.lights: dict[str, LightState] = {}

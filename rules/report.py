@@ -1,6 +1,7 @@
 """The engine's own figures, once a minute of event time (measurement citygrid_rules): per rule
 its evaluations, firings and errors; lights on, dimmed and off, commands, acks pending,
-alerts active; and, with billing, the tariffs' current prices (citygrid_tariff)."""
+alerts active, the accounts overdue and what they owe past due (the leading worker); and,
+with billing, the tariffs' current prices (citygrid_tariff)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ class SelfReport:
             "acks_pending": len(engine.pending_acks),
             "alerts_active": engine.alerting.active_count(),
             **({"mqtt_node": engine.mqtt_node, "mqtt_failovers_total": engine.mqtt_failovers}
-               if engine.mqtt_node else {})}, ts))
+               if engine.mqtt_node else {}),
+            **({"overdue_accounts": engine.overdue[0], "overdue_minor": engine.overdue[1]}
+               if engine.overdue is not None else {})}, ts))
         if engine.billing is not None:  # the price bands, for the energy dashboard
             config = engine.billing.config
             for name in sorted(config.tariffs):

@@ -482,6 +482,7 @@ class RuleRunner:
         for key, alert in list(alerting.by_key.items()):
             if alert.rule_id == OVERDUE and alert.active and key not in keys:
                 alerting.clear(key, None, now_ms)
+        self.engine.overdue = (len(found), sum(o.owed_minor for o in found))
 
     def _readings(self, batch: list[Reading]) -> None:
         try:

@@ -368,6 +368,12 @@ rules:
         assert p.tags == {"district": "norrebro"}
         report = [p for p in box.pts if p.measurement == "citygrid_rules" and not p.tags]
         assert report and report[-1].fields["commands_total"] == engine.commands_sent
+        assert "overdue_minor" not in report[-1].fields  # only the leading runner's look sets it
+        engine.overdue = (2, 12_345)
+        engine.advance(NIGHT + 180_000)
+        report = [p for p in box.pts if p.measurement == "citygrid_rules" and not p.tags]
+        assert (report[-1].fields["overdue_accounts"], report[-1].fields["overdue_minor"]) == \
+            (2, 12_345)
         per_rule = [p for p in box.pts if p.tags.get("rule") == "tell"]
         assert per_rule[-1].fields["fired"] == 1
         assert p.fields["energy_wh"] == pytest.approx(20 / 60)
