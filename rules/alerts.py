@@ -57,6 +57,16 @@ class Alerts:
         self.dirty.add(key)
         self.outbox.alert(alert, True)
 
+    def restate(self, key: str, message: str) -> None:
+        """An active alert's message changed (what an overdue account still owes): told again
+        with the new one; nothing if it is not active or says that already."""
+        alert = self.by_key.get(key)
+        if alert is None or not alert.active or alert.message == message:
+            return
+        alert.message = message
+        self.dirty.add(key)
+        self.outbox.alert(alert, True)
+
     def clear(self, key: str, source: str | None, now_ms: int) -> None:
         """``source`` no longer holds the alert up; it clears when no source does (at once
         if ``source`` is None)."""

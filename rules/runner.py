@@ -475,10 +475,10 @@ class RuleRunner:
         for o in found:
             key = f"{OVERDUE}@{o.account}"
             keys.add(key)
-            alerting.raise_(key, OVERDUE, "major",
-                            f"Account {o.account}: invoice {o.number} was due {o.due_date}; "
-                            f"{o.owed_minor / minor:.2f} {o.currency} of it is unpaid",
-                            o.account, now_ms)
+            message = (f"Account {o.account}: invoice {o.number} was due {o.due_date}; "
+                       f"{o.owed_minor / minor:.2f} {o.currency} of it is unpaid")
+            alerting.raise_(key, OVERDUE, "major", message, o.account, now_ms)
+            alerting.restate(key, message)  # paid in part, or a newer invoice fell due
         for key, alert in list(alerting.by_key.items()):
             if alert.rule_id == OVERDUE and alert.active and key not in keys:
                 alerting.clear(key, None, now_ms)

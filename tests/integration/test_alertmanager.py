@@ -266,13 +266,22 @@ accounts: {{{account}: {{name: Post-paid ApS}}}}
         assert alert["annotations"]["summary"] == (
             f"Account {account}: invoice {inv.number} was due 2026-04-16; "
             f"{owed / 100:.2f} DKK of it is unpaid")
-        payer = open_db(settings.data_dir)
-        try:
-            append(payer, billing_config.load(settings.billing), f"pay-{uid}", account, {
-                "kind": "payment", "amount_minor": owed, "currency": "DKK",
-                "paid_at_ms": at(2026, 4, 17, 10)}, owed)
-        finally:
-            payer.close()
+        def pay(key: str, minor: int) -> None:
+            payer = open_db(settings.data_dir)
+            try:
+                append(payer, billing_config.load(settings.billing), key, account, {
+                    "kind": "payment", "amount_minor": minor, "currency": "DKK",
+                    "paid_at_ms": at(2026, 4, 17, 10)}, minor)
+            finally:
+                payer.close()
+
+        pay(f"pay-{uid}-1", 1000)  # in part: Alertmanager holds the new figure
+        left = f"{(owed - 1000) / 100:.2f} DKK of it is unpaid"
+        wait_until(lambda: [a for a in httpx.get(f"{am.url}/api/v2/alerts", params={
+            "filter": [f'account="{account}"', 'alertname="billing-overdue"']}).json()
+            if a["annotations"]["summary"].endswith(left)], 30,
+            message="the overdue alert restated with what is left")
+        pay(f"pay-{uid}-2", owed - 1000)
         wait_until(lambda: overdue("resolved"), 30, message="the overdue alert resolved")
     finally:
         runner.stop()

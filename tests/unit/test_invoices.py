@@ -607,15 +607,20 @@ def test_the_leading_rule_worker_raises_and_clears_the_overdue_alert(tmp_path):
         assert runner.engine.overdue == (1, 6500)  # for the self-report and the dashboard
         assert message == f"Account acc-9: invoice {number} was due 2026-04-11; 65.00 DKK of " \
             "it is unpaid"
-        pay(store, config, "pay-1", 6500, ms(2026, 4, 12, 10))
+        pay(store, config, "pay-1", 1500, ms(2026, 4, 12, 10))  # in part: told again
+        RuleRunner._issue_invoices(runner)
+        RuleRunner._issue_invoices(runner)
+        assert outbox.told[1] == (f"{OVERDUE}@acc-9", True, message.replace("65.00", "50.00"))
+        assert runner.engine.overdue == (1, 5000) and len(outbox.told) == 2
+        pay(store, config, "pay-2", 5000, ms(2026, 4, 12, 10))
         runner.engine.watermark = ms(2026, 4, 12, 11)
         RuleRunner._issue_invoices(runner)
-        assert outbox.told[1][:2] == (f"{OVERDUE}@acc-9", False)
+        assert outbox.told[2][:2] == (f"{OVERDUE}@acc-9", False)
         assert runner.engine.overdue == (0, 0)
         runner.leads = False  # another worker: never looks
         runner.engine.watermark = ms(2026, 9, 1)
         RuleRunner._issue_invoices(runner)
-        assert len(outbox.told) == 2
+        assert len(outbox.told) == 3
     finally:
         store.close()
 
