@@ -206,6 +206,18 @@ class InvoiceSummary(BaseModel):
                         "ledger entry")
 
 
+class OverdueOut(BaseModel):
+    """An account's newest invoice past its due date, not yet covered (docs/invoices.md)."""
+
+    account: str
+    number: str = Field(examples=["INV-2026-000004"])
+    due_date: str = Field(examples=["2026-04-11"])
+    outstanding_minor: int = Field(description="what the invoice said was outstanding")
+    owed_minor: int = Field(description="what is still owed of it, after the payments and "
+                            "credit notes since")
+    currency: str
+
+
 class InvoiceOut(InvoiceSummary):
     document: dict[str, Any] = Field(description="the document as hashed: seller, account, "
                                      "lines, VAT, totals, payments, the ledger entries it "

@@ -7,6 +7,7 @@ tokens; a customer token's own account, and another account's invoice then answe
 it did not exist.
 """
 
+import dataclasses
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response
@@ -19,7 +20,7 @@ from citygrid.clock import SYSTEM_CLOCK
 from citygrid.settings import Settings
 from gateway import queries
 from gateway.deps import AUTH_ERRORS, Operator, Reader, SettingsDep, scope
-from gateway.models import CreditNoteBody, InvoiceOut, InvoiceSummary, IssueInvoice
+from gateway.models import CreditNoteBody, InvoiceOut, InvoiceSummary, IssueInvoice, OverdueOut
 from gateway.problems import documented
 
 router = APIRouter(tags=["billing"], responses=AUTH_ERRORS)
@@ -98,6 +99,20 @@ def _writing(settings: Settings):
     """billing.sqlite open for writing, the billing configuration and the city's timezone."""
     return billing.open_db(settings.data_dir), billing.load_config(settings.billing), \
         city(settings.city).tz
+
+
+@router.get("/api/v1/billing/overdue", response_model=list[OverdueOut])
+def overdue(_: Reader, settings: SettingsDep, scope: Scope) -> list[OverdueOut]:
+    """The accounts whose invoice is past its due date (the city's date today) and not
+    covered by the payments and credit notes since: the newest such invoice of each, with
+    what is still owed. A customer token sees its own account's, if any."""
+    db = billing.open_db(settings.data_dir)
+    try:
+        found = billing.overdue_invoices(db, city(settings.city).tz, SYSTEM_CLOCK.now_ms())
+    finally:
+        db.close()
+    return [OverdueOut(**dataclasses.asdict(o)) for o in found
+            if scope is None or o.account == scope]
 
 
 @router.post("/api/v1/billing/accounts/{account}/invoices", response_model=InvoiceOut,

@@ -570,6 +570,35 @@ def test_the_command_line_lists_what_is_overdue(tmp_path, capsys, monkeypatch):
         "outstanding_minor": 6500, "owed_minor": 5000, "currency": "DKK"}]
 
 
+def test_the_api_lists_what_is_overdue_and_a_customer_sees_only_its_own(tmp_path):
+    config, store = postpaid(tmp_path)
+    try:
+        read(store, "m-9", ms(2026, 3, 2), 20)
+        store.settle("m-9", ms(2026, 4, 1, 0, 30))
+        inv = invoices.issue(store.db, config, TZ, "acc-9", ms(2026, 4, 1, 1), period="2026-03")
+    finally:
+        store.close()
+    (tmp_path / "billing.yaml").write_text(SELLER_TEXT)
+    settings = Settings(mqtt_url="mqtt://127.0.0.1:9", data_dir=str(tmp_path),
+                        billing=str(tmp_path / "billing.yaml"))
+    registry = Registry(tmp_path)
+    app = create_app(settings, store=FakeStore(), registry=registry, feed=FakeFeed({}),
+                     publisher=FakePublisher())
+    heads = {who: {"Authorization": f"Bearer {create_token(tmp_path, role, who, account)}"}
+             for who, role, account in (("ann", "viewer", None), ("acc-9", "customer", "acc-9"),
+                                        ("acc-1", "customer", "acc-1"))}
+    try:
+        with TestClient(app) as client:
+            expected = [{"account": "acc-9", "number": inv.number, "due_date": "2026-04-11",
+                         "outstanding_minor": 6500, "owed_minor": 6500, "currency": "DKK"}]
+            for who, answer in (("ann", expected), ("acc-9", expected), ("acc-1", [])):
+                r = client.get("/api/v1/billing/overdue", headers=heads[who])
+                assert r.status_code == 200 and r.json() == answer, (who, r.text)
+            assert client.get("/api/v1/billing/overdue").status_code == 401
+    finally:
+        registry.close()
+
+
 def test_a_prepaid_account_is_never_overdue(store):
     march(store)  # acc-1 and acc-2 have 1,000 DKK each and owe nothing
     invoices.issue_due(store.db, CONFIG, TZ, ms(2026, 4, 1, 1))
