@@ -23,6 +23,7 @@ Money = Annotated[Decimal, Field(ge=0, max_digits=12, decimal_places=4)]
 SignedMoney = Annotated[Decimal, Field(max_digits=12, decimal_places=4)]  # may be negative
 MONTHS = list(range(1, 13))
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+PAYMENT_TERMS_DAYS = 14  # an invoice's, when the billing file does not say
 
 
 class Window(BaseModel):
@@ -227,7 +228,7 @@ class Seller(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     address: Annotated[str, Field(max_length=500)] | None = None
     vat_id: Annotated[str, Field(pattern=r"^[A-Z]{2}[A-Z0-9+*.]{2,13}$")] | None = None
-    payment_terms_days: Annotated[int, Field(ge=0, le=365)] = 14
+    payment_terms_days: Annotated[int, Field(ge=0, le=365)] = PAYMENT_TERMS_DAYS
 
 
 class Account(AccountDefaults):

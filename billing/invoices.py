@@ -33,7 +33,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from billing import ledger, payments, tariffs
-from billing.config import BillingConfig
+from billing.config import PAYMENT_TERMS_DAYS, BillingConfig
 from citygrid import statedb
 
 FILENAME = "billing.sqlite"
@@ -43,7 +43,6 @@ NUMBER = re.compile(r"^(INV|CN)-(\d{4})-(\d{6})$")
 PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 LINE_KINDS = ("energy", "grid", "export", "fixed", "demand", "credit", "rounding")
 DEFAULT_SELLER = "CityGrid utility"
-PAYMENT_TERMS_DAYS = 14
 _ATTEMPTS = 8  # builds of one document raced by other writers before giving up
 
 _SCHEMA = """

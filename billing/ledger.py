@@ -339,20 +339,21 @@ class BillingStore:
                               (meter_id,)).fetchone()
         if row:
             return row[0]
-        last = self.db.execute("SELECT max(period) FROM standing_charged WHERE meter_id = ?",
-                               (meter_id,)).fetchone()[0]
-        if last:
-            return tariffs.next_period(last)
-        return self.db.execute(
+        after = self._after_charged(meter_id)
+        return after or self.db.execute(
             "SELECT min(p) FROM (SELECT min(period) AS p FROM period_usage WHERE meter_id = ?1 "
             "UNION ALL SELECT min(period) FROM unbilled WHERE meter_id = ?1)",
             (meter_id,)).fetchone()[0]
 
-    def _first_uncharged(self, meter_id: str) -> str | None:
-        """The month after the newest whose fixed charges were charged, else the first."""
+    def _after_charged(self, meter_id: str) -> str | None:
+        """The month after the newest whose fixed charges were charged (None: none was)."""
         last = self.db.execute("SELECT max(period) FROM standing_charged WHERE meter_id = ?",
                                (meter_id,)).fetchone()[0]
-        return tariffs.next_period(last) if last else self._since(meter_id)
+        return tariffs.next_period(last) if last else None
+
+    def _first_uncharged(self, meter_id: str) -> str | None:
+        """The month after the newest whose fixed charges were charged, else the first."""
+        return self._after_charged(meter_id) or self._since(meter_id)
 
     def _uncharged(self, meter_id: str, current: str) -> list[str]:
         """Ended months, from the meter's first up to its last reading's, whose fixed and

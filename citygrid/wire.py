@@ -819,22 +819,24 @@ class SharedSubscriptionsUnsupported(MqttError):
 
 
 def probe_shared(url: MqttUrl, group: str, client_id: str, *, protocol: int | None = None,
-                 timeout_s: float = 5.0) -> None:
-    """Send one message through the shared-subscription group and wait for it: a broker
-    that grants ``$share/<group>/…`` but never delivers through it (NATS, RabbitMQ) would
-    make a worker of that group lose every reading without an error. Raises
-    ``SharedSubscriptionsUnsupported`` then, ``MqttError`` if the broker is not there."""
+                 timeout_s: float = 5.0, connect_timeout_s: float = 15.0) -> None:
+    """Send one message through the shared-subscription group and wait ``timeout_s`` for
+    it: a broker that grants ``$share/<group>/…`` but never delivers through it (NATS,
+    RabbitMQ) would make a worker of that group lose every reading without an error.
+    Raises ``SharedSubscriptionsUnsupported`` then, ``MqttError`` if no broker has
+    acknowledged the subscription within ``connect_timeout_s`` (a clustered broker can take
+    seconds to open a session)."""
     topic = f"{PROBE_TOPIC}/{client_id}/{uuid.uuid4().hex[:12]}"
     got = threading.Event()
     probe = Client(url, f"{client_id}-probe", protocol=protocol,
                    subscriptions=[(f"$share/{group}/{topic}", 1)],
                    on_messages=lambda messages: got.set(), reconnect_min_s=0.2,
-                   reconnect_max_s=1.0, connect_timeout_s=timeout_s)
+                   reconnect_max_s=1.0, connect_timeout_s=connect_timeout_s)
     probe.start()
     try:
-        if not probe.subscribed.wait(timeout_s):
-            raise MqttError(f"no broker answered at {url} within {timeout_s:.0f} s to probe "
-                            f"the shared-subscription group {group!r}"
+        if not probe.subscribed.wait(connect_timeout_s):
+            raise MqttError(f"no broker answered at {url} within {connect_timeout_s:.0f} s "
+                            f"to probe the shared-subscription group {group!r}"
                             + (f" ({probe.last_error})" if probe.last_error else ""))
         if probe.refused:
             raise SharedSubscriptionsUnsupported(
@@ -851,3 +853,13 @@ def probe_shared(url: MqttUrl, group: str, client_id: str, *, protocol: int | No
                 "this account to read and write there")
     finally:
         probe.stop()
+
+
+def group_refusal(url: MqttUrl, group: str, client_id: str) -> str | None:
+    """A service's start-up check of its ``--group``: None when the broker delivers through
+    it, else why the service must refuse to start (``probe_shared``'s reason)."""
+    try:
+        probe_shared(url, group, client_id)
+    except MqttError as e:
+        return f"--group {group}: {e}"
+    return None

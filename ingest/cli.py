@@ -82,10 +82,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.group:  # a broker that drops $share subscriptions would lose every reading
         from citygrid import wire
 
-        try:
-            wire.probe_shared(settings.mqtt, args.group, client_id)
-        except wire.MqttError as e:
-            print(f"citygrid ingest: --group {args.group}: {e}", file=sys.stderr)
+        if why := wire.group_refusal(settings.mqtt, args.group, client_id):
+            print(f"citygrid ingest: {why}", file=sys.stderr)
             return 2
     service = IngestService(settings, open_store(settings), config)
     stop = threading.Event()

@@ -325,10 +325,8 @@ def _run_one(args: argparse.Namespace) -> int:
     if args.group and not worker:  # a broker that drops $share would lose every reading
         from citygrid import wire
 
-        try:
-            wire.probe_shared(settings.mqtt, args.group, client_id)
-        except wire.MqttError as e:
-            raise SystemExit(f"citygrid rules run: --group {args.group}: {e}") from None
+        if why := wire.group_refusal(settings.mqtt, args.group, client_id):
+            raise SystemExit(f"citygrid rules run: {why}")
     store = open_store(settings)
     try:
         store.ensure_ready()
@@ -622,10 +620,8 @@ def _supervise(args: argparse.Namespace, settings: Settings, wanted: int) -> int
     if args.group:  # checked once here: its workers inherit the group
         from citygrid import wire
 
-        try:
-            wire.probe_shared(settings.mqtt, args.group, args.client_id)
-        except wire.MqttError as e:
-            raise SystemExit(f"citygrid rules run: --group {args.group}: {e}") from None
+        if why := wire.group_refusal(settings.mqtt, args.group, args.client_id):
+            raise SystemExit(f"citygrid rules run: {why}")
     ruleset = load(_rules_path(settings))  # a broken rule file: refused here, not N times
     inventory = _inventory(settings)
     follower = Follower(settings.data_dir, inventory)
